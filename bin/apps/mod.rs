@@ -1,0 +1,44 @@
+//! The programs a worker can run, and the tables each one needs. The manager
+//! builds the job spec from the app's name and parameters and hands it to every
+//! node, so all of them agree on the tables.
+
+pub mod bench;
+pub mod check;
+pub mod train_lr;
+
+use ps_core::control::JobSpec;
+
+use crate::node::WorkerCtx;
+
+pub const APPS: &[&str] = &["train-lr", "check", "bench"];
+
+/// The job spec for `app` with `params` (a JSON object; missing fields take defaults).
+pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<JobSpec, String> {
+    let partitions = (ps_core::limits::RING_PARTITIONS).max((64 * servers).next_power_of_two());
+    let (tables, params) = match app {
+        "train-lr" => train_lr::tables(params)?,
+        "check" => check::tables(params)?,
+        "bench" => bench::tables(params, servers, partitions)?,
+        other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
+    };
+    let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions };
+    spec.validate()?;
+    Ok(spec)
+}
+
+pub fn run(app: &str, ctx: &mut WorkerCtx) -> Result<String, String> {
+    match app {
+        "train-lr" => train_lr::run(ctx),
+        "check" => check::run(ctx),
+        "bench" => bench::run(ctx),
+        other => Err(format!("unknown app {other:?}")),
+    }
+}
+
+/// Reads a parameter with a default.
+pub fn param<T: serde::de::DeserializeOwned>(p: &serde_json::Value, key: &str, default: T) -> Result<T, String> {
+    match p.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("parameter {key}: {e}")),
+    }
+}

@@ -1,0 +1,175 @@
+//! `pslab bench`: runs a local cluster with the bench app, then the raw-TCP
+//! baseline in the same run, and prints a perftest-like table (size, ops/s,
+//! GB/s, p50/p99 latency, ratio to raw TCP); `--json` and `--plot` write the
+//! same numbers for machines and eyes.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::local::{self, ClusterSpec, Event};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub layout: String,
+    pub op: String,
+    pub size: u64,
+    pub keys: u64,
+    pub ops: u64,
+    pub ops_per_s: f64,
+    pub gb_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// the raw-TCP exchange of the same shape (dense rows only)
+    pub baseline: Option<String>,
+    pub baseline_gb_per_s: Option<f64>,
+    pub baseline_p50_us: Option<f64>,
+}
+
+pub struct BenchOpts {
+    pub servers: u32,
+    pub shards: u32,
+    pub workers: u32,
+    pub params: serde_json::Value,
+    pub baseline: bool,
+    pub json: Option<String>,
+    pub plot: Option<String>,
+    pub pin: bool,
+}
+
+fn baseline_of(op: &str) -> &'static str {
+    match op {
+        "push" => "copy",
+        "pull" => "fetch",
+        _ => "exchange",
+    }
+}
+
+pub fn run(o: BenchOpts) -> Result<(), String> {
+    let spec = ClusterSpec { servers: o.servers, shards: o.shards, workers: o.workers, app: "bench".into(), params: o.params.clone(), pin: o.pin };
+    eprintln!("bench: {} server(s) x {} shard(s), {} worker(s), one op in flight per worker", o.servers, o.shards, o.workers);
+    // (layout, op, size) -> per-worker reports
+    let mut reports: BTreeMap<(String, String, u64), Vec<serde_json::Value>> = BTreeMap::new();
+    local::run(&spec, &mut |e| match e {
+        Event::At { kind, value, .. } if kind == "bench" => {
+            let key = (value["layout"].as_str().unwrap_or("").to_string(), value["op"].as_str().unwrap_or("").to_string(), value["size"].as_u64().unwrap_or(0));
+            eprintln!("  measured {} {} {} B: p50 {:.1} us", key.0, key.1, key.2, value["p50_us"].as_f64().unwrap_or(0.0));
+            reports.entry(key).or_default().push(value);
+        }
+        Event::At { .. } => {}
+        Event::Line { role, line } => {
+            if line.contains("ERROR") || line.contains("WARN") {
+                eprintln!("[{role}] {line}");
+            }
+        }
+    })?;
+    let mut rows: Vec<Row> = reports
+        .iter()
+        .map(|((layout, op, size), rs)| {
+            let ops: u64 = rs.iter().map(|r| r["ops"].as_u64().unwrap_or(0)).sum();
+            // workers ran concurrently: throughput adds up
+            let ops_per_s: f64 = rs.iter().map(|r| r["ops"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0)).sum();
+            let bytes = rs[0]["bytes_per_op"].as_f64().unwrap_or(0.0);
+            Row {
+                layout: layout.clone(),
+                op: op.clone(),
+                size: *size,
+                keys: rs[0]["keys"].as_u64().unwrap_or(0),
+                ops,
+                ops_per_s,
+                gb_per_s: ops_per_s * bytes / 1e9,
+                p50_us: rs.iter().map(|r| r["p50_us"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max),
+                p99_us: rs.iter().map(|r| r["p99_us"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max),
+                baseline: None,
+                baseline_gb_per_s: None,
+                baseline_p50_us: None,
+            }
+        })
+        .collect();
+    if o.baseline {
+        let seconds = crate::apps::param(&o.params, "seconds", 2.0f64)?;
+        let warmup = crate::apps::param(&o.params, "warmup_seconds", 0.5f64)?;
+        let mut sizes: Vec<u64> = rows.iter().map(|r| r.size).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        eprintln!("bench: raw TCP baseline (same sizes, same run, two processes on 127.0.0.1)");
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe).arg("tcp-baseline-server").stdout(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        out.read_line(&mut line).map_err(|e| e.to_string())?;
+        let addr = line.trim().strip_prefix("@listening ").ok_or("baseline server did not start")?.to_string();
+        let mut c = crate::baseline::Client::connect(&addr)?;
+        let mut base: BTreeMap<(&str, u64), (f64, f64)> = BTreeMap::new();
+        for &size in &sizes {
+            for op in ["copy", "fetch", "exchange"] {
+                let (mut lat, wall) = c.run(op, size as usize, seconds, warmup)?;
+                lat.sort_unstable();
+                let moved = if op == "exchange" { 2 * size } else { size } as f64;
+                let gbps = lat.len() as f64 * moved / wall.as_secs_f64() / 1e9;
+                let p50 = lat[lat.len() / 2].as_secs_f64() * 1e6;
+                eprintln!("  raw tcp {op} {size} B: {gbps:.2} GB/s, p50 {p50:.1} us");
+                base.insert((op, size), (gbps, p50));
+            }
+        }
+        drop(c);
+        let _ = child.wait();
+        for r in &mut rows {
+            let b = baseline_of(&r.op);
+            if let Some(&(g, p)) = base.get(&(b, r.size)) {
+                r.baseline = Some(b.to_string());
+                r.baseline_gb_per_s = Some(g);
+                r.baseline_p50_us = Some(p);
+            }
+        }
+    }
+    rows.sort_by(|a, b| (a.layout.as_str(), a.size, op_order(&a.op)).cmp(&(b.layout.as_str(), b.size, op_order(&b.op))));
+    print_table(&rows, &o);
+    if let Some(path) = &o.json {
+        let doc = json!({"servers": o.servers, "shards": o.shards, "workers": o.workers, "params": o.params, "rows": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")).map_err(|e| format!("{path}: {e}"))?;
+        eprintln!("bench: wrote {path}");
+    }
+    if let Some(path) = &o.plot {
+        match crate::plot::bench_png(path, &rows) {
+            Ok(()) => eprintln!("bench: wrote {path}"),
+            Err(e) => eprintln!("bench: no plot: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn op_order(op: &str) -> usize {
+    crate::apps::bench::OPS.iter().position(|o| *o == op).unwrap_or(9)
+}
+
+fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+fn print_table(rows: &[Row], o: &BenchOpts) {
+    let line = "-".repeat(104);
+    println!("{line}");
+    println!(" pslab bench: {} server(s) x {} shard(s), {} worker(s), TCP on 127.0.0.1, one op in flight per worker", o.servers, o.shards, o.workers);
+    println!(" bytes = value bytes per op (push->pull and fused move them both ways: 2x); raw = plain socket, same bytes, same run");
+    println!("{line}");
+    println!(" {:<7} {:<10} {:>7} {:>9} {:>11} {:>8} {:>10} {:>10}   {:>9} {:>8} {:>7}", "layout", "op", "bytes", "keys", "ops/s", "GB/s", "p50[us]", "p99[us]", "raw GB/s", "xGB/s", "p50/raw");
+    for r in rows {
+        let (bg, ratio, lat) = match (r.baseline_gb_per_s, r.baseline_p50_us) {
+            (Some(g), Some(p)) => (format!("{g:.2}"), format!("{:.2}", r.gb_per_s / g), format!("{:.2}", r.p50_us / p)),
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            " {:<7} {:<10} {:>7} {:>9} {:>11.1} {:>8.3} {:>10.1} {:>10.1}   {:>9} {:>8} {:>7}",
+            r.layout, r.op, human(r.size), r.keys, r.ops_per_s, r.gb_per_s, r.p50_us, r.p99_us, bg, ratio, lat
+        );
+    }
+    println!("{line}");
+}

@@ -1,0 +1,185 @@
+//! `pslab local`: a whole cluster on this machine, as separate OS processes on
+//! 127.0.0.1: one manager, S servers, W workers. It makes the job secret, starts
+//! the manager, learns its port from its first line, starts the rest, streams
+//! every process's output with a role prefix, and stops everything on Ctrl-C or
+//! the first process that fails. Lines starting with `@` are events for the
+//! caller (progress, per-epoch loss, results, bench numbers).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
+pub struct ClusterSpec {
+    pub servers: u32,
+    pub shards: u32,
+    pub workers: u32,
+    pub app: String,
+    pub params: serde_json::Value,
+    pub pin: bool,
+}
+
+/// What the processes said.
+#[derive(Debug)]
+pub enum Event {
+    /// a plain log line
+    Line { role: String, line: String },
+    /// an `@kind {json}` line
+    At { role: String, kind: String, value: serde_json::Value },
+}
+
+struct Proc {
+    role: String,
+    child: Child,
+    status: Option<std::process::ExitStatus>,
+}
+
+fn spawn(role: &str, args: &[String], secret: &str, tx: &Sender<(String, String)>) -> Result<Proc, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .env("PS_JOB_SECRET", secret)
+        .env("PS_PARENT_WATCH", "1")
+        .env("PS_ROLE_LABEL", role)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {role}: {e}"))?;
+    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+        let tx = tx.clone();
+        let role = role.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send((role.clone(), line)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(Proc { role: role.to_string(), child, status: None })
+}
+
+fn parse(role: String, line: String) -> Event {
+    if let Some(rest) = line.strip_prefix('@') {
+        let (kind, json) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Ok(value) = serde_json::from_str(json) {
+            return Event::At { role, kind: kind.to_string(), value };
+        }
+        if kind == "listening" {
+            return Event::At { role, kind: kind.into(), value: serde_json::Value::String(json.to_string()) };
+        }
+    }
+    Event::Line { role, line }
+}
+
+fn kill_all(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        if p.status.is_none() {
+            let _ = p.child.kill();
+            p.status = p.child.wait().ok();
+        }
+    }
+}
+
+/// Runs the cluster to the end; `on_event` sees every line. `Ok` iff every process exited 0.
+pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), String> {
+    let secret = ps_tcp_fallback::generate_secret()?.to_hex();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // a second Ctrl-C while we stop is the default: kill us
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let (tx, rx): (Sender<(String, String)>, Receiver<(String, String)>) = unbounded();
+    let params = spec.params.to_string();
+    let mut procs = vec![spawn(
+        "manager",
+        &[
+            "node".into(), "--role".into(), "manager".into(), "--listen".into(), "127.0.0.1:0".into(),
+            "--servers".into(), spec.servers.to_string(), "--workers".into(), spec.workers.to_string(),
+            "--app".into(), spec.app.clone(), "--params".into(), params,
+        ],
+        &secret,
+        &tx,
+    )?];
+    // the manager's first line tells its port
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let manager = loop {
+        let Ok((role, line)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            kill_all(&mut procs);
+            return Err("the manager did not start listening within 30 s".into());
+        };
+        match parse(role, line) {
+            Event::At { kind, value: serde_json::Value::String(addr), .. } if kind == "listening" => break addr,
+            e => on_event(e),
+        }
+        if let Ok(Some(s)) = procs[0].child.try_wait() {
+            // keep reading what it said
+            while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(200)) {
+                on_event(parse(role, line));
+            }
+            return Err(format!("the manager exited before listening ({s})"));
+        }
+    };
+    for s in 0..spec.servers {
+        let mut args: Vec<String> = vec![
+            "node".into(), "--role".into(), "server".into(), "--manager".into(), manager.clone(),
+            "--shards".into(), spec.shards.to_string(),
+        ];
+        if !spec.pin {
+            args.push("--no-pin".into());
+        }
+        procs.push(spawn(&format!("server{s}"), &args, &secret, &tx)?);
+    }
+    for w in 0..spec.workers {
+        let args: Vec<String> = vec!["node".into(), "--role".into(), "worker".into(), "--manager".into(), manager.clone()];
+        procs.push(spawn(&format!("worker{w}"), &args, &secret, &tx)?);
+    }
+    drop(tx);
+    let mut failure: Option<String> = None;
+    loop {
+        while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(50)) {
+            on_event(parse(role, line));
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            kill_all(&mut procs);
+            failure.get_or_insert("interrupted (Ctrl-C): stopped every process".into());
+            break;
+        }
+        for p in procs.iter_mut() {
+            if p.status.is_none() {
+                if let Ok(Some(s)) = p.child.try_wait() {
+                    p.status = Some(s);
+                    if !s.success() && failure.is_none() {
+                        failure = Some(format!("{} exited with {s}", p.role));
+                    }
+                }
+            }
+        }
+        if failure.is_some() {
+            // give the others a moment to say why, then stop them
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until && procs.iter_mut().any(|p| p.status.is_none() && p.child.try_wait().ok().flatten().is_none()) {
+                while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(50)) {
+                    on_event(parse(role, line));
+                }
+            }
+            kill_all(&mut procs);
+            break;
+        }
+        if procs.iter().all(|p| p.status.is_some()) {
+            break;
+        }
+    }
+    while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(100)) {
+        on_event(parse(role, line));
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}

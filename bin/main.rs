@@ -1,0 +1,288 @@
+//! `pslab`: the parameter server's one binary.
+//!
+//! - `pslab local`: a whole cluster on this machine (the README's first command);
+//! - `pslab node`: one role of a job (what mpirun / srun / scripts start);
+//! - `pslab bench`: push/pull throughput and latency beside raw TCP;
+//! - `pslab secret`: a fresh per-job secret.
+//!
+//! Environment: see docs/env.md.
+#![forbid(unsafe_code)]
+
+mod apps;
+mod baseline;
+mod benchcmd;
+mod local;
+mod node;
+mod plot;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ps_core::auth::JobSecret;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "pslab", version, about = "A thread-per-core parameter server for distributed ML (TCP transport; RDMA next)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum RoleArg {
+    Manager,
+    Server,
+    Worker,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a manager, servers and workers as separate processes on 127.0.0.1 and run a job.
+    Local {
+        #[arg(long, default_value_t = 2)]
+        servers: u32,
+        /// Shard threads per server (each pinned to a core).
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// The worker program: train-lr (the default job), check (invariant test), bench.
+        #[arg(long, default_value = "train-lr")]
+        app: String,
+        /// Program parameters as JSON, e.g. '{"epochs": 3}'.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Do not pin shard threads to cores.
+        #[arg(long)]
+        no_pin: bool,
+        /// Print every process's log lines, not only warnings and results.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Run one role of a job (what launchers start).
+    Node {
+        #[arg(long, value_enum, env = "PS_ROLE")]
+        role: RoleArg,
+        /// The manager's address (servers and workers).
+        #[arg(long, env = "PS_MANAGER")]
+        manager: Option<String>,
+        /// Where the manager listens (port 0: any free port, printed as `@listening ADDR`).
+        #[arg(long, env = "PS_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// Manager: servers to wait for.
+        #[arg(long, env = "PS_SERVERS", default_value_t = 1)]
+        servers: u32,
+        /// Manager: workers to wait for.
+        #[arg(long, env = "PS_WORKERS", default_value_t = 1)]
+        workers: u32,
+        /// Manager: the worker program.
+        #[arg(long, env = "PS_APP", default_value = "train-lr")]
+        app: String,
+        /// Manager: program parameters (JSON).
+        #[arg(long, env = "PS_PARAMS", default_value = "{}")]
+        params: String,
+        /// Server: shard threads (default: one per core).
+        #[arg(long, env = "PS_SHARDS")]
+        shards: Option<usize>,
+        /// Server/worker: the address others reach this node at.
+        #[arg(long, env = "PS_HOST", default_value = "127.0.0.1")]
+        host: String,
+        /// Server: first shard port (0: any free ports).
+        #[arg(long, env = "PS_PORT_BASE", default_value_t = 0)]
+        port_base: u16,
+        /// Server: cores to pin shard threads to, e.g. 0,2,4.
+        #[arg(long, env = "PS_CPUS", value_delimiter = ',')]
+        cpus: Vec<usize>,
+        /// Server: do not pin shard threads.
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// Push/pull throughput and latency over value sizes, beside raw TCP in the same run.
+    Bench {
+        #[arg(long, default_value_t = 1)]
+        servers: u32,
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+        /// Seconds per phase after warm-up.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Dense value sizes in bytes (default 4K..64M).
+        #[arg(long, value_delimiter = ',')]
+        dense_sizes: Vec<u64>,
+        /// Sparse sizes in bytes (keys = bytes / 4; default 4K..4M).
+        #[arg(long, value_delimiter = ',')]
+        sparse_sizes: Vec<u64>,
+        /// Skip the raw-TCP baseline.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<String>,
+        /// Write a PNG plot here.
+        #[arg(long)]
+        plot: Option<String>,
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// Print a fresh job secret (64 hex digits) for PS_JOB_SECRET.
+    Secret,
+    /// (internal) the raw-TCP baseline's server side.
+    #[command(hide = true)]
+    TcpBaselineServer,
+}
+
+fn init_logging() {
+    let label = std::env::var("PS_ROLE_LABEL").ok();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    if label.is_some() {
+        // the launcher prefixes the role and has its own clock
+        b.without_time().init();
+    } else {
+        b.init();
+    }
+}
+
+/// The job secret, from PS_JOB_SECRET or the file PS_JOB_SECRET_FILE (mode 0600).
+fn job_secret() -> Result<JobSecret, String> {
+    if let Ok(hex) = std::env::var("PS_JOB_SECRET") {
+        return JobSecret::from_hex(&hex).map_err(|e| format!("PS_JOB_SECRET: {e}"));
+    }
+    if let Ok(path) = std::env::var("PS_JOB_SECRET_FILE") {
+        let meta = std::fs::metadata(&path).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!("PS_JOB_SECRET_FILE {path} has mode {mode:o}: other users could read the job secret; chmod 600 {path}"));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"))?;
+        return JobSecret::from_hex(&text).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"));
+    }
+    Err("no job secret: set PS_JOB_SECRET (64 hex digits, e.g. from `pslab secret`) or PS_JOB_SECRET_FILE (a 0600 file) in every process of the job".into())
+}
+
+/// Children started by `pslab local` stop when the launcher disappears.
+fn watch_parent() {
+    if std::env::var("PS_PARENT_WATCH").is_err() {
+        return;
+    }
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(500));
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("the launcher is gone; stopping");
+            std::process::exit(3);
+        }
+    });
+}
+
+fn run_node(cmd: Cmd) -> Result<String, String> {
+    let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin } = cmd else { unreachable!() };
+    let secret = job_secret()?;
+    let manager_addr = || -> Result<SocketAddr, String> {
+        node::resolve(manager.as_deref().ok_or("--manager (or PS_MANAGER) is required for servers and workers")?)
+    };
+    match role {
+        RoleArg::Manager => {
+            let params: serde_json::Value = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
+            let job = apps::job_spec(&app, &params, servers)?;
+            node::run_manager(secret, node::resolve(&listen)?, job, servers, workers)
+        }
+        RoleArg::Server => {
+            let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
+            let opts = node::ServerOpts { host, shards: shards.unwrap_or(cores), port_base, cpus, pin: !no_pin };
+            node::run_server(secret, manager_addr()?, opts)
+        }
+        RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host),
+    }
+}
+
+fn run_local(servers: u32, shards: u32, workers: u32, app: String, params: String, pin: bool, verbose: bool) -> Result<(), String> {
+    let params: serde_json::Value = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
+    apps::job_spec(&app, &params, servers)?; // fail fast on bad parameters
+    let spec = local::ClusterSpec { servers, shards, workers, app: app.clone(), params, pin };
+    eprintln!("pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}");
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let mut progress: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+    let mut result: Option<serde_json::Value> = None;
+    let started = std::time::Instant::now();
+    let outcome = local::run(&spec, &mut |e| match e {
+        local::Event::At { kind, value, .. } if kind == "progress" => {
+            let rank = value["rank"].as_u64().unwrap_or(0);
+            progress.insert(rank, (value["done"].as_u64().unwrap_or(0), value["total"].as_u64().unwrap_or(0)));
+            let (done, total) = progress.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(value["unit"].as_str().unwrap_or("").to_string());
+        }
+        local::Event::At { kind, value, .. } if kind == "epoch" => bar.suspend(|| {
+            println!(
+                "epoch {}/{}  train loss {:.5}  ({} examples, {:.1} s)",
+                value["epoch"], value["epochs"], value["loss"].as_f64().unwrap_or(f64::NAN), value["examples"], value["secs"].as_f64().unwrap_or(0.0)
+            )
+        }),
+        local::Event::At { kind, value, .. } if kind == "result" => result = Some(value),
+        local::Event::At { kind, value, role } => bar.suspend(|| println!("[{role}] {kind}: {value}")),
+        local::Event::Line { role, line } => {
+            if verbose || line.contains("ERROR") || line.contains("WARN") || line.contains("finished") || line.contains("failed") {
+                bar.suspend(|| eprintln!("[{role}] {line}"));
+            }
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(r) = &result {
+        println!("----------------------------------------------------------------");
+        println!("held-out examples      {}", r["test_examples"]);
+        println!("test accuracy          {:.4}", r["accuracy"].as_f64().unwrap_or(0.0));
+        println!("planted model accuracy {:.4}   (the best a learner can expect: label noise)", r["planted_accuracy"].as_f64().unwrap_or(0.0));
+        println!("agreement with planted {:.4}", r["agreement_with_planted"].as_f64().unwrap_or(0.0));
+        println!("test log-loss          {:.4}", r["test_logloss"].as_f64().unwrap_or(0.0));
+        println!("test AUC               {:.4}", r["auc"].as_f64().unwrap_or(0.0));
+        println!("----------------------------------------------------------------");
+    }
+    match outcome {
+        Ok(()) => {
+            eprintln!("pslab local: every process exited cleanly after {:.1} s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let r = match cli.cmd {
+        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose } => run_local(servers, shards, workers, app, params, !no_pin, verbose),
+        cmd @ Cmd::Node { .. } => {
+            watch_parent();
+            run_node(cmd).map(|msg| tracing::info!("{msg}"))
+        }
+        Cmd::Bench { servers, shards, workers, seconds, dense_sizes, sparse_sizes, no_baseline, json, plot, no_pin } => {
+            let mut params = json!({"seconds": seconds});
+            if !dense_sizes.is_empty() {
+                params["dense_sizes"] = json!(dense_sizes);
+            }
+            if !sparse_sizes.is_empty() {
+                params["sparse_sizes"] = json!(sparse_sizes);
+            }
+            benchcmd::run(benchcmd::BenchOpts { servers, shards, workers, params, baseline: !no_baseline, json, plot, pin: !no_pin })
+        }
+        Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
+        Cmd::TcpBaselineServer => baseline::serve(),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

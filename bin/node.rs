@@ -1,0 +1,450 @@
+//! One node of a job: the manager, a server (one pinned shard thread per core),
+//! or a worker (runs the job's application). This is what `pslab node` and the
+//! launchers start; everything I/O lives here, the logic in ps-core.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ps_core::auth::JobSecret;
+use ps_core::client::{Clock, Worker};
+use ps_core::control::{send_control, ClusterView, Control, JobSpec, Role};
+use ps_core::kernels::Kernels;
+use ps_core::manager::{ManagerCore, ManagerTimeouts, Phase};
+use ps_core::ring::Owner;
+use ps_core::rules::RuleRegistry;
+use ps_core::shard::ShardCore;
+use ps_core::transport::{PeerEvent, PeerHello, PeerId, RxFrame, Transport};
+use ps_core::wire::{self, Frame};
+use ps_core::worker::WorkerCore;
+use ps_tcp_fallback::{TcpConfig, TcpTransport};
+
+/// Wall-clock time since the process started (ps-core takes time as an input).
+#[derive(Clone, Copy, Debug)]
+pub struct StdClock(pub Instant);
+
+impl Clock for StdClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+// ------------------------------------------------------------------ manager
+
+pub fn run_manager(secret: JobSecret, listen: SocketAddr, job: JobSpec, servers: u32, workers: u32) -> Result<String, String> {
+    job.validate()?;
+    let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Manager as u8, node: 0 }, false);
+    cfg.limits = job.limits;
+    let mut t = TcpTransport::listen(cfg, listen).map_err(|e| format!("manager cannot listen on {listen}: {e}"))?;
+    let addr = t.local_addr().expect("listening");
+    // the launcher reads this line to learn the port
+    println!("@listening {addr}");
+    tracing::info!("manager on {addr}: waiting for {servers} servers and {workers} workers (app {})", job.app);
+    let clock = StdClock(Instant::now());
+    let mut core = ManagerCore::new(job, servers, workers, ManagerTimeouts::default());
+    let mut hellos = std::collections::HashMap::<PeerId, PeerHello>::new();
+    let mut rx = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        t.rx_burst(&mut rx, Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+        t.events(&mut events);
+        for e in &events {
+            if let PeerEvent::Opened { peer, hello } = e {
+                hellos.insert(*peer, *hello);
+            }
+        }
+        for f in rx.drain(..) {
+            let peer = f.peer();
+            let hello = hellos.get(&peer).copied().unwrap_or(PeerHello { role: 0, node: 0 });
+            let r = core.on_frame(peer, hello, f.bytes(), clock.now(), &mut t);
+            t.release(f);
+            if let Err(why) = r {
+                t.close(peer, &why);
+            }
+        }
+        t.events(&mut events);
+        for e in events.drain(..) {
+            if let PeerEvent::Closed { peer, reason } = e {
+                hellos.remove(&peer);
+                core.on_closed(peer, &reason, clock.now(), &mut t);
+            }
+        }
+        core.on_tick(clock.now(), &mut t);
+        for line in core.drain_log() {
+            tracing::info!("{line}");
+        }
+        t.flush().map_err(|e| e.to_string())?;
+        if core.phase() == Phase::Ended {
+            // give the last messages a moment to leave
+            let until = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < until {
+                t.flush().ok();
+                let _ = t.rx_burst(&mut rx, Some(Duration::from_millis(20)));
+                for f in rx.drain(..) {
+                    t.release(f);
+                }
+            }
+            return core.outcome().cloned().unwrap_or(Err("ended without an outcome".into()));
+        }
+    }
+}
+
+// ------------------------------------------------------------------ control link
+
+/// What a node's control thread tells its main thread.
+#[derive(Debug)]
+pub enum Notice {
+    Released(String),
+    Shutdown(String),
+    Abort(String),
+}
+
+/// A node's link to the manager: registration, then a thread that sends
+/// heartbeats and relays barriers and the end of the job.
+pub struct ControlLink {
+    to_thread: Sender<Control>,
+    notices: Receiver<Notice>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlLink {
+    /// Connects (retrying while the manager starts), registers, and waits for the view.
+    pub fn register(secret: JobSecret, manager: SocketAddr, role: Role, host: &str, ports: Vec<u16>, limits: ps_core::limits::WireLimits) -> Result<(u32, ClusterView, ControlLink), String> {
+        let mut cfg = TcpConfig::new(secret, PeerHello { role: role as u8, node: std::process::id() }, true);
+        cfg.limits = limits;
+        let mut t = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let peer = loop {
+            match t.connect(manager, Duration::from_secs(5)) {
+                Ok(p) => break p,
+                Err(ps_tcp_fallback::ConnectError::Connect { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(format!("manager at {manager}: {e}")),
+            }
+        };
+        send_control(&mut t, peer, &Control::Register { role, host: host.to_string(), ports, pid: std::process::id() }).map_err(|e| e.to_string())?;
+        t.flush().map_err(|e| e.to_string())?;
+        let mut rx = Vec::new();
+        let mut events = Vec::new();
+        let (rank, view) = 'wait: loop {
+            t.rx_burst(&mut rx, Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+            for f in rx.drain(..) {
+                let msg = decode_control(f.bytes());
+                t.release(f);
+                match msg? {
+                    Control::Welcome { rank, view } => break 'wait (rank, view),
+                    Control::Abort { reason } => return Err(format!("the manager refused us: {reason}")),
+                    other => tracing::debug!("ignoring {other:?} before the welcome"),
+                }
+            }
+            t.events(&mut events);
+            if let Some(PeerEvent::Closed { reason, .. }) = events.drain(..).find(|e| matches!(e, PeerEvent::Closed { .. })) {
+                return Err(format!("the manager closed the connection before the job started: {reason}"));
+            }
+            if Instant::now() > deadline + Duration::from_secs(120) {
+                return Err("no cluster view from the manager within 3 minutes".into());
+            }
+        };
+        let (to_thread, from_main) = bounded::<Control>(64);
+        let (notify, notices) = bounded::<Notice>(64);
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || control_loop(t, peer, from_main, notify))
+            .map_err(|e| e.to_string())?;
+        Ok((rank, view, ControlLink { to_thread, notices, thread: Some(thread) }))
+    }
+
+    pub fn notices(&self) -> &Receiver<Notice> {
+        &self.notices
+    }
+
+    /// Blocks until every worker reached barrier `name`.
+    pub fn barrier(&self, name: &str) -> Result<(), String> {
+        self.to_thread.send(Control::Barrier { name: name.to_string() }).map_err(|_| "control link is gone")?;
+        loop {
+            match self.notices.recv() {
+                Ok(Notice::Released(n)) if n == name => return Ok(()),
+                Ok(Notice::Released(n)) => tracing::warn!("released from barrier {n:?} while waiting for {name:?}"),
+                Ok(Notice::Abort(r)) => return Err(format!("job aborted: {r}")),
+                Ok(Notice::Shutdown(r)) => return Err(format!("job shut down during barrier {name:?}: {r}")),
+                Err(_) => return Err("control link is gone".into()),
+            }
+        }
+    }
+
+    /// Closes the link (the manager sees the connection end).
+    pub fn close(mut self) {
+        drop(std::mem::replace(&mut self.to_thread, bounded(1).0));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Tells the manager this node's program ended, and waits for the end of the job.
+    pub fn done(mut self, ok: bool, message: &str) -> Result<(), String> {
+        let _ = self.to_thread.send(Control::Done { ok, message: message.to_string() });
+        let r = match self.notices.recv_timeout(Duration::from_secs(30)) {
+            Ok(Notice::Shutdown(_)) => Ok(()),
+            Ok(Notice::Abort(r)) if ok => Err(format!("job aborted: {r}")),
+            Ok(_) | Err(_) => Ok(()),
+        };
+        drop(self.to_thread);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        r
+    }
+}
+
+fn decode_control(frame: &[u8]) -> Result<Control, String> {
+    match wire::decode(frame, ps_core::limits::FRAME_BYTES_MAX).map_err(|e| format!("bad frame from the manager: {e}"))? {
+        Frame::Control(j) => Control::from_json(j).map_err(|e| e.to_string()),
+        other => Err(format!("unexpected frame from the manager: {other:?}")),
+    }
+}
+
+fn control_loop(mut t: TcpTransport, peer: PeerId, from_main: Receiver<Control>, notify: Sender<Notice>) {
+    let mut rx = Vec::new();
+    let mut events = Vec::new();
+    let interval = Duration::from_millis(ps_core::limits::HEARTBEAT_INTERVAL_MS);
+    let mut next_beat = Instant::now();
+    loop {
+        if Instant::now() >= next_beat {
+            let _ = send_control(&mut t, peer, &Control::Heartbeat);
+            next_beat = Instant::now() + interval;
+        }
+        loop {
+            match from_main.try_recv() {
+                Ok(msg) => {
+                    let _ = send_control(&mut t, peer, &msg);
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    let _ = t.flush();
+                    return;
+                }
+            }
+        }
+        let _ = t.flush();
+        if t.rx_burst(&mut rx, Some(Duration::from_millis(20))).is_err() {
+            let _ = notify.send(Notice::Abort("control link failed".into()));
+            return;
+        }
+        for f in rx.drain(..) {
+            let msg = decode_control(f.bytes());
+            t.release(f);
+            let n = match msg {
+                Ok(Control::Released { name }) => Notice::Released(name),
+                Ok(Control::Shutdown { reason }) => Notice::Shutdown(reason),
+                Ok(Control::Abort { reason }) => Notice::Abort(reason),
+                Ok(other) => {
+                    tracing::debug!("ignoring {other:?}");
+                    continue;
+                }
+                Err(e) => Notice::Abort(e),
+            };
+            let _ = notify.send(n);
+        }
+        t.events(&mut events);
+        for e in events.drain(..) {
+            if let PeerEvent::Closed { reason, .. } = e {
+                let _ = notify.send(Notice::Abort(format!("lost the manager: {reason}")));
+                return;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ server
+
+pub struct ServerOpts {
+    pub host: String,
+    pub shards: usize,
+    pub port_base: u16,
+    /// cores to pin shard threads to, in order; empty: all cores, round-robin
+    pub cpus: Vec<usize>,
+    pub pin: bool,
+}
+
+pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> Result<String, String> {
+    let shards = opts.shards.max(1);
+    let mut transports = Vec::with_capacity(shards);
+    let mut ports = Vec::with_capacity(shards);
+    for h in 0..shards {
+        let port = if opts.port_base == 0 { 0 } else { opts.port_base + h as u16 };
+        let addr = resolve(&format!("{}:{port}", opts.host))?;
+        let cfg = TcpConfig::new(secret.clone(), PeerHello { role: Role::Server as u8, node: h as u32 }, false);
+        let t = TcpTransport::listen(cfg, addr).map_err(|e| format!("shard {h} cannot listen on {addr}: {e}"))?;
+        ports.push(t.local_addr().expect("listening").port());
+        transports.push(t);
+    }
+    let (rank, view, link) = ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), Default::default())?;
+    let kernels = Kernels::best();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let placement: Vec<Option<usize>> = (0..shards)
+        .map(|h| {
+            if !opts.pin || cores.is_empty() {
+                None
+            } else if !opts.cpus.is_empty() {
+                Some(opts.cpus[h % opts.cpus.len()])
+            } else {
+                Some(cores[(rank as usize * shards + h) % cores.len()].id)
+            }
+        })
+        .collect();
+    tracing::info!(
+        "server {rank}: {shards} shards on ports {ports:?}, kernels {}, pinned to cores {:?}",
+        kernels.isa,
+        placement.iter().map(|c| c.map_or("-".to_string(), |c| c.to_string())).collect::<Vec<_>>()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut wakers = Vec::new();
+    let mut threads = Vec::new();
+    for (h, mut t) in transports.into_iter().enumerate() {
+        t.set_limits(view.job.limits);
+        wakers.push(t.waker().map_err(|e| e.to_string())?);
+        let core = ShardCore::new(&view, Owner { server: rank, shard: h as u32 }, &RuleRegistry::default(), kernels)?;
+        let stop = stop.clone();
+        let cpu = placement[h];
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("shard-{h}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+                    }
+                    shard_loop(core, t, &stop)
+                })
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let outcome = loop {
+        match link.notices().recv() {
+            Ok(Notice::Shutdown(r)) => break Ok(r),
+            Ok(Notice::Abort(r)) => break Err(format!("job aborted: {r}")),
+            Ok(Notice::Released(_)) => {}
+            Err(_) => break Err("control link is gone".into()),
+        }
+    };
+    stop.store(true, Ordering::Release);
+    for w in &wakers {
+        let _ = w.wake();
+    }
+    let mut lines = Vec::new();
+    for (h, th) in threads.into_iter().enumerate() {
+        match th.join() {
+            Ok(s) => lines.push(format!(
+                "shard {h}: {} push frames, {} pull frames, {:.1} MB in, {:.1} MB out, {} refused",
+                s.push_frames,
+                s.pull_frames,
+                s.bytes_in as f64 / 1e6,
+                s.bytes_out as f64 / 1e6,
+                s.errors_sent
+            )),
+            Err(_) => lines.push(format!("shard {h}: thread panicked")),
+        }
+    }
+    for l in &lines {
+        tracing::info!("server {rank} {l}");
+    }
+    link.close();
+    outcome.map(|r| format!("server {rank} stopped: {r}"))
+}
+
+fn shard_loop(mut core: ShardCore, mut t: TcpTransport, stop: &AtomicBool) -> ps_core::shard::ShardStats {
+    let mut rx = Vec::with_capacity(64);
+    let mut events = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        if let Err(e) = t.rx_burst(&mut rx, Some(Duration::from_millis(200))) {
+            tracing::error!("shard {}: {e}", core.owner().shard);
+            break;
+        }
+        for f in rx.drain(..) {
+            let peer = f.peer();
+            let r = core.handle(peer, f.bytes(), &mut t);
+            t.release(f);
+            if let Err(e) = r {
+                t.close(peer, &e.to_string());
+            }
+        }
+        let _ = t.flush();
+        t.events(&mut events);
+        for e in events.drain(..) {
+            match e {
+                PeerEvent::Opened { peer, hello } => tracing::debug!("shard {}: {peer:?} joined as {hello:?}", core.owner().shard),
+                PeerEvent::Closed { peer, reason } => tracing::debug!("shard {}: {peer:?} left: {reason}", core.owner().shard),
+            }
+        }
+    }
+    core.stats()
+}
+
+// ------------------------------------------------------------------ worker
+
+pub type PsWorker = Worker<TcpTransport, StdClock>;
+
+/// What an application gets: its rank, the view, the PS client and the control link.
+pub struct WorkerCtx {
+    pub rank: u32,
+    pub view: ClusterView,
+    pub ps: PsWorker,
+    pub link: ControlLink,
+}
+
+impl WorkerCtx {
+    pub fn barrier(&self, name: &str) -> Result<(), String> {
+        self.link.barrier(name)
+    }
+
+    pub fn workers(&self) -> u32 {
+        self.view.workers
+    }
+
+    /// A machine-readable line for the launcher (`@kind {json}`).
+    pub fn emit(&self, kind: &str, value: serde_json::Value) {
+        println!("@{kind} {value}");
+    }
+}
+
+pub fn run_worker(secret: JobSecret, manager: SocketAddr, host: &str) -> Result<String, String> {
+    let (rank, view, link) = ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], Default::default())?;
+    let ring = view.ring().map_err(|e| e.to_string())?;
+    let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Worker as u8, node: rank }, true);
+    cfg.limits = view.job.limits;
+    let mut t = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
+    let mut peers = Vec::new();
+    for s in &view.servers {
+        let mut row = Vec::new();
+        for &port in &s.ports {
+            let addr = resolve(&format!("{}:{port}", s.host))?;
+            row.push(t.connect(addr, Duration::from_secs(10)).map_err(|e| format!("server {} shard port {port}: {e}", s.rank))?);
+        }
+        peers.push(row);
+    }
+    let core = WorkerCore::new(&view.job.tables, ring, peers, view.job.limits);
+    let ps = Worker::new(core, t, StdClock(Instant::now()), Duration::from_secs(120));
+    let app = view.job.app.clone();
+    let mut ctx = WorkerCtx { rank, view, ps, link };
+    let result = crate::apps::run(&app, &mut ctx);
+    let WorkerCtx { link, .. } = ctx;
+    match result {
+        Ok(msg) => {
+            link.done(true, &msg)?;
+            Ok(msg)
+        }
+        Err(e) => {
+            let _ = link.done(false, &e);
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The worker API: `push`, `pull`, `push_pull`, their range forms, and `wait`,
+//! over any [`Transport`]. It is [`WorkerCore`] plus a loop that pumps the
+//! transport while waiting; time comes from a [`Clock`] handed in.
+//!
+//! ```text
+//! let ts = w.push(table, &keys, &grads)?;      // returns once the frames are queued
+//! let tp = w.pull(table, &keys, buf)?;         // buf: a Vec<f32> handed over, reused
+//! w.wait(ts)?;                                 // acknowledged: merged on every shard
+//! let weights = w.wait_pull(tp)?;              // the Vec back, filled
+//! ```
+//! Keys are strictly ascending (`keys::sort_merge` makes them so). A pull issued
+//! after a push of mine sees that push. A transport's sink must make room by
+//! itself (flush and wait) when its queue is full, so `push` never fails for
+//! back-pressure; it returns once its frames are queued.
+
+use std::time::Duration;
+
+use crate::error::PsError;
+use crate::keys::{Key, TableId};
+use crate::transport::{PeerEvent, RxFrame, Transport};
+use crate::wire::Kind;
+use crate::worker::{Keys, Timestamp, WorkerCore};
+
+/// Monotonic time since some origin, handed in so tests can run on simulated time.
+pub trait Clock {
+    fn now(&self) -> Duration;
+}
+
+pub struct Worker<T: Transport, C: Clock> {
+    core: WorkerCore,
+    transport: T,
+    clock: C,
+    rx: Vec<T::Rx>,
+    events: Vec<PeerEvent>,
+    op_timeout: Duration,
+}
+
+impl<T: Transport, C: Clock> std::fmt::Debug for Worker<T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("in_flight", &self.core.in_flight()).finish()
+    }
+}
+
+impl<T: Transport, C: Clock> Worker<T, C> {
+    pub fn new(core: WorkerCore, transport: T, clock: C, op_timeout: Duration) -> Self {
+        Self { core, transport, clock, rx: Vec::with_capacity(64), events: Vec::new(), op_timeout }
+    }
+
+    pub fn core(&self) -> &WorkerCore {
+        &self.core
+    }
+
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+
+    fn issue(&mut self, kind: Kind, table: TableId, keys: Keys<'_>, vals: Option<&[f32]>, out: Option<Vec<f32>>) -> Result<Timestamp, PsError> {
+        let ts = self.core.issue(&mut self.transport, kind, table, keys, vals, out)?;
+        self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
+        Ok(ts)
+    }
+
+    /// Pushes `dim` values per key (keys strictly ascending).
+    pub fn push(&mut self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Timestamp, PsError> {
+        self.issue(Kind::Push, table, Keys::List(keys), Some(vals), None)
+    }
+
+    /// Pushes `vals` into consecutive keys from `first` of a dense table.
+    pub fn push_range(&mut self, table: TableId, first: Key, vals: &[f32]) -> Result<Timestamp, PsError> {
+        let dim = self.core.table(table)?.dim as usize;
+        let count = (vals.len() / dim) as u64;
+        if vals.len() % dim != 0 {
+            return Err(PsError::WrongValueCount { table, dim: dim as u32, keys: count as usize, expected: count as usize * dim, got: vals.len() });
+        }
+        self.issue(Kind::Push, table, Keys::Range { first, count }, Some(vals), None)
+    }
+
+    /// Pulls `dim` values per key into `out` (handed over; `wait_pull` returns it).
+    pub fn pull(&mut self, table: TableId, keys: &[Key], out: Vec<f32>) -> Result<Timestamp, PsError> {
+        self.issue(Kind::Pull, table, Keys::List(keys), None, Some(out))
+    }
+
+    /// Pulls `count` consecutive keys from `first` of a dense table.
+    pub fn pull_range(&mut self, table: TableId, first: Key, count: u64, out: Vec<f32>) -> Result<Timestamp, PsError> {
+        self.issue(Kind::Pull, table, Keys::Range { first, count }, None, Some(out))
+    }
+
+    /// Pushes, then pulls the same keys, in one round trip per chunk.
+    pub fn push_pull(&mut self, table: TableId, keys: &[Key], vals: &[f32], out: Vec<f32>) -> Result<Timestamp, PsError> {
+        self.issue(Kind::PushPull, table, Keys::List(keys), Some(vals), Some(out))
+    }
+
+    /// The range form of [`Worker::push_pull`].
+    pub fn push_pull_range(&mut self, table: TableId, first: Key, vals: &[f32], out: Vec<f32>) -> Result<Timestamp, PsError> {
+        let dim = self.core.table(table)?.dim as usize;
+        let count = (vals.len() / dim) as u64;
+        self.issue(Kind::PushPull, table, Keys::Range { first, count }, Some(vals), Some(out))
+    }
+
+    /// Runs the transport until `ts` is answered (or the op timeout passes).
+    fn drive_until(&mut self, ts: Timestamp) -> Result<(), PsError> {
+        let start = self.clock.now();
+        loop {
+            if self.core.is_done(ts)? {
+                return Ok(());
+            }
+            self.poll_once(Some(Duration::from_millis(50)))?;
+            if self.clock.now().saturating_sub(start) > self.op_timeout {
+                return Err(PsError::Timeout(self.op_timeout));
+            }
+        }
+    }
+
+    /// Handles whatever the transport has now (or within `timeout`).
+    pub fn poll_once(&mut self, timeout: Option<Duration>) -> Result<(), PsError> {
+        self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
+        self.transport.rx_burst(&mut self.rx, timeout).map_err(|e| PsError::Transport(e.to_string()))?;
+        for f in std::mem::take(&mut self.rx) {
+            let peer = f.peer();
+            let r = self.core.on_frame(peer, f.bytes());
+            self.transport.release(f);
+            if let Err(e) = r {
+                self.transport.close(peer, &e.to_string());
+            }
+        }
+        self.transport.events(&mut self.events);
+        for e in self.events.drain(..) {
+            if let PeerEvent::Closed { peer, reason } = e {
+                self.core.on_closed(peer, &reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until `ts` is acknowledged by every shard it touched. For a pull,
+    /// the values are dropped: use [`Worker::wait_pull`] to get them.
+    pub fn wait(&mut self, ts: Timestamp) -> Result<(), PsError> {
+        self.drive_until(ts)?;
+        self.core.finish(ts).map(|_| ())
+    }
+
+    /// Waits for a pull (or push-pull) and returns its values, `dim` per key.
+    pub fn wait_pull(&mut self, ts: Timestamp) -> Result<Vec<f32>, PsError> {
+        if !self.core.is_pull(ts) {
+            self.core.is_done(ts)?;
+            return Err(PsError::NotAPull(ts));
+        }
+        self.drive_until(ts)?;
+        Ok(self.core.finish(ts)?.unwrap_or_default())
+    }
+
+    /// Blocking pull into `out`, reusing its allocation.
+    pub fn pull_into(&mut self, table: TableId, keys: &[Key], out: &mut Vec<f32>) -> Result<(), PsError> {
+        let ts = self.pull(table, keys, std::mem::take(out))?;
+        *out = self.wait_pull(ts)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! Control messages: registration, the cluster view, barriers, heartbeats,
+//! shutdown. Rare and small, so they are JSON inside a `Control` frame: easy to
+//! read in a packet capture and to extend. Bounded by `CONTROL_BYTES_MAX` and
+//! parsed by serde_json, which refuses deep nesting.
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::TableSpec;
+use crate::limits::WireLimits;
+use crate::ring::{Ring, RingError, RingServer};
+
+/// A node's role. The handshake carries it as a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Manager = 1,
+    Server = 2,
+    Worker = 3,
+}
+
+impl Role {
+    pub fn from_u8(v: u8) -> Option<Role> {
+        match v {
+            1 => Some(Role::Manager),
+            2 => Some(Role::Server),
+            3 => Some(Role::Worker),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Manager => "manager",
+            Role::Server => "server",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+/// What the job is: its tables and the application the workers run. The manager
+/// holds it and hands it to every node in the view, so servers and workers need
+/// nothing but the manager's address and the job secret.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub tables: Vec<TableSpec>,
+    /// The worker program: "train-lr", "bench", "check", ...
+    pub app: String,
+    /// The program's parameters.
+    #[serde(default)]
+    pub params: serde_json::Value,
+    #[serde(default)]
+    pub limits: WireLimits,
+    /// Ring partitions (virtual nodes, all servers together): a power of two.
+    pub partitions: u32,
+}
+
+impl JobSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        let mut ids = std::collections::BTreeSet::new();
+        for t in &self.tables {
+            t.validate()?;
+            if !ids.insert(t.id) {
+                return Err(format!("table id {:?} is defined twice", t.id));
+            }
+        }
+        self.limits.validate()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub rank: u32,
+    pub host: String,
+    /// One listening port per shard.
+    pub ports: Vec<u16>,
+    pub pid: u32,
+}
+
+/// Everything a node needs to take part: handed out once all nodes registered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub job: JobSpec,
+    pub servers: Vec<ServerInfo>,
+    pub workers: u32,
+}
+
+impl ClusterView {
+    pub fn ring(&self) -> Result<Ring, RingError> {
+        let servers: Vec<RingServer> =
+            self.servers.iter().map(|s| RingServer { id: s.rank, nr_shards: s.ports.len() as u32 }).collect();
+        Ring::new(&servers, self.job.partitions)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "msg")]
+pub enum Control {
+    /// node -> manager, first message.
+    Register { role: Role, host: String, ports: Vec<u16>, pid: u32 },
+    /// manager -> node, once every expected node has registered.
+    Welcome { rank: u32, view: ClusterView },
+    /// node -> manager, every `HEARTBEAT_INTERVAL_MS`.
+    Heartbeat,
+    /// worker -> manager: I reached barrier `name`.
+    Barrier { name: String },
+    /// manager -> workers: every worker reached barrier `name`.
+    Released { name: String },
+    /// worker -> manager: my program ended; `ok` false means it failed.
+    Done { ok: bool, message: String },
+    /// manager -> all: stop now, the job is over (orderly).
+    Shutdown { reason: String },
+    /// manager -> all: stop now, the job failed.
+    Abort { reason: String },
+}
+
+impl Control {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("control messages always serialize")
+    }
+
+    pub fn from_json(b: &[u8]) -> Result<Control, crate::wire::WireError> {
+        serde_json::from_slice(b).map_err(|e| crate::wire::WireError::Control(e.to_string()))
+    }
+}
+
+/// Writes `msg` as a control frame into `sink`.
+pub fn send_control(
+    sink: &mut dyn crate::transport::FrameSink,
+    peer: crate::transport::PeerId,
+    msg: &Control,
+) -> Result<(), crate::transport::TxError> {
+    let json = msg.to_json();
+    let buf = sink.frame(peer, crate::wire::control_len(json.len()))?;
+    crate::wire::write_control(buf, &json);
+    Ok(())
+}

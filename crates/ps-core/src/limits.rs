@@ -1,0 +1,117 @@
+//! Every tunable and bound of the system, with its reason, and the compile-time
+//! checks of how they relate (eRPC's `static_assert` habit). Runtime-configurable
+//! values live in [`WireLimits`] / [`ClientLimits`]; their defaults are here.
+//!
+//! Units are last in names: `_bytes`, `_ms`, `_max`.
+
+/// Bytes of one data-path chunk. Large pushes and pulls are cut into frames of at
+/// most this payload, so (1) a shard merges chunk *i* while chunk *i+1* is still on
+/// the wire, (2) a chunk stays in L2 between the receive copy and the merge, and
+/// (3) no receive buffer ever needs to be bigger than a few chunks.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest frame a node accepts after authentication, by default. A length prefix
+/// above this drops the connection before a byte of the body is buffered.
+pub const FRAME_BYTES_MAX: usize = 4 * CHUNK_BYTES;
+
+/// Largest frame accepted before the handshake has succeeded: an unauthenticated
+/// peer can make a node buffer at most this much.
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = 256;
+
+/// Bytes one connection may have queued for sending. Past this, a worker's
+/// `push` waits for the socket to drain, and a shard stops reading requests from
+/// that peer until its responses are gone (back-pressure instead of growth).
+pub const TX_QUEUE_BYTES_MAX: usize = 4 * FRAME_BYTES_MAX;
+
+/// Frames a transport may hold read-but-not-yet-handled for one connection.
+pub const RX_FRAMES_QUEUED_MAX: usize = 64;
+
+/// Connections one listener (a shard, the manager) keeps at once; more are refused.
+pub const CONNECTIONS_MAX: usize = 1024;
+
+/// Free receive buffers a transport keeps for reuse.
+pub const RX_POOL_BUFFERS_MAX: usize = 64;
+
+/// Smallest receive buffer: big enough that small frames arrive many per read.
+pub const RX_BUFFER_BYTES_MIN: usize = 64 * 1024;
+
+/// A peer has this long to complete the handshake after connecting.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// How often every node tells the manager it is alive.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+
+/// Silence after which the manager declares a node dead. Several intervals, so a
+/// briefly descheduled process (2 cores, many processes) is not declared dead.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_INTERVAL_MS;
+
+/// Operations a worker may have in flight before `push`/`pull` refuse.
+pub const OPS_IN_FLIGHT_MAX: usize = 1024;
+
+/// Default ring partitions (virtual nodes, all servers together). A power of two.
+pub const RING_PARTITIONS: u32 = 1024;
+
+/// Virtual nodes per server below which the ring refuses (balance suffers).
+pub const RING_VNODES_PER_SERVER_MIN: u32 = 64;
+
+/// Largest dense table, in floats (16 GiB): bigger ones should be sparse.
+pub const DENSE_TABLE_FLOATS_MAX: u64 = 1 << 32;
+
+/// Bytes of one slab block, header and trailer included. One block is the unit a
+/// one-sided READ checks for tearing; 4 KiB matches the page and the usual RDMA MTU.
+pub const BLOCK_BYTES: usize = 4096;
+
+/// Blocks in one slab of a sparse table (64 MiB): slabs are registered once as RDMA
+/// memory regions, so few and big beats many and small.
+pub const SPARSE_SLAB_BLOCKS: usize = 16 * 1024;
+
+/// Largest JSON control message.
+pub const CONTROL_BYTES_MAX: usize = 1 << 20;
+
+const _: () = {
+    assert!(CHUNK_BYTES % 8 == 0);
+    assert!(FRAME_BYTES_MAX >= CHUNK_BYTES + 4096, "a full chunk plus its header must fit a frame");
+    assert!(TX_QUEUE_BYTES_MAX >= 2 * FRAME_BYTES_MAX, "a sender must be able to queue one frame while another drains");
+    assert!(CONTROL_BYTES_MAX <= FRAME_BYTES_MAX);
+    assert!(RX_BUFFER_BYTES_MIN <= FRAME_BYTES_MAX);
+    assert!(RING_PARTITIONS.is_power_of_two());
+    assert!(BLOCK_BYTES.is_power_of_two() && BLOCK_BYTES >= 64);
+    assert!(HEARTBEAT_TIMEOUT_MS >= 4 * HEARTBEAT_INTERVAL_MS);
+    assert!(HANDSHAKE_FRAME_BYTES_MAX >= 128);
+};
+
+/// Bounds on what a node accepts from the network; handed to every transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireLimits {
+    pub frame_bytes_max: usize,
+    pub chunk_bytes: usize,
+    pub tx_queue_bytes_max: usize,
+}
+
+impl Default for WireLimits {
+    fn default() -> Self {
+        Self { frame_bytes_max: FRAME_BYTES_MAX, chunk_bytes: CHUNK_BYTES, tx_queue_bytes_max: TX_QUEUE_BYTES_MAX }
+    }
+}
+
+impl WireLimits {
+    /// The relations the constants above check at compile time, for values a user set.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.chunk_bytes < 4096 || self.chunk_bytes % 8 != 0 {
+            return Err(format!("chunk_bytes {} must be a multiple of 8 and at least 4096", self.chunk_bytes));
+        }
+        if self.frame_bytes_max < self.chunk_bytes + 4096 {
+            return Err(format!(
+                "frame_bytes_max {} must be at least chunk_bytes {} + 4096",
+                self.frame_bytes_max, self.chunk_bytes
+            ));
+        }
+        if self.tx_queue_bytes_max < 2 * self.frame_bytes_max {
+            return Err(format!(
+                "tx_queue_bytes_max {} must be at least twice frame_bytes_max {}",
+                self.tx_queue_bytes_max, self.frame_bytes_max
+            ));
+        }
+        Ok(())
+    }
+}

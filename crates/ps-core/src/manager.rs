@@ -1,0 +1,436 @@
+//! The manager state machine (a single process in this issue; the fault-tolerance
+//! issue replicates it with Raft). It admits the expected servers and workers,
+//! gives them ranks and the cluster view, runs barriers, watches heartbeats, and
+//! ends the job: `Shutdown` when every worker is done, `Abort` with the reason
+//! the moment any node fails, goes silent, or leaves early.
+//!
+//! Time is handed in (`now`: monotonic time since the manager started), so the
+//! heartbeat logic is tested without sleeping.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use crate::control::{send_control, ClusterView, Control, JobSpec, Role, ServerInfo};
+use crate::transport::{FrameSink, PeerHello, PeerId};
+use crate::wire::{self, Frame};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Registering,
+    Running,
+    Stopping,
+    Ended,
+}
+
+#[derive(Debug)]
+struct Node {
+    peer: PeerId,
+    role: Role,
+    rank: u32,
+    host: String,
+    ports: Vec<u16>,
+    pid: u32,
+    last_seen: Duration,
+    connected: bool,
+    done: bool,
+}
+
+impl Node {
+    fn describe(&self) -> String {
+        format!("{} {} (pid {} on {})", self.role.name(), self.rank, self.pid, self.host)
+    }
+}
+
+/// Tunables of the manager, with defaults from `limits`.
+#[derive(Clone, Copy, Debug)]
+pub struct ManagerTimeouts {
+    pub heartbeat: Duration,
+    pub registration: Duration,
+    pub stopping: Duration,
+}
+
+impl Default for ManagerTimeouts {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(crate::limits::HEARTBEAT_TIMEOUT_MS),
+            registration: Duration::from_secs(120),
+            stopping: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ManagerCore {
+    job: JobSpec,
+    expect_servers: u32,
+    expect_workers: u32,
+    timeouts: ManagerTimeouts,
+    nodes: Vec<Node>,
+    by_peer: HashMap<PeerId, usize>,
+    phase: Phase,
+    phase_since: Duration,
+    barriers: BTreeMap<String, BTreeSet<u32>>,
+    outcome: Option<Result<String, String>>,
+    log: Vec<String>,
+}
+
+impl ManagerCore {
+    pub fn new(job: JobSpec, expect_servers: u32, expect_workers: u32, timeouts: ManagerTimeouts) -> Self {
+        Self {
+            job,
+            expect_servers,
+            expect_workers,
+            timeouts,
+            nodes: Vec::new(),
+            by_peer: HashMap::new(),
+            phase: Phase::Registering,
+            phase_since: Duration::ZERO,
+            barriers: BTreeMap::new(),
+            outcome: None,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// `Ok(summary)` once the job ended well, `Err(reason)` once it failed.
+    pub fn outcome(&self) -> Option<&Result<String, String>> {
+        self.outcome.as_ref()
+    }
+
+    /// Lines for the driver to log.
+    pub fn drain_log(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
+    }
+
+    fn count(&self, role: Role) -> u32 {
+        self.nodes.iter().filter(|n| n.role == role).count() as u32
+    }
+
+    fn send(&mut self, tx: &mut dyn FrameSink, peer: PeerId, msg: &Control) {
+        if let Err(e) = send_control(tx, peer, msg) {
+            self.log.push(format!("could not send to {peer:?}: {e}"));
+        }
+    }
+
+    fn broadcast(&mut self, tx: &mut dyn FrameSink, roles: &[Role], msg: &Control) {
+        let peers: Vec<PeerId> =
+            self.nodes.iter().filter(|n| n.connected && roles.contains(&n.role)).map(|n| n.peer).collect();
+        for p in peers {
+            self.send(tx, p, msg);
+        }
+    }
+
+    fn abort(&mut self, tx: &mut dyn FrameSink, reason: String) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.log.push(format!("job failed: {reason}"));
+        self.broadcast(tx, &[Role::Server, Role::Worker], &Control::Abort { reason: reason.clone() });
+        self.phase = Phase::Ended;
+        self.outcome = Some(Err(reason));
+    }
+
+    /// A peer passed the handshake. Nothing happens until it registers.
+    pub fn on_open(&mut self, _peer: PeerId, _hello: PeerHello, _now: Duration) {}
+
+    /// Handles one frame; `Err` means drop the peer with that reason.
+    pub fn on_frame(&mut self, peer: PeerId, hello: PeerHello, frame: &[u8], now: Duration, tx: &mut dyn FrameSink) -> Result<(), String> {
+        let json = match wire::decode(frame, crate::limits::CONTROL_BYTES_MAX + 64).map_err(|e| e.to_string())? {
+            Frame::Control(j) => j,
+            other => return Err(format!("expected a control frame, got {other:?}")),
+        };
+        let msg = Control::from_json(json).map_err(|e| e.to_string())?;
+        if let Some(&i) = self.by_peer.get(&peer) {
+            self.nodes[i].last_seen = now;
+        }
+        match msg {
+            Control::Register { role, host, ports, pid } => self.register(peer, hello, role, host, ports, pid, now, tx),
+            Control::Heartbeat => Ok(()),
+            Control::Barrier { name } => {
+                let node = self.node_of(peer)?;
+                if node.role != Role::Worker {
+                    return Err("only workers take part in barriers".into());
+                }
+                let rank = node.rank;
+                let set = self.barriers.entry(name.clone()).or_default();
+                set.insert(rank);
+                if set.len() as u32 == self.expect_workers {
+                    self.barriers.remove(&name);
+                    self.broadcast(tx, &[Role::Worker], &Control::Released { name });
+                }
+                Ok(())
+            }
+            Control::Done { ok, message } => {
+                let i = *self.by_peer.get(&peer).ok_or("Done before Register")?;
+                self.nodes[i].done = true;
+                let who = self.nodes[i].describe();
+                if !ok {
+                    self.abort(tx, format!("{who} failed: {message}"));
+                    return Ok(());
+                }
+                self.log.push(format!("{who} finished: {message}"));
+                let all = self.nodes.iter().filter(|n| n.role == Role::Worker && n.done).count() as u32;
+                if all == self.expect_workers && self.phase == Phase::Running {
+                    self.phase = Phase::Stopping;
+                    self.phase_since = now;
+                    self.log.push(format!("all {all} workers finished; stopping the servers"));
+                    self.broadcast(tx, &[Role::Server, Role::Worker], &Control::Shutdown { reason: "all workers finished".into() });
+                }
+                Ok(())
+            }
+            other => Err(format!("a node may not send {other:?}")),
+        }
+    }
+
+    fn node_of(&self, peer: PeerId) -> Result<&Node, String> {
+        self.by_peer.get(&peer).map(|&i| &self.nodes[i]).ok_or_else(|| "message before Register".to_string())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register(&mut self, peer: PeerId, hello: PeerHello, role: Role, host: String, ports: Vec<u16>, pid: u32, now: Duration, tx: &mut dyn FrameSink) -> Result<(), String> {
+        if Role::from_u8(hello.role) != Some(role) {
+            return Err(format!("registered as {} but authenticated as role {}", role.name(), hello.role));
+        }
+        if self.by_peer.contains_key(&peer) {
+            return Err("registered twice".into());
+        }
+        let (have, want) = match role {
+            Role::Server => (self.count(Role::Server), self.expect_servers),
+            Role::Worker => (self.count(Role::Worker), self.expect_workers),
+            Role::Manager => return Err("a manager cannot register with a manager".into()),
+        };
+        if self.phase != Phase::Registering || have >= want {
+            let reason = format!("this job already has its {want} {}s", role.name());
+            self.send(tx, peer, &Control::Abort { reason: reason.clone() });
+            return Err(reason);
+        }
+        if role == Role::Server && (ports.is_empty() || ports.len() > 1024) {
+            return Err(format!("a server must listen on 1..1024 shard ports, not {}", ports.len()));
+        }
+        let node = Node { peer, role, rank: have, host, ports, pid, last_seen: now, connected: true, done: false };
+        self.log.push(format!("{} registered", node.describe()));
+        self.by_peer.insert(peer, self.nodes.len());
+        self.nodes.push(node);
+        if self.count(Role::Server) == self.expect_servers && self.count(Role::Worker) == self.expect_workers {
+            self.start(now, tx);
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, now: Duration, tx: &mut dyn FrameSink) {
+        let mut servers: Vec<ServerInfo> = self
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Server)
+            .map(|n| ServerInfo { rank: n.rank, host: n.host.clone(), ports: n.ports.clone(), pid: n.pid })
+            .collect();
+        servers.sort_by_key(|s| s.rank);
+        let view = ClusterView { job: self.job.clone(), servers, workers: self.expect_workers };
+        if let Err(e) = view.ring() {
+            self.abort(tx, format!("cannot build the ring: {e}"));
+            return;
+        }
+        let targets: Vec<(PeerId, u32)> = self.nodes.iter().map(|n| (n.peer, n.rank)).collect();
+        for (peer, rank) in targets {
+            self.send(tx, peer, &Control::Welcome { rank, view: view.clone() });
+        }
+        self.phase = Phase::Running;
+        self.phase_since = now;
+        self.log.push(format!("all {} servers and {} workers registered; job running", self.expect_servers, self.expect_workers));
+    }
+
+    /// A connection ended.
+    pub fn on_closed(&mut self, peer: PeerId, reason: &str, now: Duration, tx: &mut dyn FrameSink) {
+        let Some(&i) = self.by_peer.get(&peer) else { return };
+        self.nodes[i].connected = false;
+        let node = &self.nodes[i];
+        let who = node.describe();
+        let expected = self.phase == Phase::Ended
+            || (node.role == Role::Worker && node.done)
+            || (self.phase == Phase::Stopping && node.role == Role::Server);
+        if !expected {
+            self.abort(tx, format!("{who} disconnected: {reason}"));
+            return;
+        }
+        self.check_stopped(now);
+    }
+
+    fn check_stopped(&mut self, _now: Duration) {
+        if self.phase == Phase::Stopping && self.nodes.iter().all(|n| n.role != Role::Server || !n.connected) {
+            self.phase = Phase::Ended;
+            self.outcome = Some(Ok(format!("{} workers finished; {} servers stopped", self.expect_workers, self.expect_servers)));
+        }
+    }
+
+    /// Periodic check: heartbeats, registration and stopping deadlines.
+    pub fn on_tick(&mut self, now: Duration, tx: &mut dyn FrameSink) {
+        match self.phase {
+            Phase::Registering if now.saturating_sub(self.phase_since) > self.timeouts.registration => {
+                let reason = format!(
+                    "only {}/{} servers and {}/{} workers registered within {:?}",
+                    self.count(Role::Server),
+                    self.expect_servers,
+                    self.count(Role::Worker),
+                    self.expect_workers,
+                    self.timeouts.registration
+                );
+                self.abort(tx, reason);
+            }
+            Phase::Running | Phase::Registering => {
+                let silent = self.nodes.iter().find(|n| {
+                    n.connected && !n.done && now.saturating_sub(n.last_seen) > self.timeouts.heartbeat
+                });
+                if let Some(n) = silent {
+                    let reason = format!(
+                        "{} sent nothing for {:.1} s (heartbeat timeout {:.1} s): presumed dead",
+                        n.describe(),
+                        now.saturating_sub(n.last_seen).as_secs_f64(),
+                        self.timeouts.heartbeat.as_secs_f64()
+                    );
+                    self.abort(tx, reason);
+                }
+            }
+            Phase::Stopping if now.saturating_sub(self.phase_since) > self.timeouts.stopping => {
+                self.log.push("servers did not all disconnect in time after shutdown; ending anyway".into());
+                self.phase = Phase::Ended;
+                self.outcome = Some(Ok("workers finished; some servers did not confirm shutdown".into()));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyRange, TableSpec};
+    use crate::rules::RuleSpec;
+
+    #[derive(Default)]
+    struct Out(Vec<(PeerId, Vec<u8>)>);
+    impl FrameSink for Out {
+        fn frame(&mut self, peer: PeerId, len: usize) -> Result<&mut [u8], crate::transport::TxError> {
+            self.0.push((peer, vec![0; len]));
+            Ok(&mut self.0.last_mut().unwrap().1)
+        }
+    }
+    impl Out {
+        fn msgs(&mut self) -> Vec<(PeerId, Control)> {
+            self.0
+                .drain(..)
+                .map(|(p, f)| match wire::decode(&f, 1 << 20).unwrap() {
+                    Frame::Control(j) => (p, Control::from_json(j).unwrap()),
+                    _ => panic!(),
+                })
+                .collect()
+        }
+    }
+
+    fn job() -> JobSpec {
+        JobSpec {
+            tables: vec![TableSpec::dense(0, "w", KeyRange::new(0, 100), 1, RuleSpec::Sum)],
+            app: "check".into(),
+            params: serde_json::Value::Null,
+            limits: Default::default(),
+            partitions: 256,
+        }
+    }
+
+    fn p(i: u32) -> PeerId {
+        PeerId { index: i, generation: 0 }
+    }
+
+    fn reg(m: &mut ManagerCore, out: &mut Out, i: u32, role: Role, now: Duration) {
+        let msg = Control::Register { role, host: "127.0.0.1".into(), ports: vec![1000 + i as u16], pid: i };
+        let json = msg.to_json();
+        let mut f = vec![0u8; wire::control_len(json.len())];
+        wire::write_control(&mut f, &json);
+        m.on_frame(p(i), PeerHello { role: role as u8, node: i }, &f, now, out).unwrap();
+    }
+
+    fn ctl(m: &mut ManagerCore, out: &mut Out, i: u32, role: Role, msg: Control, now: Duration) -> Result<(), String> {
+        let json = msg.to_json();
+        let mut f = vec![0u8; wire::control_len(json.len())];
+        wire::write_control(&mut f, &json);
+        m.on_frame(p(i), PeerHello { role: role as u8, node: i }, &f, now, out)
+    }
+
+    #[test]
+    fn registration_barrier_and_orderly_shutdown() {
+        let mut m = ManagerCore::new(job(), 2, 2, ManagerTimeouts::default());
+        let mut out = Out::default();
+        let t = Duration::from_secs(1);
+        reg(&mut m, &mut out, 0, Role::Server, t);
+        reg(&mut m, &mut out, 1, Role::Worker, t);
+        reg(&mut m, &mut out, 2, Role::Server, t);
+        assert_eq!(m.phase(), Phase::Registering);
+        assert!(out.msgs().is_empty());
+        reg(&mut m, &mut out, 3, Role::Worker, t);
+        let welcomes = out.msgs();
+        assert_eq!(welcomes.len(), 4);
+        let ranks: Vec<_> = welcomes.iter().map(|(_, c)| match c { Control::Welcome { rank, view } => { assert_eq!(view.servers.len(), 2); *rank } _ => panic!() }).collect();
+        assert_eq!(ranks, vec![0, 0, 1, 1]);
+        // a fifth node is turned away
+        let mut late = Out::default();
+        let msg = Control::Register { role: Role::Worker, host: "h".into(), ports: vec![], pid: 9 };
+        let json = msg.to_json();
+        let mut f = vec![0u8; wire::control_len(json.len())];
+        wire::write_control(&mut f, &json);
+        assert!(m.on_frame(p(9), PeerHello { role: 3, node: 9 }, &f, t, &mut late).is_err());
+        // barrier releases only when both workers arrive
+        ctl(&mut m, &mut out, 1, Role::Worker, Control::Barrier { name: "b".into() }, t).unwrap();
+        assert!(out.msgs().is_empty());
+        ctl(&mut m, &mut out, 3, Role::Worker, Control::Barrier { name: "b".into() }, t).unwrap();
+        assert_eq!(out.msgs().len(), 2);
+        // done -> shutdown -> servers leave -> ended ok
+        ctl(&mut m, &mut out, 1, Role::Worker, Control::Done { ok: true, message: "ok".into() }, t).unwrap();
+        m.on_closed(p(1), "eof", t, &mut out);
+        assert_eq!(m.phase(), Phase::Running, "a finished worker may leave");
+        ctl(&mut m, &mut out, 3, Role::Worker, Control::Done { ok: true, message: "ok".into() }, t).unwrap();
+        assert_eq!(m.phase(), Phase::Stopping);
+        assert!(out.msgs().iter().any(|(_, c)| matches!(c, Control::Shutdown { .. })));
+        m.on_closed(p(0), "eof", t, &mut out);
+        m.on_closed(p(2), "eof", t, &mut out);
+        assert_eq!(m.phase(), Phase::Ended);
+        assert!(matches!(m.outcome(), Some(Ok(_))));
+    }
+
+    #[test]
+    fn a_silent_node_is_reported_and_the_job_aborted() {
+        let mut m = ManagerCore::new(job(), 1, 1, ManagerTimeouts::default());
+        let mut out = Out::default();
+        reg(&mut m, &mut out, 0, Role::Server, Duration::from_secs(0));
+        reg(&mut m, &mut out, 1, Role::Worker, Duration::from_secs(0));
+        out.msgs();
+        ctl(&mut m, &mut out, 1, Role::Worker, Control::Heartbeat, Duration::from_secs(4)).unwrap();
+        m.on_tick(Duration::from_secs(4), &mut out);
+        assert_eq!(m.phase(), Phase::Running);
+        m.on_tick(Duration::from_secs(6), &mut out);
+        assert_eq!(m.phase(), Phase::Ended);
+        let Some(Err(reason)) = m.outcome() else { panic!() };
+        assert!(reason.contains("server 0") && reason.contains("presumed dead"), "{reason}");
+        assert!(out.msgs().iter().any(|(peer, c)| *peer == p(1) && matches!(c, Control::Abort { .. })));
+    }
+
+    #[test]
+    fn a_node_that_disconnects_early_fails_the_job() {
+        let mut m = ManagerCore::new(job(), 1, 1, ManagerTimeouts::default());
+        let mut out = Out::default();
+        reg(&mut m, &mut out, 0, Role::Server, Duration::ZERO);
+        reg(&mut m, &mut out, 1, Role::Worker, Duration::ZERO);
+        m.on_closed(p(0), "connection reset", Duration::ZERO, &mut out);
+        let Some(Err(reason)) = m.outcome() else { panic!() };
+        assert!(reason.contains("server 0") && reason.contains("connection reset"), "{reason}");
+    }
+
+    #[test]
+    fn role_must_match_the_authenticated_one() {
+        let mut m = ManagerCore::new(job(), 1, 1, ManagerTimeouts::default());
+        let mut out = Out::default();
+        let r = ctl(&mut m, &mut out, 0, Role::Worker, Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: 1 }, Duration::ZERO);
+        assert!(r.unwrap_err().contains("authenticated as role 3"));
+    }
+}

@@ -1,0 +1,516 @@
+//! What one shard stores for one table: values in versioned slab blocks, optimizer
+//! state beside them, and (for sparse tables) the slot table that maps keys to
+//! where their values live.
+//!
+//! ## Addressing
+//! Values live in a *flat float space* of blocks: flat index `f` is float
+//! `f % BLOCK_FLOATS` of block `f / BLOCK_FLOATS`. A dense range of keys is a
+//! contiguous flat span. A sparse key gets a *slot*; with `dim <= BLOCK_FLOATS` a
+//! block holds `BLOCK_FLOATS / dim` whole slots (no slot straddles a block, so a
+//! one-sided READ of one block returns whole values), otherwise a slot starts on a
+//! block boundary and spans as many blocks as it needs.
+//!
+//! ## The sparse slot table
+//! Keys arrive sorted (the worker API requires it), so the slot table is a sorted
+//! key array walked in step with each batch: O(batch + probe) with sequential
+//! access, instead of a random hash probe per key. New keys get the next free
+//! slots and are merged into the sorted array in one pass per batch.
+//!
+//! Nothing here allocates per request once warmed up: scratch vectors are kept.
+
+use std::sync::Arc;
+
+use crate::kernels::Kernels;
+use crate::keys::{Key, KeyRange};
+use crate::rules::UpdateRule;
+use crate::slab::{Slab, BLOCK_FLOATS};
+
+/// Growable flat float space over slabs of versioned blocks.
+#[derive(Debug)]
+pub struct BlockStore {
+    slabs: Vec<Slab>,
+    blocks_per_slab: usize,
+}
+
+impl BlockStore {
+    /// A store whose first slab holds `floats` (dense tables: exactly their size).
+    pub fn with_floats(floats: usize, blocks_per_slab: usize) -> std::io::Result<Self> {
+        let need = floats.div_ceil(BLOCK_FLOATS).max(1);
+        let per = blocks_per_slab.max(need);
+        Ok(Self { slabs: vec![Slab::new(need)?], blocks_per_slab: per })
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.slabs.iter().map(|s| s.blocks()).sum()
+    }
+
+    pub fn slabs(&self) -> &[Slab] {
+        &self.slabs
+    }
+
+    /// Makes sure flat floats `0..floats` exist.
+    pub fn ensure_floats(&mut self, floats: usize) -> std::io::Result<()> {
+        while self.blocks() * BLOCK_FLOATS < floats {
+            self.slabs.push(Slab::new(self.blocks_per_slab)?);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn locate(&self, block: usize) -> (usize, usize) {
+        // the first slab may be smaller than the rest
+        let first = self.slabs[0].blocks();
+        if block < first {
+            (0, block)
+        } else {
+            let b = block - first;
+            (1 + b / self.blocks_per_slab, b % self.blocks_per_slab)
+        }
+    }
+
+    /// Calls `f(data, offset_in_span)` for each block-sized piece of flat span
+    /// `start..start+len`, each inside the block's write protocol.
+    #[inline]
+    pub fn update_span(&mut self, start: usize, len: usize, mut f: impl FnMut(&mut [f32], usize)) {
+        let mut done = 0;
+        while done < len {
+            let at = start + done;
+            let (block, pos) = (at / BLOCK_FLOATS, at % BLOCK_FLOATS);
+            let n = (BLOCK_FLOATS - pos).min(len - done);
+            let (s, b) = self.locate(block);
+            self.slabs[s].write(b, |d| f(&mut d[pos..pos + n], done));
+            done += n;
+        }
+    }
+
+    /// Copies flat span `start..start+out.len()` into `out`.
+    #[inline]
+    pub fn read_span(&self, start: usize, out: &mut [f32]) {
+        let mut done = 0;
+        while done < out.len() {
+            let at = start + done;
+            let (block, pos) = (at / BLOCK_FLOATS, at % BLOCK_FLOATS);
+            let n = (BLOCK_FLOATS - pos).min(out.len() - done);
+            let (s, b) = self.locate(block);
+            out[done..done + n].copy_from_slice(&self.slabs[s].data(b)[pos..pos + n]);
+            done += n;
+        }
+    }
+
+    /// Runs `f` on one whole block's data inside the write protocol.
+    #[inline]
+    fn write_block<R>(&mut self, block: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let (s, b) = self.locate(block);
+        self.slabs[s].write(b, f)
+    }
+}
+
+/// Why a shard refused part of a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("key {0} is not owned by this shard (stale ring?)")]
+    NotOwned(Key),
+    #[error("span of {len} floats at flat offset {start} is not inside one range this shard owns")]
+    SpanNotOwned { start: u64, len: u64 },
+    #[error("out of memory for slabs: {0}")]
+    Memory(String),
+    #[error("sparse table is full: {0} slots")]
+    Full(usize),
+}
+
+/// One shard's part of a dense table: its owned key ranges, contiguous in one slab.
+#[derive(Debug)]
+pub struct DenseStore {
+    table_begin: Key,
+    dim: usize,
+    /// (owned keys, flat float base in `values`), ascending
+    ranges: Vec<(KeyRange, usize)>,
+    values: BlockStore,
+    state: Vec<f32>,
+    rule: Arc<dyn UpdateRule>,
+}
+
+impl DenseStore {
+    pub fn new(table_keys: KeyRange, dim: u32, owned: &[KeyRange], rule: Arc<dyn UpdateRule>) -> std::io::Result<Self> {
+        let dim = dim as usize;
+        let mut ranges = Vec::with_capacity(owned.len());
+        let mut floats = 0usize;
+        for r in owned {
+            ranges.push((*r, floats));
+            floats += r.len() as usize * dim;
+        }
+        let k = rule.state_per_value();
+        Ok(Self {
+            table_begin: table_keys.begin,
+            dim,
+            ranges,
+            values: BlockStore::with_floats(floats, 0)?,
+            state: vec![rule.initial_state(); floats * k],
+            rule,
+        })
+    }
+
+    pub fn values(&self) -> &BlockStore {
+        &self.values
+    }
+
+    /// Maps a table-global flat float span to this shard's flat space.
+    fn local(&self, start: u64, len: u64) -> Result<usize, StoreError> {
+        let dim = self.dim as u64;
+        let key = self.table_begin.checked_add(start / dim).ok_or(StoreError::SpanNotOwned { start, len })?;
+        let i = self.ranges.partition_point(|(r, _)| r.end <= key);
+        let Some((r, base)) = self.ranges.get(i) else { return Err(StoreError::SpanNotOwned { start, len }) };
+        let r_first = (r.begin - self.table_begin) * dim;
+        let r_end = (r.end - self.table_begin) * dim;
+        if start < r_first || start.checked_add(len).is_none_or(|e| e > r_end) {
+            return Err(StoreError::SpanNotOwned { start, len });
+        }
+        Ok(base + (start - r_first) as usize)
+    }
+
+    /// Merges `vals` into table-global flat floats `start..start+vals.len()`.
+    pub fn push(&mut self, start: u64, vals: &[f32], k: &Kernels) -> Result<(), StoreError> {
+        let local = self.local(start, vals.len() as u64)?;
+        let spv = self.rule.state_per_value();
+        let (rule, state) = (&self.rule, &mut self.state);
+        self.values.update_span(local, vals.len(), |w, off| {
+            let g = &vals[off..off + w.len()];
+            let st = &mut state[(local + off) * spv..(local + off + w.len()) * spv];
+            rule.apply(w, st, g, k);
+        });
+        Ok(())
+    }
+
+    fn key_start(&self, key: Key) -> Result<u64, StoreError> {
+        let rel = key.checked_sub(self.table_begin).ok_or(StoreError::NotOwned(key))?;
+        let start = rel.checked_mul(self.dim as u64).ok_or(StoreError::NotOwned(key))?;
+        self.local(start, self.dim as u64).map_err(|_| StoreError::NotOwned(key))?;
+        Ok(start)
+    }
+
+    /// Checks that a span is owned here (what `pull` would check), without reading.
+    pub fn check_span(&self, start: u64, len: u64) -> Result<(), StoreError> {
+        self.local(start, len).map(|_| ())
+    }
+
+    /// Checks that every key is owned here.
+    pub fn check_keys(&self, keys: &[Key]) -> Result<(), StoreError> {
+        keys.iter().try_for_each(|&k| self.key_start(k).map(|_| ()))
+    }
+
+    /// Merges `dim` floats per key for a key list (all keys checked before any change).
+    pub fn push_keys(&mut self, keys: &[Key], vals: &[f32], k: &Kernels) -> Result<(), StoreError> {
+        for &key in keys {
+            self.key_start(key)?;
+        }
+        for (i, &key) in keys.iter().enumerate() {
+            let start = self.key_start(key)?;
+            self.push(start, &vals[i * self.dim..(i + 1) * self.dim], k)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `dim` floats per key for a key list.
+    pub fn pull_keys(&self, keys: &[Key], out: &mut [f32]) -> Result<(), StoreError> {
+        for (i, &key) in keys.iter().enumerate() {
+            let start = self.key_start(key)?;
+            self.pull(start, &mut out[i * self.dim..(i + 1) * self.dim])?;
+        }
+        Ok(())
+    }
+
+    /// Reads table-global flat floats `start..start+out.len()`.
+    pub fn pull(&self, start: u64, out: &mut [f32]) -> Result<(), StoreError> {
+        let local = self.local(start, out.len() as u64)?;
+        self.values.read_span(local, out);
+        Ok(())
+    }
+}
+
+/// One shard's part of a sparse table.
+#[derive(Debug)]
+pub struct SparseStore {
+    dim: usize,
+    owned: Vec<KeyRange>,
+    keys: Vec<Key>,
+    slots: Vec<u32>,
+    next_slot: u32,
+    values: BlockStore,
+    state: Vec<f32>,
+    rule: Arc<dyn UpdateRule>,
+    // scratch, reused across requests
+    batch_slots: Vec<u32>,
+    new_keys: Vec<(Key, u32)>,
+    merged_keys: Vec<Key>,
+    merged_slots: Vec<u32>,
+    local_idx: Vec<u32>,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+impl SparseStore {
+    pub fn new(dim: u32, owned: Vec<KeyRange>, rule: Arc<dyn UpdateRule>, blocks_per_slab: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            dim: dim as usize,
+            owned,
+            keys: Vec::new(),
+            slots: Vec::new(),
+            next_slot: 0,
+            values: BlockStore::with_floats(0, blocks_per_slab)?,
+            state: Vec::new(),
+            rule,
+            batch_slots: Vec::new(),
+            new_keys: Vec::new(),
+            merged_keys: Vec::new(),
+            merged_slots: Vec::new(),
+            local_idx: Vec::new(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn values(&self) -> &BlockStore {
+        &self.values
+    }
+
+    fn slots_per_block(&self) -> usize {
+        (BLOCK_FLOATS / self.dim).max(1)
+    }
+
+    /// Flat float index of slot `s`.
+    #[inline]
+    fn slot_base(&self, s: u32) -> usize {
+        let s = s as usize;
+        if self.dim <= BLOCK_FLOATS {
+            let spb = BLOCK_FLOATS / self.dim;
+            (s / spb) * BLOCK_FLOATS + (s % spb) * self.dim
+        } else {
+            s * self.dim.div_ceil(BLOCK_FLOATS) * BLOCK_FLOATS
+        }
+    }
+
+    /// Checks that sorted `keys` all lie in owned ranges (one merge walk).
+    pub fn check_keys(&self, keys: &[Key]) -> Result<(), StoreError> {
+        self.check_owned(keys)
+    }
+
+    fn check_owned(&self, keys: &[Key]) -> Result<(), StoreError> {
+        let mut r = 0;
+        for &k in keys {
+            while r < self.owned.len() && self.owned[r].end <= k {
+                r += 1;
+            }
+            if r == self.owned.len() || !self.owned[r].contains(k) {
+                return Err(StoreError::NotOwned(k));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `batch_slots` with the slot of each key (NO_SLOT if absent), by
+    /// walking the sorted batch against the sorted table with galloping search.
+    fn lookup(&mut self, batch: &[Key]) {
+        self.batch_slots.clear();
+        let mut lo = 0usize;
+        for &k in batch {
+            // gallop from lo
+            let mut step = 1;
+            let mut hi = lo;
+            while hi < self.keys.len() && self.keys[hi] < k {
+                lo = hi + 1;
+                hi += step;
+                step *= 2;
+            }
+            let hi = hi.min(self.keys.len());
+            lo += self.keys[lo..hi].partition_point(|&x| x < k);
+            if lo < self.keys.len() && self.keys[lo] == k {
+                self.batch_slots.push(self.slots[lo]);
+            } else {
+                self.batch_slots.push(NO_SLOT);
+            }
+        }
+    }
+
+    /// Gives every absent key of the batch a new slot and merges them into the table.
+    fn insert_missing(&mut self, batch: &[Key]) -> Result<(), StoreError> {
+        self.new_keys.clear();
+        for (i, s) in self.batch_slots.iter_mut().enumerate() {
+            if *s == NO_SLOT {
+                if self.next_slot == NO_SLOT {
+                    return Err(StoreError::Full(self.keys.len()));
+                }
+                *s = self.next_slot;
+                self.new_keys.push((batch[i], self.next_slot));
+                self.next_slot += 1;
+            }
+        }
+        if self.new_keys.is_empty() {
+            return Ok(());
+        }
+        let floats = self.slot_base(self.next_slot - 1) + self.dim;
+        self.values.ensure_floats(floats).map_err(|e| StoreError::Memory(e.to_string()))?;
+        let spv = self.rule.state_per_value();
+        self.state.resize(self.next_slot as usize * self.dim * spv, self.rule.initial_state());
+        // one merge pass
+        self.merged_keys.clear();
+        self.merged_slots.clear();
+        let (mut a, mut b) = (0, 0);
+        while a < self.keys.len() || b < self.new_keys.len() {
+            if b == self.new_keys.len() || (a < self.keys.len() && self.keys[a] < self.new_keys[b].0) {
+                self.merged_keys.push(self.keys[a]);
+                self.merged_slots.push(self.slots[a]);
+                a += 1;
+            } else {
+                self.merged_keys.push(self.new_keys[b].0);
+                self.merged_slots.push(self.new_keys[b].1);
+                b += 1;
+            }
+        }
+        std::mem::swap(&mut self.keys, &mut self.merged_keys);
+        std::mem::swap(&mut self.slots, &mut self.merged_slots);
+        Ok(())
+    }
+
+    /// Merges `vals` (dim floats per key) for strictly ascending `batch` keys.
+    pub fn push(&mut self, batch: &[Key], vals: &[f32], k: &Kernels) -> Result<(), StoreError> {
+        debug_assert_eq!(batch.len() * self.dim, vals.len());
+        self.check_owned(batch)?;
+        self.lookup(batch);
+        self.insert_missing(batch)?;
+        let dim = self.dim;
+        if self.rule.is_sum() && dim <= BLOCK_FLOATS {
+            // runs of keys whose slots share a block: one write protocol, one kernel call
+            let spb = self.slots_per_block();
+            let mut i = 0;
+            while i < batch.len() {
+                let block = self.batch_slots[i] as usize / spb;
+                let mut j = i + 1;
+                while j < batch.len() && self.batch_slots[j] as usize / spb == block {
+                    j += 1;
+                }
+                self.local_idx.clear();
+                self.local_idx.extend(self.batch_slots[i..j].iter().map(|s| s % spb as u32));
+                let (idx, v) = (&self.local_idx, &vals[i * dim..j * dim]);
+                self.values.write_block(block, |d| (k.scatter_add)(&mut d[..spb * dim], idx, v, dim));
+                i = j;
+            }
+            return Ok(());
+        }
+        let spv = self.rule.state_per_value();
+        for (i, &s) in self.batch_slots.iter().enumerate() {
+            let base = self.slot_base(s);
+            let g = &vals[i * dim..(i + 1) * dim];
+            let st_base = s as usize * dim * spv;
+            let (rule, state) = (&self.rule, &mut self.state);
+            self.values.update_span(base, dim, |w, off| {
+                let st = &mut state[st_base + off * spv..st_base + (off + w.len()) * spv];
+                rule.apply(w, st, &g[off..off + w.len()], k);
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `dim` floats per key into `out`; keys never pushed read as zeros.
+    pub fn pull(&mut self, batch: &[Key], out: &mut [f32]) -> Result<(), StoreError> {
+        debug_assert_eq!(batch.len() * self.dim, out.len());
+        self.check_owned(batch)?;
+        self.lookup(batch);
+        let dim = self.dim;
+        for (i, &s) in self.batch_slots.iter().enumerate() {
+            let o = &mut out[i * dim..(i + 1) * dim];
+            if s == NO_SLOT {
+                o.fill(0.0);
+            } else {
+                self.values.read_span(self.slot_base(s), o);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{RuleRegistry, RuleSpec};
+    use crate::rng::SplitMix64;
+
+    fn rule(spec: RuleSpec) -> Arc<dyn UpdateRule> {
+        RuleRegistry::default().build(&spec).unwrap()
+    }
+
+    #[test]
+    fn dense_push_and_pull_across_blocks_and_ranges() {
+        let table = KeyRange::new(100, 10_100);
+        let owned = [KeyRange::new(100, 2_100), KeyRange::new(5_000, 7_000)];
+        let mut d = DenseStore::new(table, 3, &owned, rule(RuleSpec::Sum)).unwrap();
+        let k = Kernels::best();
+        let start = (5_000 - 100) * 3 + 1; // mid-key, crosses many blocks
+        let vals: Vec<f32> = (0..4000).map(|i| i as f32).collect();
+        d.push(start, &vals, k).unwrap();
+        d.push(start, &vals, k).unwrap();
+        let mut out = vec![0.0; 4000];
+        d.pull(start, &mut out).unwrap();
+        assert!(out.iter().enumerate().all(|(i, v)| *v == 2.0 * i as f32));
+        // spans that leave an owned range are refused, not clipped
+        assert!(d.push((2_100 - 100) * 3 - 1, &[1.0, 1.0], k).is_err());
+        assert!(d.push(u64::MAX - 1, &[1.0], k).is_err());
+        for b in 0..d.values().blocks() {
+            let (s, bb) = d.values().locate(b);
+            assert_eq!(d.values().slabs()[s].version(bb) % 2, 0);
+        }
+    }
+
+    #[test]
+    fn sparse_matches_a_reference_map_for_every_rule_and_dim() {
+        let k = Kernels::best();
+        for spec in [RuleSpec::Sum, RuleSpec::Sgd { lr: 0.5 }, RuleSpec::Assign] {
+            for dim in [1u32, 3, 8, 1020, 1500] {
+                let mut rng = SplitMix64::new(dim as u64);
+                let mut s = SparseStore::new(dim, vec![KeyRange::FULL], rule(spec.clone()), 4).unwrap();
+                let mut reference = std::collections::BTreeMap::<u64, Vec<f32>>::new();
+                for _round in 0..6 {
+                    let mut keys: Vec<u64> = (0..200).map(|_| rng.below(1000) * 7919).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    let vals: Vec<f32> =
+                        (0..keys.len() * dim as usize).map(|_| rng.below(17) as f32 - 8.0).collect();
+                    s.push(&keys, &vals, k).unwrap();
+                    for (i, key) in keys.iter().enumerate() {
+                        let e = reference.entry(*key).or_insert_with(|| vec![0.0; dim as usize]);
+                        for (j, w) in e.iter_mut().enumerate() {
+                            let g = vals[i * dim as usize + j];
+                            *w = match spec {
+                                RuleSpec::Sum => *w + g,
+                                RuleSpec::Sgd { lr } => *w - lr * g,
+                                _ => g,
+                            };
+                        }
+                    }
+                }
+                let mut keys: Vec<u64> = reference.keys().copied().collect();
+                keys.push(3); // never pushed: reads zero
+                keys.sort_unstable();
+                let mut out = vec![1.0; keys.len() * dim as usize];
+                s.pull(&keys, &mut out).unwrap();
+                for (i, key) in keys.iter().enumerate() {
+                    let want = reference.get(key).cloned().unwrap_or(vec![0.0; dim as usize]);
+                    assert_eq!(&out[i * dim as usize..(i + 1) * dim as usize], &want[..], "{spec:?} dim {dim} key {key}");
+                }
+                assert_eq!(s.len(), reference.len());
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_refuses_keys_it_does_not_own() {
+        let mut s = SparseStore::new(1, vec![KeyRange::new(10, 20)], rule(RuleSpec::Sum), 4).unwrap();
+        assert_eq!(s.push(&[10, 25], &[1.0, 1.0], Kernels::best()), Err(StoreError::NotOwned(25)));
+        assert!(s.is_empty(), "a refused batch changes nothing");
+    }
+}

@@ -1,0 +1,124 @@
+//! The transport trait: the one seam between the protocol and the network.
+//!
+//! Small and batched, after eRPC's `Transport` (tx_burst / rx_burst): a burst of
+//! received frames comes out of [`Transport::rx_burst`] in reused buffers, frames
+//! are written straight into the transport's send queues by [`FrameSink::frame`]
+//! and go out together on [`Transport::flush`] (one syscall or one doorbell per
+//! peer per burst). Implementations: `ps-tcp-fallback` (TCP), `ps-rdma` (verbs,
+//! the next issue) and [`crate::sim`] (in memory, seeded, for tests).
+//!
+//! One-sided operations fit beside it: a transport that can read a server's slabs
+//! directly offers [`RemoteMemory`]; the worker asks for it once and uses READs
+//! for pulls where it is there, and pull frames where it is not. A push is a frame
+//! either way: over RDMA it is written with WRITE_WITH_IMM into a mailbox ring and
+//! surfaces on the shard as a received frame, so the shard code does not change.
+
+use std::time::Duration;
+
+/// A connection, as the transport that owns it numbers it. Reused after close only
+/// with a new generation, so a stale id never reaches a new peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// Who a peer said it was in its (verified) handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerHello {
+    pub role: u8,
+    pub node: u32,
+}
+
+/// Something that happened to a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// A peer connected and passed the handshake.
+    Opened { peer: PeerId, hello: PeerHello },
+    /// A connection ended; `reason` says why (peer closed, bad frame, failed handshake...).
+    Closed { peer: PeerId, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    /// The peer's send queue is full: flush, handle received frames, try again.
+    #[error("send queue of {0:?} is full")]
+    Full(PeerId),
+    #[error("no open connection {0:?}")]
+    Closed(PeerId),
+    #[error("frame of {len} bytes is above the bound of {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// Where encoded frames go. The shard, worker and manager state machines only
+/// ever see this, never a socket.
+pub trait FrameSink {
+    /// Space for one whole frame of `len` bytes to `peer`, queued for sending as
+    /// soon as the returned slice is filled (the caller must fill all of it).
+    fn frame(&mut self, peer: PeerId, len: usize) -> Result<&mut [u8], TxError>;
+}
+
+/// A received frame in a buffer the transport lends out.
+pub trait RxFrame {
+    fn peer(&self) -> PeerId;
+    /// The whole frame, prefix included, 8-byte aligned.
+    fn bytes(&self) -> &[u8];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("{0}")]
+    Io(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// A batched, message-oriented transport.
+pub trait Transport: FrameSink {
+    type Rx: RxFrame;
+
+    /// Appends received frames to `out`, waiting up to `timeout` if none is ready.
+    /// Frames from one peer come in the order it sent them.
+    fn rx_burst(&mut self, out: &mut Vec<Self::Rx>, timeout: Option<Duration>) -> Result<(), TransportError>;
+
+    /// Gives a received buffer back for reuse.
+    fn release(&mut self, rx: Self::Rx);
+
+    /// Sends what is queued, as far as the network takes it now.
+    fn flush(&mut self) -> Result<(), TransportError>;
+
+    /// Moves connection events (opened, closed with reason) into `out`.
+    fn events(&mut self, out: &mut Vec<PeerEvent>);
+
+    /// Drops a connection, saying why (logged, and reported as `Closed`).
+    fn close(&mut self, peer: PeerId, reason: &str);
+
+    /// Frames queued but not yet sent, to `peer`.
+    fn tx_pending_bytes(&self, peer: PeerId) -> usize;
+
+    /// One-sided access to peers' registered memory, where the transport has it.
+    fn remote_memory(&mut self) -> Option<&mut dyn RemoteMemory> {
+        None
+    }
+}
+
+/// A region of a peer's memory that this node may READ or WRITE one-sidedly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteRegion {
+    pub peer: PeerId,
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+}
+
+/// One-sided operations (RDMA READ / WRITE). Offered by transports that can; the
+/// TCP transport does not, and callers fall back to request/response frames.
+pub trait RemoteMemory {
+    /// Starts reading `len` bytes at `offset` of `region` into memory the transport
+    /// owns and has registered. Ownership contract: that landing buffer belongs to
+    /// the device until the read completes; the caller sees it only inside
+    /// `poll_reads`, after completion.
+    fn post_read(&mut self, region: RemoteRegion, offset: u64, len: usize, token: u64) -> Result<(), TransportError>;
+    /// Calls `done(token, bytes)` for every read completed since the last call.
+    fn poll_reads(&mut self, done: &mut dyn FnMut(u64, &[u8])) -> Result<(), TransportError>;
+}

@@ -1,0 +1,455 @@
+//! The wire format: versioned, length-prefixed binary frames, little-endian.
+//!
+//! ```text
+//! prefix (8 bytes, every frame)
+//!   0 u32 body_len   bytes after the prefix; a multiple of 8; checked against a bound
+//!   4 u8  version    WIRE_VERSION
+//!   5 u8  kind       see `Kind`
+//!   6 u16 flags      bit 0: dense (data frames)
+//! data frames (push, pull, push-pull, ack, pull-response, error): 32 more bytes
+//!   8 u32 table    12 u32 sub (chunk number within the request)
+//!  16 u64 ts (the worker's timestamp)
+//!  24 u64 a        dense: first flat float (key offset * dim + j); sparse: number of keys
+//!  32 u64 b        number of f32 values in the payload
+//!  40 payload      sparse: a x u64 keys, then b x f32 values; dense: b x f32 values
+//!     padding      zeros up to a multiple of 8
+//! ```
+//! Every frame is a multiple of 8 bytes and starts 8-aligned in a receive buffer,
+//! so keys (at offset 40) are 8-aligned and values 4-aligned: the decoder hands
+//! out slices of the receive buffer, with no copy.
+//!
+//! [`decode`] checks the version, the kind, every count against the bytes present
+//! (with overflow-checked arithmetic), and never panics on any input (a property
+//! test feeds it random bytes).
+
+use crate::limits::{CONTROL_BYTES_MAX, HANDSHAKE_FRAME_BYTES_MAX};
+
+pub const WIRE_VERSION: u8 = 1;
+pub const PREFIX_BYTES: usize = 8;
+pub const DATA_HEADER_BYTES: usize = 40;
+pub const NONCE_BYTES: usize = 32;
+pub const MAC_BYTES: usize = 32;
+pub const FLAG_DENSE: u16 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// server -> client: a fresh nonce to prove knowledge of the job secret against
+    Challenge = 1,
+    /// client -> server: who I am, my nonce, and the MAC over both nonces
+    Hello = 2,
+    /// server -> client: the server's MAC, so the client knows the server is in the job too
+    Welcome = 3,
+    Push = 10,
+    Pull = 11,
+    PushPull = 12,
+    Ack = 13,
+    PullResp = 14,
+    Error = 15,
+    /// a JSON control message (manager traffic)
+    Control = 20,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Challenge,
+            2 => Kind::Hello,
+            3 => Kind::Welcome,
+            10 => Kind::Push,
+            11 => Kind::Pull,
+            12 => Kind::PushPull,
+            13 => Kind::Ack,
+            14 => Kind::PullResp,
+            15 => Kind::Error,
+            20 => Kind::Control,
+            _ => return None,
+        })
+    }
+
+    pub fn is_data(self) -> bool {
+        matches!(self, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Ack | Kind::PullResp | Kind::Error)
+    }
+}
+
+/// Why a frame was refused. The connection that sent it is dropped with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("wire version {0}, this node speaks {WIRE_VERSION}: mixed builds in one job?")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame body of {len} bytes is above the bound of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("frame body of {0} bytes is not a multiple of 8")]
+    Unaligned(usize),
+    #[error("{kind:?} frame is {len} bytes; its header says it needs {need}")]
+    Short { kind: Kind, len: usize, need: usize },
+    #[error("{kind:?} frame carries {extra} bytes beyond its payload and padding")]
+    Trailing { kind: Kind, extra: usize },
+    #[error("counts overflow: {0}")]
+    Overflow(&'static str),
+    #[error("{0:?} frame is not allowed here")]
+    Unexpected(Kind),
+    #[error("control message is not valid: {0}")]
+    Control(String),
+}
+
+/// The 8-byte prefix, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub kind: Kind,
+    pub flags: u16,
+    /// whole frame, prefix included
+    pub frame_len: usize,
+}
+
+/// Parses and bounds-checks a prefix. `body_max` is the bound for this connection
+/// (tiny before the handshake, `frame_bytes_max` after).
+pub fn parse_prefix(p: &[u8; 8], body_max: usize) -> Result<Prefix, WireError> {
+    let body = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+    if p[4] != WIRE_VERSION {
+        return Err(WireError::Version(p[4]));
+    }
+    let kind = Kind::from_u8(p[5]).ok_or(WireError::UnknownKind(p[5]))?;
+    if body > body_max {
+        return Err(WireError::TooLong { len: body, max: body_max });
+    }
+    if body % 8 != 0 {
+        return Err(WireError::Unaligned(body));
+    }
+    Ok(Prefix { kind, flags: u16::from_le_bytes([p[6], p[7]]), frame_len: PREFIX_BYTES + body })
+}
+
+/// Total bytes of a frame whose content after the prefix is `content` bytes.
+pub fn padded_len(content: usize) -> usize {
+    PREFIX_BYTES + content.div_ceil(8) * 8
+}
+
+fn write_prefix(buf: &mut [u8], kind: Kind, flags: u16) {
+    let body = (buf.len() - PREFIX_BYTES) as u32;
+    buf[..4].copy_from_slice(&body.to_le_bytes());
+    buf[4] = WIRE_VERSION;
+    buf[5] = kind as u8;
+    buf[6..8].copy_from_slice(&flags.to_le_bytes());
+}
+
+/// The fixed header of a data frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeader {
+    pub kind: Kind,
+    pub dense: bool,
+    pub table: u32,
+    pub sub: u32,
+    pub ts: u64,
+    pub a: u64,
+    pub b: u64,
+}
+
+impl DataHeader {
+    /// Bytes of the frame this header describes (payload implied by kind, a, b).
+    pub fn frame_len(&self) -> Option<usize> {
+        Some(padded_len(DATA_HEADER_BYTES - PREFIX_BYTES + self.payload_len()?))
+    }
+
+    /// (key bytes, value bytes) of the payload.
+    fn payload_parts(&self) -> Option<(usize, usize)> {
+        let keys = if self.dense { 0 } else { usize::try_from(self.a).ok()?.checked_mul(8)? };
+        let vals = usize::try_from(self.b).ok()?.checked_mul(4)?;
+        Some(match self.kind {
+            Kind::Push | Kind::PushPull => (keys, vals),
+            Kind::Pull => (keys, 0),
+            Kind::PullResp => (0, vals),
+            Kind::Ack => (0, 0),
+            // error frames carry their message bytes as "values": b is the byte count / 4 rounded up
+            _ => (0, 0),
+        })
+    }
+
+    fn payload_len(&self) -> Option<usize> {
+        let (k, v) = self.payload_parts()?;
+        k.checked_add(v)
+    }
+
+    /// Writes prefix and header into `buf[..DATA_HEADER_BYTES]`; `buf` is the whole frame.
+    pub fn write(&self, buf: &mut [u8]) {
+        write_prefix(buf, self.kind, if self.dense { FLAG_DENSE } else { 0 });
+        buf[8..12].copy_from_slice(&self.table.to_le_bytes());
+        buf[12..16].copy_from_slice(&self.sub.to_le_bytes());
+        buf[16..24].copy_from_slice(&self.ts.to_le_bytes());
+        buf[24..32].copy_from_slice(&self.a.to_le_bytes());
+        buf[32..40].copy_from_slice(&self.b.to_le_bytes());
+    }
+}
+
+/// A decoded frame, borrowing its payload from the receive buffer.
+#[derive(Debug, PartialEq)]
+pub enum Frame<'a> {
+    Challenge { nonce: &'a [u8; NONCE_BYTES] },
+    Hello { role: u8, node: u32, nonce: &'a [u8; NONCE_BYTES], mac: &'a [u8; MAC_BYTES] },
+    Welcome { mac: &'a [u8; MAC_BYTES] },
+    /// keys: little-endian u64s; vals: little-endian f32s
+    Data { h: DataHeader, keys: &'a [u8], vals: &'a [u8] },
+    Error { h: DataHeader, message: &'a str },
+    Control(&'a [u8]),
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes one whole frame (prefix included). Never panics.
+pub fn decode(frame: &[u8], body_max: usize) -> Result<Frame<'_>, WireError> {
+    if frame.len() < PREFIX_BYTES {
+        return Err(WireError::Short { kind: Kind::Control, len: frame.len(), need: PREFIX_BYTES });
+    }
+    let p = parse_prefix(frame[..8].try_into().expect("8 bytes"), body_max)?;
+    if p.frame_len != frame.len() {
+        return Err(WireError::Short { kind: p.kind, len: frame.len(), need: p.frame_len });
+    }
+    let need = |n: usize| {
+        if frame.len() < n {
+            Err(WireError::Short { kind: p.kind, len: frame.len(), need: n })
+        } else {
+            Ok(())
+        }
+    };
+    match p.kind {
+        Kind::Challenge => {
+            need(8 + NONCE_BYTES)?;
+            Ok(Frame::Challenge { nonce: frame[8..40].try_into().expect("32") })
+        }
+        Kind::Hello => {
+            need(16 + NONCE_BYTES + MAC_BYTES)?;
+            Ok(Frame::Hello {
+                role: frame[8],
+                node: u32_at(frame, 12),
+                nonce: frame[16..48].try_into().expect("32"),
+                mac: frame[48..80].try_into().expect("32"),
+            })
+        }
+        Kind::Welcome => {
+            need(8 + MAC_BYTES)?;
+            Ok(Frame::Welcome { mac: frame[8..40].try_into().expect("32") })
+        }
+        Kind::Control => {
+            need(16)?;
+            let n = u64_at(frame, 8);
+            let n = usize::try_from(n).map_err(|_| WireError::Overflow("control length"))?;
+            if n > CONTROL_BYTES_MAX {
+                return Err(WireError::TooLong { len: n, max: CONTROL_BYTES_MAX });
+            }
+            let end = 16usize.checked_add(n).ok_or(WireError::Overflow("control length"))?;
+            need(end)?;
+            if padded_len(end - 8) != frame.len() {
+                return Err(WireError::Trailing { kind: p.kind, extra: frame.len() - padded_len(end - 8) });
+            }
+            Ok(Frame::Control(&frame[16..end]))
+        }
+        kind => {
+            need(DATA_HEADER_BYTES)?;
+            let h = DataHeader {
+                kind,
+                dense: p.flags & FLAG_DENSE != 0,
+                table: u32_at(frame, 8),
+                sub: u32_at(frame, 12),
+                ts: u64_at(frame, 16),
+                a: u64_at(frame, 24),
+                b: u64_at(frame, 32),
+            };
+            if kind == Kind::Error {
+                let n = usize::try_from(h.b).map_err(|_| WireError::Overflow("error length"))?;
+                let end = DATA_HEADER_BYTES.checked_add(n).ok_or(WireError::Overflow("error length"))?;
+                need(end)?;
+                let message = std::str::from_utf8(&frame[DATA_HEADER_BYTES..end]).unwrap_or("(not utf-8)");
+                return Ok(Frame::Error { h, message });
+            }
+            let (kb, vb) = h.payload_parts().ok_or(WireError::Overflow("payload counts"))?;
+            let end = DATA_HEADER_BYTES
+                .checked_add(kb)
+                .and_then(|x| x.checked_add(vb))
+                .ok_or(WireError::Overflow("payload counts"))?;
+            need(end)?;
+            let padded = padded_len(end - PREFIX_BYTES);
+            if padded != frame.len() {
+                return Err(WireError::Trailing { kind, extra: frame.len().saturating_sub(padded) });
+            }
+            let keys = &frame[DATA_HEADER_BYTES..DATA_HEADER_BYTES + kb];
+            let vals = &frame[DATA_HEADER_BYTES + kb..end];
+            Ok(Frame::Data { h, keys, vals })
+        }
+    }
+}
+
+/// Builds handshake and control frames (small; allocation is fine off the data path).
+pub fn encode_challenge(nonce: &[u8; NONCE_BYTES]) -> Vec<u8> {
+    let mut f = vec![0u8; padded_len(NONCE_BYTES)];
+    write_prefix(&mut f, Kind::Challenge, 0);
+    f[8..40].copy_from_slice(nonce);
+    f
+}
+
+pub fn encode_hello(role: u8, node: u32, nonce: &[u8; NONCE_BYTES], mac: &[u8; MAC_BYTES]) -> Vec<u8> {
+    let mut f = vec![0u8; padded_len(8 + NONCE_BYTES + MAC_BYTES)];
+    write_prefix(&mut f, Kind::Hello, 0);
+    f[8] = role;
+    f[12..16].copy_from_slice(&node.to_le_bytes());
+    f[16..48].copy_from_slice(nonce);
+    f[48..80].copy_from_slice(mac);
+    f
+}
+
+pub fn encode_welcome(mac: &[u8; MAC_BYTES]) -> Vec<u8> {
+    let mut f = vec![0u8; padded_len(MAC_BYTES)];
+    write_prefix(&mut f, Kind::Welcome, 0);
+    f[8..40].copy_from_slice(mac);
+    f
+}
+
+/// Frame length of a control message with `n` JSON bytes.
+pub fn control_len(n: usize) -> usize {
+    padded_len(8 + n)
+}
+
+/// Writes a control frame around `json` into `buf` (exactly `control_len(json.len())`).
+pub fn write_control(buf: &mut [u8], json: &[u8]) {
+    buf.fill(0);
+    write_prefix(buf, Kind::Control, 0);
+    buf[8..16].copy_from_slice(&(json.len() as u64).to_le_bytes());
+    buf[16..16 + json.len()].copy_from_slice(json);
+}
+
+/// Frame length of an error frame carrying `msg`.
+pub fn error_len(msg: &str) -> usize {
+    padded_len(DATA_HEADER_BYTES - PREFIX_BYTES + msg.len())
+}
+
+/// Writes an error frame (answering request `h`) into `buf` (exactly `error_len(msg)`).
+pub fn write_error(buf: &mut [u8], h: &DataHeader, msg: &str) {
+    buf.fill(0);
+    let e = DataHeader { kind: Kind::Error, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: 0, b: msg.len() as u64 };
+    e.write(buf);
+    buf[DATA_HEADER_BYTES..DATA_HEADER_BYTES + msg.len()].copy_from_slice(msg.as_bytes());
+}
+
+/// Views little-endian u64 payload bytes as keys: no copy when aligned (always,
+/// for frames in this crate's receive buffers), else a copy into `scratch`.
+pub fn keys_of<'a>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> &'a [u64] {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(k) => k,
+        Err(_) => {
+            scratch.clear();
+            scratch.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))));
+            scratch
+        }
+    }
+}
+
+/// Views little-endian f32 payload bytes as values (see [`keys_of`]).
+pub fn vals_of<'a>(bytes: &'a [u8], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            scratch.clear();
+            scratch.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))));
+            scratch
+        }
+    }
+}
+
+/// Copies little-endian f32 bytes into `dst` (whatever the alignment of `src`).
+pub fn copy_vals(dst: &mut [f32], src: &[u8]) {
+    bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(src);
+}
+
+/// The handshake frames are tiny; this is the bound to use before authentication.
+pub const HANDSHAKE_BODY_MAX: usize = HANDSHAKE_FRAME_BYTES_MAX - PREFIX_BYTES;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(h: DataHeader, keys: &[u64], vals: &[f32]) -> Vec<u8> {
+        let mut f = vec![0u8; h.frame_len().unwrap()];
+        h.write(&mut f);
+        let kb: &[u8] = bytemuck::cast_slice(keys);
+        f[40..40 + kb.len()].copy_from_slice(kb);
+        let vb: &[u8] = bytemuck::cast_slice(vals);
+        f[40 + kb.len()..40 + kb.len() + vb.len()].copy_from_slice(vb);
+        f
+    }
+
+    #[test]
+    fn data_round_trip() {
+        let h = DataHeader { kind: Kind::Push, dense: false, table: 3, sub: 1, ts: 99, a: 2, b: 3 };
+        let f = data(h, &[5, 9], &[1.0, 2.0, 3.0]);
+        assert_eq!(f.len() % 8, 0);
+        match decode(&f, 1 << 20).unwrap() {
+            Frame::Data { h: h2, keys, vals } => {
+                assert_eq!(h2, h);
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                assert_eq!(keys_of(keys, &mut ks), &[5, 9]);
+                assert_eq!(vals_of(vals, &mut vs), &[1.0, 2.0, 3.0]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_and_error_round_trip() {
+        let json = br#"{"hello":1}"#;
+        let mut f = vec![0u8; control_len(json.len())];
+        write_control(&mut f, json);
+        assert_eq!(decode(&f, 1 << 20).unwrap(), Frame::Control(json));
+        let h = DataHeader { kind: Kind::Pull, dense: true, table: 1, sub: 0, ts: 7, a: 0, b: 0 };
+        let mut e = vec![0u8; error_len("no such table")];
+        write_error(&mut e, &h, "no such table");
+        match decode(&e, 1 << 20).unwrap() {
+            Frame::Error { h, message } => {
+                assert_eq!((h.ts, message), (7, "no such table"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lies_about_lengths_are_refused() {
+        let h = DataHeader { kind: Kind::Push, dense: false, table: 0, sub: 0, ts: 0, a: 2, b: 2 };
+        let mut f = data(h, &[1, 2], &[1.0, 2.0]);
+        // claim more keys than present
+        f[24..32].copy_from_slice(&1000u64.to_le_bytes());
+        assert!(matches!(decode(&f, 1 << 20), Err(WireError::Short { .. })));
+        // counts that overflow
+        f[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(decode(&f, 1 << 20), Err(WireError::Overflow(_))));
+        // prefix above the bound
+        assert!(matches!(parse_prefix(&[0, 0, 0, 1, 1, 10, 0, 0], 1 << 20), Err(WireError::TooLong { .. })));
+        assert!(matches!(parse_prefix(&[8, 0, 0, 0, 2, 10, 0, 0], 1 << 20), Err(WireError::Version(2))));
+        assert!(matches!(parse_prefix(&[3, 0, 0, 0, 1, 10, 0, 0], 1 << 20), Err(WireError::Unaligned(3))));
+        assert!(matches!(parse_prefix(&[8, 0, 0, 0, 1, 99, 0, 0], 1 << 20), Err(WireError::UnknownKind(99))));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes, 1 << 20);
+        }
+
+        #[test]
+        fn decode_never_panics_on_valid_prefixes(kind in prop::sample::select(vec![1u8,2,3,10,11,12,13,14,15,20]),
+                                                 flags in any::<u16>(), body in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let n = body.len() / 8 * 8;
+            let mut f = vec![0u8; 8 + n];
+            f[..4].copy_from_slice(&(n as u32).to_le_bytes());
+            f[4] = WIRE_VERSION;
+            f[5] = kind;
+            f[6..8].copy_from_slice(&flags.to_le_bytes());
+            f[8..].copy_from_slice(&body[..n]);
+            let _ = decode(&f, 1 << 20);
+        }
+    }
+}

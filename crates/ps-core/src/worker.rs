@@ -1,0 +1,436 @@
+//! The worker state machine: turns `push` / `pull` calls into request frames,
+//! one batch per owning shard, cut into chunks of at most `chunk_bytes`, and
+//! matches responses back to timestamps. No I/O: frames go into a [`FrameSink`]
+//! and come back through [`WorkerCore::on_frame`].
+//!
+//! Chunks for different shards are interleaved, so every shard starts merging
+//! while the rest of a large request is still on the wire.
+//!
+//! Guarantees (tested in `sim`): a request's frames to one shard travel on one
+//! ordered connection and the shard handles them in order, so a pull issued
+//! after my push (even before its ack) sees it; every pushed value is merged
+//! exactly once or the operation reports an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+use crate::error::PsError;
+use crate::keys::{check_sorted, Key, KeyRange, TableId, TableSpec};
+use crate::ring::{position, Owner, Ring};
+use crate::transport::{FrameSink, PeerId, TxError};
+use crate::wire::{self, DataHeader, Frame, Kind};
+
+/// Names one operation of one worker; `wait` on it.
+pub type Timestamp = u64;
+
+#[derive(Debug)]
+struct PullOut {
+    vals: Vec<f32>,
+    dim: usize,
+    /// dense: first flat float of the request
+    base: u64,
+    /// sparse: per sub, a slice of `ranges`
+    subs: Vec<Range<usize>>,
+    ranges: Vec<Range<usize>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    frames_left: u32,
+    error: Option<PsError>,
+    pull: Option<PullOut>,
+}
+
+/// Which keys an operation touches.
+#[derive(Clone, Copy, Debug)]
+pub enum Keys<'a> {
+    /// Strictly ascending keys, any table.
+    List(&'a [Key]),
+    /// `count` consecutive keys from `first`, dense tables.
+    Range { first: Key, count: u64 },
+}
+
+/// One chunk to send.
+#[derive(Clone, Debug)]
+struct Chunk {
+    owner: Owner,
+    /// dense: first flat float; sparse: number of keys
+    a: u64,
+    /// dense: floats; sparse: values (keys * dim)
+    b: u64,
+    /// sparse: slice of `chunk_ranges`
+    ranges: Range<usize>,
+}
+
+#[derive(Debug)]
+pub struct WorkerCore {
+    tables: BTreeMap<TableId, TableSpec>,
+    ring: Ring,
+    peers: Vec<Vec<PeerId>>,
+    peer_owner: HashMap<PeerId, Owner>,
+    chunk_bytes: usize,
+    body_max: usize,
+    next_ts: Timestamp,
+    pending: HashMap<Timestamp, Pending>,
+    in_flight_max: usize,
+    broken: Option<PsError>,
+    // scratch reused across calls
+    groups: Vec<Vec<Range<usize>>>,
+    chunks: Vec<Vec<Chunk>>,
+    chunk_ranges: Vec<Range<usize>>,
+}
+
+impl WorkerCore {
+    /// `peers[server][shard]` is the connection to that shard.
+    pub fn new(tables: &[TableSpec], ring: Ring, peers: Vec<Vec<PeerId>>, limits: crate::limits::WireLimits) -> Self {
+        let mut peer_owner = HashMap::new();
+        for (s, row) in peers.iter().enumerate() {
+            for (h, p) in row.iter().enumerate() {
+                peer_owner.insert(*p, Owner { server: s as u32, shard: h as u32 });
+            }
+        }
+        let owners = peers.iter().map(|r| r.len()).sum();
+        Self {
+            tables: tables.iter().map(|t| (t.id, t.clone())).collect(),
+            ring,
+            peers,
+            peer_owner,
+            chunk_bytes: limits.chunk_bytes,
+            body_max: limits.frame_bytes_max,
+            next_ts: 1,
+            pending: HashMap::new(),
+            in_flight_max: crate::limits::OPS_IN_FLIGHT_MAX,
+            broken: None,
+            groups: vec![Vec::new(); owners],
+            chunks: vec![Vec::new(); owners],
+            chunk_ranges: Vec::new(),
+        }
+    }
+
+    pub fn table(&self, id: TableId) -> Result<&TableSpec, PsError> {
+        self.tables.get(&id).ok_or(PsError::UnknownTable(id))
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn flat(&self, o: Owner) -> usize {
+        self.peers[..o.server as usize].iter().map(|r| r.len()).sum::<usize>() + o.shard as usize
+    }
+
+    fn check_keys(t: &TableSpec, keys: &Keys<'_>, vals: Option<&[f32]>) -> Result<u64, PsError> {
+        let range = t.keys();
+        let out_of_range = |key| PsError::KeyOutOfRange { table: t.id, key, begin: range.begin, end: range.end };
+        let n = match *keys {
+            Keys::List(k) => {
+                check_sorted(k)?;
+                if let (Some(&first), Some(&last)) = (k.first(), k.last()) {
+                    if !range.contains(first) {
+                        return Err(out_of_range(first));
+                    }
+                    if !range.contains(last) {
+                        return Err(out_of_range(last));
+                    }
+                }
+                k.len() as u64
+            }
+            Keys::Range { first, count } => {
+                if !t.is_dense() {
+                    return Err(PsError::WrongLayout { table: t.id, layout: "sparse", needed: "dense" });
+                }
+                if count > 0 {
+                    let last = first.checked_add(count - 1).ok_or(out_of_range(first))?;
+                    if !range.contains(first) {
+                        return Err(out_of_range(first));
+                    }
+                    if !range.contains(last) {
+                        return Err(out_of_range(last));
+                    }
+                }
+                count
+            }
+        };
+        if let Some(v) = vals {
+            let expected = n as usize * t.dim as usize;
+            if v.len() != expected {
+                return Err(PsError::WrongValueCount { table: t.id, dim: t.dim, keys: n as usize, expected, got: v.len() });
+            }
+        }
+        Ok(n)
+    }
+
+    /// Plans the chunks of an operation into `self.chunks` (per owner).
+    fn plan(&mut self, t: &TableSpec, keys: &Keys<'_>) {
+        for g in &mut self.groups {
+            g.clear();
+        }
+        for c in &mut self.chunks {
+            c.clear();
+        }
+        self.chunk_ranges.clear();
+        let dim = t.dim as u64;
+        let range = t.keys();
+        match *keys {
+            Keys::List(k) => {
+                let ring = &self.ring;
+                let mut groups = std::mem::take(&mut self.groups);
+                ring.split_sorted(range, k, |o, r| groups[self.flat(o)].push(r));
+                let per_chunk = (self.chunk_bytes as u64 / (8 + 4 * dim)).max(1) as usize;
+                for (g, group) in groups.iter().enumerate() {
+                    let owner = self.owner_of_flat(g);
+                    let mut start = self.chunk_ranges.len();
+                    let mut n = 0usize;
+                    for r in group {
+                        let mut at = r.start;
+                        while at < r.end {
+                            let take = (r.end - at).min(per_chunk - n);
+                            self.chunk_ranges.push(at..at + take);
+                            n += take;
+                            at += take;
+                            if n == per_chunk {
+                                let end = self.chunk_ranges.len();
+                                self.chunks[g].push(Chunk { owner, a: n as u64, b: n as u64 * dim, ranges: start..end });
+                                start = end;
+                                n = 0;
+                            }
+                        }
+                    }
+                    if n > 0 {
+                        let end = self.chunk_ranges.len();
+                        self.chunks[g].push(Chunk { owner, a: n as u64, b: n as u64 * dim, ranges: start..end });
+                    }
+                }
+                self.groups = groups;
+            }
+            Keys::Range { first, count } => {
+                let end = first + count;
+                let per_chunk = (self.chunk_bytes / 4) as u64;
+                let mut k = first;
+                while k < end {
+                    let p = self.ring.partition_of(position(range, k));
+                    let mut stop = self.ring.partition_keys(range, p).end.min(end);
+                    let owner = self.ring.owner_of_partition(p);
+                    // extend over following partitions with the same owner
+                    while stop < end {
+                        let q = self.ring.partition_of(position(range, stop));
+                        if self.ring.owner_of_partition(q) != owner {
+                            break;
+                        }
+                        stop = self.ring.partition_keys(range, q).end.min(end);
+                    }
+                    let g = self.flat(owner);
+                    let (mut f, fend) = ((k - range.begin) * dim, (stop - range.begin) * dim);
+                    while f < fend {
+                        let n = per_chunk.min(fend - f);
+                        self.chunks[g].push(Chunk { owner, a: f, b: n, ranges: 0..0 });
+                        f += n;
+                    }
+                    k = stop;
+                }
+            }
+        }
+    }
+
+    fn owner_of_flat(&self, mut g: usize) -> Owner {
+        for (s, row) in self.peers.iter().enumerate() {
+            if g < row.len() {
+                return Owner { server: s as u32, shard: g as u32 };
+            }
+            g -= row.len();
+        }
+        unreachable!("flat owner index out of range")
+    }
+
+    /// Issues one operation. `kind` is Push, Pull or PushPull; `vals` is given for
+    /// pushes; `out` (resized here) receives pulled values.
+    pub fn issue(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        kind: Kind,
+        table: TableId,
+        keys: Keys<'_>,
+        vals: Option<&[f32]>,
+        out: Option<Vec<f32>>,
+    ) -> Result<Timestamp, PsError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.pending.len() >= self.in_flight_max {
+            return Err(PsError::TooManyInFlight(self.pending.len()));
+        }
+        let t = self.table(table)?.clone();
+        let n = Self::check_keys(&t, &keys, vals)?;
+        self.plan(&t, &keys);
+        let ts = self.next_ts;
+        self.next_ts += 1;
+        let dim = t.dim as usize;
+        let dense = matches!(keys, Keys::Range { .. });
+        let mut pull = out.map(|mut v| {
+            v.clear();
+            v.resize(n as usize * dim, 0.0);
+            PullOut {
+                vals: v,
+                dim,
+                base: match keys {
+                    Keys::Range { first, .. } => (first - t.keys().begin) * dim as u64,
+                    Keys::List(_) => 0,
+                },
+                subs: Vec::new(),
+                ranges: Vec::new(),
+            }
+        });
+        let base_float = pull.as_ref().map(|p| p.base).unwrap_or(match keys {
+            Keys::Range { first, .. } => (first - t.keys().begin) * dim as u64,
+            Keys::List(_) => 0,
+        });
+        // interleave: chunk i of every owner, then chunk i+1 ...
+        let rounds = self.chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let mut sub = 0u32;
+        let mut sent = 0u32;
+        for i in 0..rounds {
+            for g in 0..self.chunks.len() {
+                let Some(c) = self.chunks[g].get(i) else { continue };
+                let h = DataHeader { kind, dense, table: table.0, sub, ts, a: c.a, b: c.b };
+                let len = h.frame_len().expect("chunk sizes are bounded");
+                let peer = self.peers[c.owner.server as usize][c.owner.shard as usize];
+                let buf = match tx.frame(peer, len) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // frames already queued for this ts will be answered; account for them
+                        self.pending.insert(ts, Pending { frames_left: sent, error: Some(tx_error(e)), pull: None });
+                        return Err(PsError::Transport("send queue refused a frame mid-request".into()));
+                    }
+                };
+                h.write(buf);
+                let mut at = wire::DATA_HEADER_BYTES;
+                if dense {
+                    if let Some(v) = vals {
+                        let off = (c.a - base_float) as usize;
+                        let src: &[u8] = bytemuck::cast_slice(&v[off..off + c.b as usize]);
+                        buf[at..at + src.len()].copy_from_slice(src);
+                    }
+                } else if let Keys::List(k) = keys {
+                    for r in &self.chunk_ranges[c.ranges.clone()] {
+                        let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
+                        buf[at..at + src.len()].copy_from_slice(src);
+                        at += src.len();
+                    }
+                    if let (Some(v), true) = (vals, kind != Kind::Pull) {
+                        for r in &self.chunk_ranges[c.ranges.clone()] {
+                            let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
+                            buf[at..at + src.len()].copy_from_slice(src);
+                            at += src.len();
+                        }
+                    }
+                    if let Some(p) = pull.as_mut() {
+                        let s = p.ranges.len();
+                        p.ranges.extend_from_slice(&self.chunk_ranges[c.ranges.clone()]);
+                        p.subs.push(s..p.ranges.len());
+                    }
+                }
+                // zero the padding (the buffer may hold old bytes)
+                let content = wire::DATA_HEADER_BYTES
+                    + if dense { 0 } else { c.a as usize * 8 }
+                    + if kind == Kind::Pull { 0 } else { c.b as usize * 4 };
+                buf[content..].fill(0);
+                sub += 1;
+                sent += 1;
+            }
+        }
+        self.pending.insert(ts, Pending { frames_left: sent, error: None, pull });
+        Ok(ts)
+    }
+
+    /// Handles one response frame. An `Err` means the frame broke the protocol:
+    /// drop the connection it came on.
+    pub fn on_frame(&mut self, peer: PeerId, frame: &[u8]) -> Result<(), PsError> {
+        let bad = |what: String| PsError::Transport(format!("protocol violation from {peer:?}: {what}"));
+        let owner = self.peer_owner.get(&peer).copied().unwrap_or(Owner { server: u32::MAX, shard: u32::MAX });
+        match wire::decode(frame, self.body_max).map_err(|e| bad(e.to_string()))? {
+            Frame::Data { h, vals, .. } if matches!(h.kind, Kind::Ack | Kind::PullResp) => {
+                let p = self.pending.get_mut(&h.ts).ok_or_else(|| bad(format!("response for unknown timestamp {}", h.ts)))?;
+                if p.frames_left == 0 {
+                    return Err(bad(format!("too many responses for timestamp {}", h.ts)));
+                }
+                if h.kind == Kind::PullResp {
+                    let Some(out) = p.pull.as_mut() else { return Err(bad(format!("values for push {}", h.ts))) };
+                    if h.dense {
+                        let off = h.a.checked_sub(out.base).ok_or_else(|| bad("response before the request".into()))? as usize;
+                        let dst = out.vals.get_mut(off..off + h.b as usize).ok_or_else(|| bad("response beyond the request".into()))?;
+                        wire::copy_vals(dst, vals);
+                    } else {
+                        let sub = out.subs.get(h.sub as usize).cloned().ok_or_else(|| bad(format!("unknown sub {}", h.sub)))?;
+                        let keys: usize = out.ranges[sub.clone()].iter().map(|r| r.len()).sum();
+                        if keys * out.dim != h.b as usize {
+                            return Err(bad(format!("sub {} carries {} values for {keys} keys", h.sub, h.b)));
+                        }
+                        let mut at = 0;
+                        for r in &out.ranges[sub] {
+                            let n = r.len() * out.dim;
+                            wire::copy_vals(&mut out.vals[r.start * out.dim..r.end * out.dim], &vals[at..at + n * 4]);
+                            at += n * 4;
+                        }
+                    }
+                }
+                p.frames_left -= 1;
+                Ok(())
+            }
+            Frame::Error { h, message } => {
+                let p = self.pending.get_mut(&h.ts).ok_or_else(|| bad(format!("error for unknown timestamp {}", h.ts)))?;
+                if p.frames_left == 0 {
+                    return Err(bad(format!("too many responses for timestamp {}", h.ts)));
+                }
+                p.frames_left -= 1;
+                p.error.get_or_insert(PsError::Rejected { server: owner.server, shard: owner.shard, reason: message.to_string() });
+                Ok(())
+            }
+            other => Err(bad(format!("unexpected frame {other:?}"))),
+        }
+    }
+
+    /// A connection to a shard is gone: every operation in flight fails (this
+    /// issue has no failover), and so does every later one.
+    pub fn on_closed(&mut self, peer: PeerId, reason: &str) {
+        let owner = self.peer_owner.get(&peer).copied();
+        let Some(owner) = owner else { return };
+        let err = PsError::ServerLost { server: owner.server, shard: owner.shard, reason: reason.to_string() };
+        for p in self.pending.values_mut() {
+            p.frames_left = 0;
+            p.error.get_or_insert(err.clone());
+        }
+        self.broken.get_or_insert(err);
+    }
+
+    /// True once every frame of `ts` has been answered.
+    pub fn is_done(&self, ts: Timestamp) -> Result<bool, PsError> {
+        self.pending.get(&ts).map(|p| p.frames_left == 0).ok_or(PsError::UnknownTimestamp(ts))
+    }
+
+    /// Ends a finished operation: its error, or the pulled values if it was a pull.
+    pub fn finish(&mut self, ts: Timestamp) -> Result<Option<Vec<f32>>, PsError> {
+        let p = self.pending.remove(&ts).ok_or(PsError::UnknownTimestamp(ts))?;
+        debug_assert_eq!(p.frames_left, 0);
+        match p.error {
+            Some(e) => Err(e),
+            None => Ok(p.pull.map(|o| o.vals)),
+        }
+    }
+
+    pub fn is_pull(&self, ts: Timestamp) -> bool {
+        self.pending.get(&ts).is_some_and(|p| p.pull.is_some())
+    }
+}
+
+fn tx_error(e: TxError) -> PsError {
+    PsError::Transport(e.to_string())
+}
+
+/// A key range helper for callers of range operations.
+pub fn range_of(first: Key, count: u64) -> KeyRange {
+    KeyRange::new(first, first + count)
+}
