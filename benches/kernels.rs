@@ -51,10 +51,7 @@ fn floats(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.next_f32()).collect()
 }
 
-fn configure_for_size(
-    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    bytes: usize,
-) {
+fn configure_for_size(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, bytes: usize) {
     if bytes >= BIG {
         group
             .sample_size(10)
@@ -133,9 +130,7 @@ fn scatter_add(c: &mut Criterion) {
         group.throughput(Throughput::Elements(idx.len() as u64));
         for k in Kernels::available() {
             group.bench_function(format!("{name}/{}", k.isa), |b| {
-                b.iter(|| {
-                    (k.scatter_add)(black_box(&mut dst), black_box(&idx), black_box(&vals), dim)
-                })
+                b.iter(|| (k.scatter_add)(black_box(&mut dst), black_box(&idx), black_box(&vals), dim))
             });
         }
     }
@@ -144,15 +139,8 @@ fn scatter_add(c: &mut Criterion) {
 
 /// Prints which tables this CPU offers before the numbers start.
 fn report_isa(_: &mut Criterion) {
-    let names: Vec<String> = Kernels::available()
-        .iter()
-        .map(|k| k.isa.to_string())
-        .collect();
-    eprintln!(
-        "kernels: available [{}], best {}",
-        names.join(", "),
-        Kernels::best().isa
-    );
+    let names: Vec<String> = Kernels::available().iter().map(|k| k.isa.to_string()).collect();
+    eprintln!("kernels: available [{}], best {}", names.join(", "), Kernels::best().isa);
     debug_assert!(Kernels::for_isa(Isa::Scalar).is_some());
 }
 

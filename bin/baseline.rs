@@ -90,7 +90,13 @@ impl Client {
         Ok(())
     }
 
-    pub fn run(&mut self, op: &str, size: usize, seconds: f64, warmup: f64) -> Result<(Vec<Duration>, Duration), String> {
+    pub fn run(
+        &mut self,
+        op: &str,
+        size: usize,
+        seconds: f64,
+        warmup: f64,
+    ) -> Result<(Vec<Duration>, Duration), String> {
         let code = match op {
             "copy" => b'c',
             "fetch" => b'f',

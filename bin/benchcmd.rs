@@ -49,14 +49,34 @@ fn baseline_of(op: &str) -> &'static str {
 }
 
 pub fn run(o: BenchOpts) -> Result<(), String> {
-    let spec = ClusterSpec { servers: o.servers, shards: o.shards, workers: o.workers, app: "bench".into(), params: o.params.clone(), pin: o.pin };
-    eprintln!("bench: {} server(s) x {} shard(s), {} worker(s), one op in flight per worker", o.servers, o.shards, o.workers);
+    let spec = ClusterSpec {
+        servers: o.servers,
+        shards: o.shards,
+        workers: o.workers,
+        app: "bench".into(),
+        params: o.params.clone(),
+        pin: o.pin,
+    };
+    eprintln!(
+        "bench: {} server(s) x {} shard(s), {} worker(s), one op in flight per worker",
+        o.servers, o.shards, o.workers
+    );
     // (layout, op, size) -> per-worker reports
     let mut reports: BTreeMap<(String, String, u64), Vec<serde_json::Value>> = BTreeMap::new();
     local::run(&spec, &mut |e| match e {
         Event::At { kind, value, .. } if kind == "bench" => {
-            let key = (value["layout"].as_str().unwrap_or("").to_string(), value["op"].as_str().unwrap_or("").to_string(), value["size"].as_u64().unwrap_or(0));
-            eprintln!("  measured {} {} {} B: p50 {:.1} us", key.0, key.1, key.2, value["p50_us"].as_f64().unwrap_or(0.0));
+            let key = (
+                value["layout"].as_str().unwrap_or("").to_string(),
+                value["op"].as_str().unwrap_or("").to_string(),
+                value["size"].as_u64().unwrap_or(0),
+            );
+            eprintln!(
+                "  measured {} {} {} B: p50 {:.1} us",
+                key.0,
+                key.1,
+                key.2,
+                value["p50_us"].as_f64().unwrap_or(0.0)
+            );
             reports.entry(key).or_default().push(value);
         }
         Event::At { .. } => {}
@@ -71,7 +91,8 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
         .map(|((layout, op, size), rs)| {
             let ops: u64 = rs.iter().map(|r| r["ops"].as_u64().unwrap_or(0)).sum();
             // workers ran concurrently: throughput adds up
-            let ops_per_s: f64 = rs.iter().map(|r| r["ops"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0)).sum();
+            let ops_per_s: f64 =
+                rs.iter().map(|r| r["ops"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0)).sum();
             let bytes = rs[0]["bytes_per_op"].as_f64().unwrap_or(0.0);
             Row {
                 layout: layout.clone(),
@@ -97,7 +118,8 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
         sizes.dedup();
         eprintln!("bench: raw TCP baseline (same sizes, same run, two processes on 127.0.0.1)");
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut child = Command::new(exe).arg("tcp-baseline-server").stdout(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+        let mut child =
+            Command::new(exe).arg("tcp-baseline-server").stdout(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
         let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
         out.read_line(&mut line).map_err(|e| e.to_string())?;
@@ -126,10 +148,13 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
             }
         }
     }
-    rows.sort_by(|a, b| (a.layout.as_str(), a.size, op_order(&a.op)).cmp(&(b.layout.as_str(), b.size, op_order(&b.op))));
+    rows.sort_by(|a, b| {
+        (a.layout.as_str(), a.size, op_order(&a.op)).cmp(&(b.layout.as_str(), b.size, op_order(&b.op)))
+    });
     print_table(&rows, &o);
     if let Some(path) = &o.json {
-        let doc = json!({"servers": o.servers, "shards": o.shards, "workers": o.workers, "params": o.params, "rows": rows});
+        let doc =
+            json!({"servers": o.servers, "shards": o.shards, "workers": o.workers, "params": o.params, "rows": rows});
         std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")).map_err(|e| format!("{path}: {e}"))?;
         eprintln!("bench: wrote {path}");
     }
@@ -157,10 +182,16 @@ fn human(b: u64) -> String {
 fn print_table(rows: &[Row], o: &BenchOpts) {
     let line = "-".repeat(104);
     println!("{line}");
-    println!(" pslab bench: {} server(s) x {} shard(s), {} worker(s), TCP on 127.0.0.1, one op in flight per worker", o.servers, o.shards, o.workers);
+    println!(
+        " pslab bench: {} server(s) x {} shard(s), {} worker(s), TCP on 127.0.0.1, one op in flight per worker",
+        o.servers, o.shards, o.workers
+    );
     println!(" bytes = value bytes per op (push->pull and fused move them both ways: 2x); raw = plain socket, same bytes, same run");
     println!("{line}");
-    println!(" {:<7} {:<10} {:>7} {:>9} {:>11} {:>8} {:>10} {:>10}   {:>9} {:>8} {:>7}", "layout", "op", "bytes", "keys", "ops/s", "GB/s", "p50[us]", "p99[us]", "raw GB/s", "xGB/s", "p50/raw");
+    println!(
+        " {:<7} {:<10} {:>7} {:>9} {:>11} {:>8} {:>10} {:>10}   {:>9} {:>8} {:>7}",
+        "layout", "op", "bytes", "keys", "ops/s", "GB/s", "p50[us]", "p99[us]", "raw GB/s", "xGB/s", "p50/raw"
+    );
     for r in rows {
         let (bg, ratio, lat) = match (r.baseline_gb_per_s, r.baseline_p50_us) {
             (Some(g), Some(p)) => (format!("{g:.2}"), format!("{:.2}", r.gb_per_s / g), format!("{:.2}", r.p50_us / p)),
@@ -168,7 +199,17 @@ fn print_table(rows: &[Row], o: &BenchOpts) {
         };
         println!(
             " {:<7} {:<10} {:>7} {:>9} {:>11.1} {:>8.3} {:>10.1} {:>10.1}   {:>9} {:>8} {:>7}",
-            r.layout, r.op, human(r.size), r.keys, r.ops_per_s, r.gb_per_s, r.p50_us, r.p99_us, bg, ratio, lat
+            r.layout,
+            r.op,
+            human(r.size),
+            r.keys,
+            r.ops_per_s,
+            r.gb_per_s,
+            r.p50_us,
+            r.p99_us,
+            bg,
+            ratio,
+            lat
         );
     }
     println!("{line}");

@@ -31,6 +31,9 @@ pub enum Event {
     At { role: String, kind: String, value: serde_json::Value },
 }
 
+/// (role, text) of one line a process printed.
+type Line = (String, String);
+
 struct Proc {
     role: String,
     child: Child,
@@ -49,7 +52,14 @@ fn spawn(role: &str, args: &[String], secret: &str, tx: &Sender<(String, String)
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {role}: {e}"))?;
-    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+    let _ = tx.send(("launcher".into(), format!("started {role} (pid {})", child.id())));
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
         let tx = tx.clone();
         let role = role.to_string();
         std::thread::spawn(move || {
@@ -94,14 +104,24 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
         // a second Ctrl-C while we stop is the default: kill us
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
-    let (tx, rx): (Sender<(String, String)>, Receiver<(String, String)>) = unbounded();
+    let (tx, rx): (Sender<Line>, Receiver<Line>) = unbounded();
     let params = spec.params.to_string();
     let mut procs = vec![spawn(
         "manager",
         &[
-            "node".into(), "--role".into(), "manager".into(), "--listen".into(), "127.0.0.1:0".into(),
-            "--servers".into(), spec.servers.to_string(), "--workers".into(), spec.workers.to_string(),
-            "--app".into(), spec.app.clone(), "--params".into(), params,
+            "node".into(),
+            "--role".into(),
+            "manager".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--servers".into(),
+            spec.servers.to_string(),
+            "--workers".into(),
+            spec.workers.to_string(),
+            "--app".into(),
+            spec.app.clone(),
+            "--params".into(),
+            params,
         ],
         &secret,
         &tx,
@@ -127,8 +147,13 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
     };
     for s in 0..spec.servers {
         let mut args: Vec<String> = vec![
-            "node".into(), "--role".into(), "server".into(), "--manager".into(), manager.clone(),
-            "--shards".into(), spec.shards.to_string(),
+            "node".into(),
+            "--role".into(),
+            "server".into(),
+            "--manager".into(),
+            manager.clone(),
+            "--shards".into(),
+            spec.shards.to_string(),
         ];
         if !spec.pin {
             args.push("--no-pin".into());
@@ -136,7 +161,8 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
         procs.push(spawn(&format!("server{s}"), &args, &secret, &tx)?);
     }
     for w in 0..spec.workers {
-        let args: Vec<String> = vec!["node".into(), "--role".into(), "worker".into(), "--manager".into(), manager.clone()];
+        let args: Vec<String> =
+            vec!["node".into(), "--role".into(), "worker".into(), "--manager".into(), manager.clone()];
         procs.push(spawn(&format!("worker{w}"), &args, &secret, &tx)?);
     }
     drop(tx);
@@ -163,7 +189,9 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
         if failure.is_some() {
             // give the others a moment to say why, then stop them
             let until = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < until && procs.iter_mut().any(|p| p.status.is_none() && p.child.try_wait().ok().flatten().is_none()) {
+            while Instant::now() < until
+                && procs.iter_mut().any(|p| p.status.is_none() && p.child.try_wait().ok().flatten().is_none())
+            {
                 while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(50)) {
                     on_event(parse(role, line));
                 }

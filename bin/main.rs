@@ -24,7 +24,11 @@ use ps_core::auth::JobSecret;
 use serde_json::json;
 
 #[derive(Parser, Debug)]
-#[command(name = "pslab", version, about = "A thread-per-core parameter server for distributed ML (TCP transport; RDMA next)")]
+#[command(
+    name = "pslab",
+    version,
+    about = "A thread-per-core parameter server for distributed ML (TCP transport; RDMA next)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -137,10 +141,15 @@ enum Cmd {
 
 fn init_logging() {
     let label = std::env::var("PS_ROLE_LABEL").ok();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
     if label.is_some() {
         // the launcher prefixes the role and has its own clock
         b.without_time().init();
@@ -158,7 +167,9 @@ fn job_secret() -> Result<JobSecret, String> {
         let meta = std::fs::metadata(&path).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(format!("PS_JOB_SECRET_FILE {path} has mode {mode:o}: other users could read the job secret; chmod 600 {path}"));
+            return Err(format!(
+                "PS_JOB_SECRET_FILE {path} has mode {mode:o}: other users could read the job secret; chmod 600 {path}"
+            ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"))?;
         return JobSecret::from_hex(&text).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"));
@@ -182,14 +193,18 @@ fn watch_parent() {
 }
 
 fn run_node(cmd: Cmd) -> Result<String, String> {
-    let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin } = cmd else { unreachable!() };
+    let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin } = cmd
+    else {
+        unreachable!()
+    };
     let secret = job_secret()?;
     let manager_addr = || -> Result<SocketAddr, String> {
         node::resolve(manager.as_deref().ok_or("--manager (or PS_MANAGER) is required for servers and workers")?)
     };
     match role {
         RoleArg::Manager => {
-            let params: serde_json::Value = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
+            let params: serde_json::Value =
+                serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
             let job = apps::job_spec(&app, &params, servers)?;
             node::run_manager(secret, node::resolve(&listen)?, job, servers, workers)
         }
@@ -202,11 +217,21 @@ fn run_node(cmd: Cmd) -> Result<String, String> {
     }
 }
 
-fn run_local(servers: u32, shards: u32, workers: u32, app: String, params: String, pin: bool, verbose: bool) -> Result<(), String> {
+fn run_local(
+    servers: u32,
+    shards: u32,
+    workers: u32,
+    app: String,
+    params: String,
+    pin: bool,
+    verbose: bool,
+) -> Result<(), String> {
     let params: serde_json::Value = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
     apps::job_spec(&app, &params, servers)?; // fail fast on bad parameters
     let spec = local::ClusterSpec { servers, shards, workers, app: app.clone(), params, pin };
-    eprintln!("pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}");
+    eprintln!(
+        "pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}"
+    );
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}")
@@ -228,13 +253,22 @@ fn run_local(servers: u32, shards: u32, workers: u32, app: String, params: Strin
         local::Event::At { kind, value, .. } if kind == "epoch" => bar.suspend(|| {
             println!(
                 "epoch {}/{}  train loss {:.5}  ({} examples, {:.1} s)",
-                value["epoch"], value["epochs"], value["loss"].as_f64().unwrap_or(f64::NAN), value["examples"], value["secs"].as_f64().unwrap_or(0.0)
+                value["epoch"],
+                value["epochs"],
+                value["loss"].as_f64().unwrap_or(f64::NAN),
+                value["examples"],
+                value["secs"].as_f64().unwrap_or(0.0)
             )
         }),
         local::Event::At { kind, value, .. } if kind == "result" => result = Some(value),
         local::Event::At { kind, value, role } => bar.suspend(|| println!("[{role}] {kind}: {value}")),
         local::Event::Line { role, line } => {
-            if verbose || line.contains("ERROR") || line.contains("WARN") || line.contains("finished") || line.contains("failed") {
+            if verbose
+                || line.contains("ERROR")
+                || line.contains("WARN")
+                || line.contains("finished")
+                || line.contains("failed")
+            {
                 bar.suspend(|| eprintln!("[{role}] {line}"));
             }
         }
@@ -244,7 +278,10 @@ fn run_local(servers: u32, shards: u32, workers: u32, app: String, params: Strin
         println!("----------------------------------------------------------------");
         println!("held-out examples      {}", r["test_examples"]);
         println!("test accuracy          {:.4}", r["accuracy"].as_f64().unwrap_or(0.0));
-        println!("planted model accuracy {:.4}   (the best a learner can expect: label noise)", r["planted_accuracy"].as_f64().unwrap_or(0.0));
+        println!(
+            "planted model accuracy {:.4}   (the best a learner can expect: label noise)",
+            r["planted_accuracy"].as_f64().unwrap_or(0.0)
+        );
         println!("agreement with planted {:.4}", r["agreement_with_planted"].as_f64().unwrap_or(0.0));
         println!("test log-loss          {:.4}", r["test_logloss"].as_f64().unwrap_or(0.0));
         println!("test AUC               {:.4}", r["auc"].as_f64().unwrap_or(0.0));
@@ -263,12 +300,25 @@ fn main() {
     let cli = Cli::parse();
     init_logging();
     let r = match cli.cmd {
-        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose } => run_local(servers, shards, workers, app, params, !no_pin, verbose),
+        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose } => {
+            run_local(servers, shards, workers, app, params, !no_pin, verbose)
+        }
         cmd @ Cmd::Node { .. } => {
             watch_parent();
             run_node(cmd).map(|msg| tracing::info!("{msg}"))
         }
-        Cmd::Bench { servers, shards, workers, seconds, dense_sizes, sparse_sizes, no_baseline, json, plot, no_pin } => {
+        Cmd::Bench {
+            servers,
+            shards,
+            workers,
+            seconds,
+            dense_sizes,
+            sparse_sizes,
+            no_baseline,
+            json,
+            plot,
+            no_pin,
+        } => {
             let mut params = json!({"seconds": seconds});
             if !dense_sizes.is_empty() {
                 params["dense_sizes"] = json!(dense_sizes);
@@ -276,7 +326,16 @@ fn main() {
             if !sparse_sizes.is_empty() {
                 params["sparse_sizes"] = json!(sparse_sizes);
             }
-            benchcmd::run(benchcmd::BenchOpts { servers, shards, workers, params, baseline: !no_baseline, json, plot, pin: !no_pin })
+            benchcmd::run(benchcmd::BenchOpts {
+                servers,
+                shards,
+                workers,
+                params,
+                baseline: !no_baseline,
+                json,
+                plot,
+                pin: !no_pin,
+            })
         }
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::TcpBaselineServer => baseline::serve(),

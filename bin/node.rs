@@ -40,7 +40,13 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
 
 // ------------------------------------------------------------------ manager
 
-pub fn run_manager(secret: JobSecret, listen: SocketAddr, job: JobSpec, servers: u32, workers: u32) -> Result<String, String> {
+pub fn run_manager(
+    secret: JobSecret,
+    listen: SocketAddr,
+    job: JobSpec,
+    servers: u32,
+    workers: u32,
+) -> Result<String, String> {
     job.validate()?;
     let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Manager as u8, node: 0 }, false);
     cfg.limits = job.limits;
@@ -118,7 +124,14 @@ pub struct ControlLink {
 
 impl ControlLink {
     /// Connects (retrying while the manager starts), registers, and waits for the view.
-    pub fn register(secret: JobSecret, manager: SocketAddr, role: Role, host: &str, ports: Vec<u16>, limits: ps_core::limits::WireLimits) -> Result<(u32, ClusterView, ControlLink), String> {
+    pub fn register(
+        secret: JobSecret,
+        manager: SocketAddr,
+        role: Role,
+        host: &str,
+        ports: Vec<u16>,
+        limits: ps_core::limits::WireLimits,
+    ) -> Result<(u32, ClusterView, ControlLink), String> {
         let mut cfg = TcpConfig::new(secret, PeerHello { role: role as u8, node: std::process::id() }, true);
         cfg.limits = limits;
         let mut t = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
@@ -132,7 +145,8 @@ impl ControlLink {
                 Err(e) => return Err(format!("manager at {manager}: {e}")),
             }
         };
-        send_control(&mut t, peer, &Control::Register { role, host: host.to_string(), ports, pid: std::process::id() }).map_err(|e| e.to_string())?;
+        send_control(&mut t, peer, &Control::Register { role, host: host.to_string(), ports, pid: std::process::id() })
+            .map_err(|e| e.to_string())?;
         t.flush().map_err(|e| e.to_string())?;
         let mut rx = Vec::new();
         let mut events = Vec::new();
@@ -148,7 +162,9 @@ impl ControlLink {
                 }
             }
             t.events(&mut events);
-            if let Some(PeerEvent::Closed { reason, .. }) = events.drain(..).find(|e| matches!(e, PeerEvent::Closed { .. })) {
+            if let Some(PeerEvent::Closed { reason, .. }) =
+                events.drain(..).find(|e| matches!(e, PeerEvent::Closed { .. }))
+            {
                 return Err(format!("the manager closed the connection before the job started: {reason}"));
             }
             if Instant::now() > deadline + Duration::from_secs(120) {
@@ -207,7 +223,9 @@ impl ControlLink {
 }
 
 fn decode_control(frame: &[u8]) -> Result<Control, String> {
-    match wire::decode(frame, ps_core::limits::FRAME_BYTES_MAX).map_err(|e| format!("bad frame from the manager: {e}"))? {
+    match wire::decode(frame, ps_core::limits::FRAME_BYTES_MAX)
+        .map_err(|e| format!("bad frame from the manager: {e}"))?
+    {
         Frame::Control(j) => Control::from_json(j).map_err(|e| e.to_string()),
         other => Err(format!("unexpected frame from the manager: {other:?}")),
     }
@@ -288,7 +306,8 @@ pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> R
         ports.push(t.local_addr().expect("listening").port());
         transports.push(t);
     }
-    let (rank, view, link) = ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), Default::default())?;
+    let (rank, view, link) =
+        ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), Default::default())?;
     let kernels = Kernels::best();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let placement: Vec<Option<usize>> = (0..shards)
@@ -381,8 +400,12 @@ fn shard_loop(mut core: ShardCore, mut t: TcpTransport, stop: &AtomicBool) -> ps
         t.events(&mut events);
         for e in events.drain(..) {
             match e {
-                PeerEvent::Opened { peer, hello } => tracing::debug!("shard {}: {peer:?} joined as {hello:?}", core.owner().shard),
-                PeerEvent::Closed { peer, reason } => tracing::debug!("shard {}: {peer:?} left: {reason}", core.owner().shard),
+                PeerEvent::Opened { peer, hello } => {
+                    tracing::debug!("shard {}: {peer:?} joined as {hello:?}", core.owner().shard)
+                }
+                PeerEvent::Closed { peer, reason } => {
+                    tracing::debug!("shard {}: {peer:?} left: {reason}", core.owner().shard)
+                }
             }
         }
     }
@@ -417,7 +440,8 @@ impl WorkerCtx {
 }
 
 pub fn run_worker(secret: JobSecret, manager: SocketAddr, host: &str) -> Result<String, String> {
-    let (rank, view, link) = ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], Default::default())?;
+    let (rank, view, link) =
+        ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], Default::default())?;
     let ring = view.ring().map_err(|e| e.to_string())?;
     let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Worker as u8, node: rank }, true);
     cfg.limits = view.job.limits;
@@ -427,7 +451,10 @@ pub fn run_worker(secret: JobSecret, manager: SocketAddr, host: &str) -> Result<
         let mut row = Vec::new();
         for &port in &s.ports {
             let addr = resolve(&format!("{}:{port}", s.host))?;
-            row.push(t.connect(addr, Duration::from_secs(10)).map_err(|e| format!("server {} shard port {port}: {e}", s.rank))?);
+            row.push(
+                t.connect(addr, Duration::from_secs(10))
+                    .map_err(|e| format!("server {} shard port {port}: {e}", s.rank))?,
+            );
         }
         peers.push(row);
     }

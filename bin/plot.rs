@@ -22,6 +22,9 @@ fn register_font() -> Result<(), String> {
     .clone()
 }
 
+/// (value bytes, GB/s, p50 latency in us)
+type Point = (f64, f64, f64);
+
 /// Throughput and latency against value size, PS beside raw TCP.
 pub fn bench_png(path: &str, rows: &[Row]) -> Result<(), String> {
     register_font()?;
@@ -31,7 +34,7 @@ pub fn bench_png(path: &str, rows: &[Row]) -> Result<(), String> {
     let (left, right) = root.split_horizontally(700);
     let sizes: Vec<f64> = rows.iter().map(|r| r.size as f64).collect();
     let (xmin, xmax) = (sizes.iter().cloned().fold(f64::MAX, f64::min), sizes.iter().cloned().fold(1.0, f64::max));
-    let series: Vec<(String, Vec<(f64, f64, f64)>)> = {
+    let series: Vec<(String, Vec<Point>)> = {
         let mut m: std::collections::BTreeMap<String, Vec<(f64, f64, f64)>> = Default::default();
         for r in rows {
             m.entry(format!("{} {}", r.layout, r.op)).or_default().push((r.size as f64, r.gb_per_s, r.p50_us));
@@ -49,17 +52,39 @@ pub fn bench_png(path: &str, rows: &[Row]) -> Result<(), String> {
     let gmax = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(0.1, f64::max) * 1.15;
     let lmax = series.iter().flat_map(|s| s.1.iter().map(|p| p.2)).fold(1.0, f64::max) * 2.0;
     let lmin = series.iter().flat_map(|s| s.1.iter().map(|p| p.2)).fold(f64::MAX, f64::min).max(0.1) / 2.0;
-    for (panel, title, ylog) in [(&left, "throughput (GB/s) vs value size", false), (&right, "p50 latency (us) vs value size", true)] {
+    for (panel, title, ylog) in
+        [(&left, "throughput (GB/s) vs value size", false), (&right, "p50 latency (us) vs value size", true)]
+    {
         let mut chart_builder = ChartBuilder::on(panel);
         chart_builder.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(40).y_label_area_size(60);
-        let palette = [&BLUE, &RED, &GREEN, &MAGENTA, &CYAN, &BLACK, &RGBColor(200, 120, 0), &RGBColor(120, 60, 160), &RGBColor(90, 90, 90), &RGBColor(0, 120, 90)];
+        let palette = [
+            &BLUE,
+            &RED,
+            &GREEN,
+            &MAGENTA,
+            &CYAN,
+            &BLACK,
+            &RGBColor(200, 120, 0),
+            &RGBColor(120, 60, 160),
+            &RGBColor(90, 90, 90),
+            &RGBColor(0, 120, 90),
+        ];
         macro_rules! draw {
             ($chart:expr, $pick:expr) => {{
                 let mut chart = $chart;
-                chart.configure_mesh().x_desc("bytes").x_label_formatter(&|x| crate_human(*x)).draw().map_err(|x| e(&x))?;
+                chart
+                    .configure_mesh()
+                    .x_desc("bytes")
+                    .x_label_formatter(&|x| crate_human(*x))
+                    .draw()
+                    .map_err(|x| e(&x))?;
                 for (i, (name, pts)) in series.iter().enumerate() {
                     let c = palette[i % palette.len()];
-                    let style = if name.starts_with("raw") { ShapeStyle::from(c).stroke_width(1) } else { ShapeStyle::from(c).stroke_width(2) };
+                    let style = if name.starts_with("raw") {
+                        ShapeStyle::from(c).stroke_width(1)
+                    } else {
+                        ShapeStyle::from(c).stroke_width(2)
+                    };
                     let mut pts = pts.clone();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     chart
@@ -68,11 +93,19 @@ pub fn bench_png(path: &str, rows: &[Row]) -> Result<(), String> {
                         .label(name.clone())
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c));
                 }
-                chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::UpperLeft).draw().map_err(|x| e(&x))?;
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::UpperLeft)
+                    .draw()
+                    .map_err(|x| e(&x))?;
             }};
         }
         if ylog {
-            let chart = chart_builder.build_cartesian_2d((xmin..xmax).log_scale(), (lmin..lmax).log_scale()).map_err(|x| e(&x))?;
+            let chart = chart_builder
+                .build_cartesian_2d((xmin..xmax).log_scale(), (lmin..lmax).log_scale())
+                .map_err(|x| e(&x))?;
             draw!(chart, |p: &(f64, f64, f64)| (p.0, p.2));
         } else {
             let chart = chart_builder.build_cartesian_2d((xmin..xmax).log_scale(), 0.0..gmax).map_err(|x| e(&x))?;

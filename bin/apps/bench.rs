@@ -37,7 +37,11 @@ struct Params {
 fn params(p: &serde_json::Value) -> Result<Params, String> {
     let kib = |k: u64| k * 1024;
     let r = Params {
-        dense_sizes: param(p, "dense_sizes", vec![kib(4), kib(64), kib(256), kib(1024), kib(4096), kib(16384), kib(65536)])?,
+        dense_sizes: param(
+            p,
+            "dense_sizes",
+            vec![kib(4), kib(64), kib(256), kib(1024), kib(4096), kib(16384), kib(65536)],
+        )?,
         sparse_sizes: param(p, "sparse_sizes", vec![kib(4), kib(64), kib(1024), kib(4096)])?,
         seconds: param(p, "seconds", 2.0)?,
         warmup_seconds: param(p, "warmup_seconds", 0.5)?,
@@ -69,13 +73,23 @@ fn keys_per_server(servers: u32, partitions: u32) -> Result<(u64, Vec<u64>), Str
     Err("no small dense table spreads one key to every server".into())
 }
 
-pub fn tables(p: &serde_json::Value, servers: u32, partitions: u32) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub fn tables(
+    p: &serde_json::Value,
+    servers: u32,
+    partitions: u32,
+) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let r = params(p)?;
     let (n, _) = keys_per_server(servers, partitions)?;
     let mut tables = Vec::new();
     for (i, &size) in r.dense_sizes.iter().enumerate() {
         let dim = (size / 4).div_ceil(servers as u64).max(1);
-        tables.push(TableSpec::dense(i as u32, &format!("dense-{size}"), KeyRange::new(0, n), dim as u32, RuleSpec::Sum));
+        tables.push(TableSpec::dense(
+            i as u32,
+            &format!("dense-{size}"),
+            KeyRange::new(0, n),
+            dim as u32,
+            RuleSpec::Sum,
+        ));
     }
     tables.push(TableSpec::sparse(SPARSE_TABLE, "sparse", KeyRange::FULL, 1, RuleSpec::Sum));
     let filled = json!({"dense_sizes": r.dense_sizes, "sparse_sizes": r.sparse_sizes, "seconds": r.seconds, "warmup_seconds": r.warmup_seconds});
@@ -83,7 +97,14 @@ pub fn tables(p: &serde_json::Value, servers: u32, partitions: u32) -> Result<(V
 }
 
 /// One operation of a phase: returns when it is acknowledged / answered.
-fn dense_op(ctx: &mut WorkerCtx, op: &str, table: TableId, keys: &[u64], vals: &[f32], bufs: &mut [Vec<f32>]) -> Result<(), String> {
+fn dense_op(
+    ctx: &mut WorkerCtx,
+    op: &str,
+    table: TableId,
+    keys: &[u64],
+    vals: &[f32],
+    bufs: &mut [Vec<f32>],
+) -> Result<(), String> {
     let per = vals.len() / keys.len();
     let e = |e: ps_core::PsError| e.to_string();
     let mut ts = Vec::with_capacity(keys.len());
@@ -114,7 +135,11 @@ fn dense_op(ctx: &mut WorkerCtx, op: &str, table: TableId, keys: &[u64], vals: &
         }
         "fused" => {
             for (i, &k) in keys.iter().enumerate() {
-                ts.push(ctx.ps.push_pull_range(table, k, &vals[i * per..(i + 1) * per], std::mem::take(&mut bufs[i])).map_err(e)?);
+                ts.push(
+                    ctx.ps
+                        .push_pull_range(table, k, &vals[i * per..(i + 1) * per], std::mem::take(&mut bufs[i]))
+                        .map_err(e)?,
+                );
             }
             for (i, t) in ts.drain(..).enumerate() {
                 bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;

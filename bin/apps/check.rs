@@ -29,6 +29,9 @@ struct Params {
     window: usize,
     seed: u64,
     workers_max: u64,
+    /// Fault injection for the test that shows this check can fail: worker 0
+    /// pushes one update it leaves out of the expected sums.
+    inject_stray_push: bool,
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -38,6 +41,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         window: param(p, "window", 8)?,
         seed: param(p, "seed", 7)?,
         workers_max: 64,
+        inject_stray_push: param(p, "inject_stray_push", false)?,
     })
 }
 
@@ -66,7 +70,10 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
             }
         })
         .collect();
-    Ok((tables, json!({"rounds": r.rounds, "keys": r.keys, "window": r.window, "seed": r.seed})))
+    Ok((
+        tables,
+        json!({"rounds": r.rounds, "keys": r.keys, "window": r.window, "seed": r.seed, "inject_stray_push": r.inject_stray_push}),
+    ))
 }
 
 fn sparse_key(u: u64) -> u64 {
@@ -87,7 +94,8 @@ fn update(p: &Params, w: u64, i: u32, t: usize) -> (Keys, Vec<f32>) {
         Keys::Range(r.below(PRIVATE_BASE.min(dense) - count + 1), count)
     } else {
         let space = if dense > 0 { PRIVATE_BASE.min(dense) } else { UNIVERSE };
-        let mut k: Vec<u64> = (0..p.keys).map(|_| r.below(space)).map(|u| if dense > 0 { u } else { sparse_key(u) }).collect();
+        let mut k: Vec<u64> =
+            (0..p.keys).map(|_| r.below(space)).map(|u| if dense > 0 { u } else { sparse_key(u) }).collect();
         k.sort_unstable();
         k.dedup();
         Keys::List(k)
@@ -113,9 +121,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let mut private_sum = vec![0f32; PRIVATE_KEYS as usize];
     let mut ryw_checks = 0u64;
     for i in 0..p.rounds {
-        for t in 0..TABLES.len() {
+        for (t, &(id, ..)) in TABLES.iter().enumerate() {
             let (keys, vals) = update(&p, rank, i, t);
-            let table = TableId(TABLES[t].0);
+            let table = TableId(id);
             let ts = match &keys {
                 Keys::List(k) => ctx.ps.push(table, k, &vals),
                 Keys::Range(first, _) => ctx.ps.push_range(table, *first, &vals),
@@ -143,14 +151,26 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         let got = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
         if got != private_sum {
             let j = got.iter().zip(&private_sum).position(|(a, b)| a != b).unwrap_or(0);
-            return Err(format!("read-your-writes broken: after my acknowledged push, key {} reads {} but I pushed {} in total", base + j as u64, got[j], private_sum[j]));
+            return Err(format!(
+                "read-your-writes broken: after my acknowledged push, key {} reads {} but I pushed {} in total",
+                base + j as u64,
+                got[j],
+                private_sum[j]
+            ));
         }
         ryw_checks += 1;
-        ctx.emit("progress", json!({"rank": rank, "done": (i as u64 + 1) * TABLES.len() as u64, "total": total, "unit": "pushes"}));
+        ctx.emit(
+            "progress",
+            json!({"rank": rank, "done": (i as u64 + 1) * TABLES.len() as u64, "total": total, "unit": "pushes"}),
+        );
     }
     while let Some(ts) = window.pop_front() {
         ctx.ps.wait(ts).map_err(|e| format!("wait: {e}"))?;
         acked += 1;
+    }
+    if p.inject_stray_push && rank == 0 {
+        let ts = ctx.ps.push(TableId(0), &[sparse_key(3)], &[1.0]).map_err(|e| e.to_string())?;
+        ctx.ps.wait(ts).map_err(|e| e.to_string())?;
     }
     if acked != issued {
         return Err(format!("{issued} pushes issued but {acked} acknowledged"));
@@ -181,7 +201,8 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             }
         }
         let (keys, got) = if dense > 0 {
-            let ts = ctx.ps.pull_range(TableId(id), 0, PRIVATE_BASE.min(dense), Vec::new()).map_err(|e| e.to_string())?;
+            let ts =
+                ctx.ps.pull_range(TableId(id), 0, PRIVATE_BASE.min(dense), Vec::new()).map_err(|e| e.to_string())?;
             ((0..PRIVATE_BASE.min(dense)).collect::<Vec<u64>>(), ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?)
         } else {
             let mut all: Vec<u64> = (0..UNIVERSE).map(sparse_key).collect();
@@ -206,7 +227,10 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     }
     ctx.emit("check", json!({"rank": rank, "values_checked": checked, "mismatches": mismatches, "pushes_acked": acked, "ryw_checks": ryw_checks}));
     if mismatches > 0 {
-        return Err(format!("invariant 1 broken: {mismatches} of {checked} values differ from the sum of acknowledged pushes: {}", first_bad.join("; ")));
+        return Err(format!(
+            "invariant 1 broken: {mismatches} of {checked} values differ from the sum of acknowledged pushes: {}",
+            first_bad.join("; ")
+        ));
     }
     Ok(format!("invariant 1 holds: {checked} values equal the sum of {} acknowledged pushes from {workers} workers; {ryw_checks} read-your-writes checks", acked * workers))
 }

@@ -61,7 +61,13 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
 pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let r = params(p)?;
     let tables = vec![
-        TableSpec::sparse(WEIGHTS.0, "weights", KeyRange::FULL, 1, RuleSpec::Adagrad { lr: r.lr, eps: 1e-6, initial_accumulator: 0.1 }),
+        TableSpec::sparse(
+            WEIGHTS.0,
+            "weights",
+            KeyRange::FULL,
+            1,
+            RuleSpec::Adagrad { lr: r.lr, eps: 1e-6, initial_accumulator: 0.1 },
+        ),
         TableSpec::dense(METRICS.0, "metrics", KeyRange::new(0, 2 * r.epochs as u64 + 2), 1, RuleSpec::Sum),
     ];
     let filled = json!({
@@ -164,14 +170,17 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             }
             in_flight = Some(ctx.ps.push(WEIGHTS, &keys, &grad).map_err(|e| e.to_string())?);
             done += 1;
-            if done % 20 == 0 || done == total {
+            if done.is_multiple_of(20) || done == total {
                 ctx.emit("progress", json!({"rank": rank, "done": done, "total": total, "unit": "batches"}));
             }
         }
         if let Some(ts) = in_flight.take() {
             ctx.ps.wait(ts).map_err(|e| e.to_string())?;
         }
-        let ts = ctx.ps.push_range(METRICS, 2 * epoch as u64, &[loss_sum as f32, count as f32]).map_err(|e| e.to_string())?;
+        let ts = ctx
+            .ps
+            .push_range(METRICS, 2 * epoch as u64, &[loss_sum as f32, count as f32])
+            .map_err(|e| e.to_string())?;
         ctx.ps.wait(ts).map_err(|e| e.to_string())?;
         ctx.barrier(&format!("epoch-{epoch}"))?;
         if rank == 0 {
@@ -233,7 +242,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let acc = correct as f64 / n;
     let planted_acc = planted_correct as f64 / n;
     if acc < planted_acc - 0.08 {
-        return Err(format!("test accuracy {acc:.4} is far below the planted model's {planted_acc:.4}: training did not converge"));
+        return Err(format!(
+            "test accuracy {acc:.4} is far below the planted model's {planted_acc:.4}: training did not converge"
+        ));
     }
     Ok(format!("test accuracy {acc:.4} (planted model {planted_acc:.4}), AUC {auc:.4}"))
 }

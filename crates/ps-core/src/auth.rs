@@ -87,7 +87,14 @@ impl JobSecret {
     }
 
     /// Constant-time check of a client's proof.
-    pub fn verify_client(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES], role: u8, node: u32, mac: &[u8]) -> bool {
+    pub fn verify_client(
+        &self,
+        ns: &[u8; NONCE_BYTES],
+        nc: &[u8; NONCE_BYTES],
+        role: u8,
+        node: u32,
+        mac: &[u8],
+    ) -> bool {
         let mut m = self.mac();
         m.update(b"pslab/client/1");
         m.update(ns);

@@ -54,7 +54,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         &mut self.transport
     }
 
-    fn issue(&mut self, kind: Kind, table: TableId, keys: Keys<'_>, vals: Option<&[f32]>, out: Option<Vec<f32>>) -> Result<Timestamp, PsError> {
+    fn issue(
+        &mut self,
+        kind: Kind,
+        table: TableId,
+        keys: Keys<'_>,
+        vals: Option<&[f32]>,
+        out: Option<Vec<f32>>,
+    ) -> Result<Timestamp, PsError> {
         let ts = self.core.issue(&mut self.transport, kind, table, keys, vals, out)?;
         self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
         Ok(ts)
@@ -69,8 +76,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
     pub fn push_range(&mut self, table: TableId, first: Key, vals: &[f32]) -> Result<Timestamp, PsError> {
         let dim = self.core.table(table)?.dim as usize;
         let count = (vals.len() / dim) as u64;
-        if vals.len() % dim != 0 {
-            return Err(PsError::WrongValueCount { table, dim: dim as u32, keys: count as usize, expected: count as usize * dim, got: vals.len() });
+        if !vals.len().is_multiple_of(dim) {
+            return Err(PsError::WrongValueCount {
+                table,
+                dim: dim as u32,
+                keys: count as usize,
+                expected: count as usize * dim,
+                got: vals.len(),
+            });
         }
         self.issue(Kind::Push, table, Keys::Range { first, count }, Some(vals), None)
     }
@@ -86,12 +99,24 @@ impl<T: Transport, C: Clock> Worker<T, C> {
     }
 
     /// Pushes, then pulls the same keys, in one round trip per chunk.
-    pub fn push_pull(&mut self, table: TableId, keys: &[Key], vals: &[f32], out: Vec<f32>) -> Result<Timestamp, PsError> {
+    pub fn push_pull(
+        &mut self,
+        table: TableId,
+        keys: &[Key],
+        vals: &[f32],
+        out: Vec<f32>,
+    ) -> Result<Timestamp, PsError> {
         self.issue(Kind::PushPull, table, Keys::List(keys), Some(vals), Some(out))
     }
 
     /// The range form of [`Worker::push_pull`].
-    pub fn push_pull_range(&mut self, table: TableId, first: Key, vals: &[f32], out: Vec<f32>) -> Result<Timestamp, PsError> {
+    pub fn push_pull_range(
+        &mut self,
+        table: TableId,
+        first: Key,
+        vals: &[f32],
+        out: Vec<f32>,
+    ) -> Result<Timestamp, PsError> {
         let dim = self.core.table(table)?.dim as usize;
         let count = (vals.len() / dim) as u64;
         self.issue(Kind::PushPull, table, Keys::Range { first, count }, Some(vals), Some(out))

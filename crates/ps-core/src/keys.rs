@@ -117,7 +117,10 @@ impl TableSpec {
         }
         let keys = self.keys();
         if keys.is_empty() {
-            return Err(format!("table {} ({:?}): key range {}..{} is empty", self.name, self.id, keys.begin, keys.end));
+            return Err(format!(
+                "table {} ({:?}): key range {}..{} is empty",
+                self.name, self.id, keys.begin, keys.end
+            ));
         }
         if let Layout::Dense { keys } = self.layout {
             let floats = (keys.len() as u128) * self.dim as u128;

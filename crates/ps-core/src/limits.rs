@@ -69,7 +69,7 @@ pub const SPARSE_SLAB_BLOCKS: usize = 16 * 1024;
 pub const CONTROL_BYTES_MAX: usize = 1 << 20;
 
 const _: () = {
-    assert!(CHUNK_BYTES % 8 == 0);
+    assert!(CHUNK_BYTES.is_multiple_of(8));
     assert!(FRAME_BYTES_MAX >= CHUNK_BYTES + 4096, "a full chunk plus its header must fit a frame");
     assert!(TX_QUEUE_BYTES_MAX >= 2 * FRAME_BYTES_MAX, "a sender must be able to queue one frame while another drains");
     assert!(CONTROL_BYTES_MAX <= FRAME_BYTES_MAX);
@@ -97,7 +97,7 @@ impl Default for WireLimits {
 impl WireLimits {
     /// The relations the constants above check at compile time, for values a user set.
     pub fn validate(&self) -> Result<(), String> {
-        if self.chunk_bytes < 4096 || self.chunk_bytes % 8 != 0 {
+        if self.chunk_bytes < 4096 || !self.chunk_bytes.is_multiple_of(8) {
             return Err(format!("chunk_bytes {} must be a multiple of 8 and at least 4096", self.chunk_bytes));
         }
         if self.frame_bytes_max < self.chunk_bytes + 4096 {

@@ -137,7 +137,14 @@ impl ManagerCore {
     pub fn on_open(&mut self, _peer: PeerId, _hello: PeerHello, _now: Duration) {}
 
     /// Handles one frame; `Err` means drop the peer with that reason.
-    pub fn on_frame(&mut self, peer: PeerId, hello: PeerHello, frame: &[u8], now: Duration, tx: &mut dyn FrameSink) -> Result<(), String> {
+    pub fn on_frame(
+        &mut self,
+        peer: PeerId,
+        hello: PeerHello,
+        frame: &[u8],
+        now: Duration,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), String> {
         let json = match wire::decode(frame, crate::limits::CONTROL_BYTES_MAX + 64).map_err(|e| e.to_string())? {
             Frame::Control(j) => j,
             other => return Err(format!("expected a control frame, got {other:?}")),
@@ -177,7 +184,11 @@ impl ManagerCore {
                     self.phase = Phase::Stopping;
                     self.phase_since = now;
                     self.log.push(format!("all {all} workers finished; stopping the servers"));
-                    self.broadcast(tx, &[Role::Server, Role::Worker], &Control::Shutdown { reason: "all workers finished".into() });
+                    self.broadcast(
+                        tx,
+                        &[Role::Server, Role::Worker],
+                        &Control::Shutdown { reason: "all workers finished".into() },
+                    );
                 }
                 Ok(())
             }
@@ -190,7 +201,17 @@ impl ManagerCore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn register(&mut self, peer: PeerId, hello: PeerHello, role: Role, host: String, ports: Vec<u16>, pid: u32, now: Duration, tx: &mut dyn FrameSink) -> Result<(), String> {
+    fn register(
+        &mut self,
+        peer: PeerId,
+        hello: PeerHello,
+        role: Role,
+        host: String,
+        ports: Vec<u16>,
+        pid: u32,
+        now: Duration,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), String> {
         if Role::from_u8(hello.role) != Some(role) {
             return Err(format!("registered as {} but authenticated as role {}", role.name(), hello.role));
         }
@@ -239,7 +260,10 @@ impl ManagerCore {
         }
         self.phase = Phase::Running;
         self.phase_since = now;
-        self.log.push(format!("all {} servers and {} workers registered; job running", self.expect_servers, self.expect_workers));
+        self.log.push(format!(
+            "all {} servers and {} workers registered; job running",
+            self.expect_servers, self.expect_workers
+        ));
     }
 
     /// A connection ended.
@@ -261,7 +285,8 @@ impl ManagerCore {
     fn check_stopped(&mut self, _now: Duration) {
         if self.phase == Phase::Stopping && self.nodes.iter().all(|n| n.role != Role::Server || !n.connected) {
             self.phase = Phase::Ended;
-            self.outcome = Some(Ok(format!("{} workers finished; {} servers stopped", self.expect_workers, self.expect_servers)));
+            self.outcome =
+                Some(Ok(format!("{} workers finished; {} servers stopped", self.expect_workers, self.expect_servers)));
         }
     }
 
@@ -280,9 +305,10 @@ impl ManagerCore {
                 self.abort(tx, reason);
             }
             Phase::Running | Phase::Registering => {
-                let silent = self.nodes.iter().find(|n| {
-                    n.connected && !n.done && now.saturating_sub(n.last_seen) > self.timeouts.heartbeat
-                });
+                let silent = self
+                    .nodes
+                    .iter()
+                    .find(|n| n.connected && !n.done && now.saturating_sub(n.last_seen) > self.timeouts.heartbeat);
                 if let Some(n) = silent {
                     let reason = format!(
                         "{} sent nothing for {:.1} s (heartbeat timeout {:.1} s): presumed dead",
@@ -371,7 +397,16 @@ mod tests {
         reg(&mut m, &mut out, 3, Role::Worker, t);
         let welcomes = out.msgs();
         assert_eq!(welcomes.len(), 4);
-        let ranks: Vec<_> = welcomes.iter().map(|(_, c)| match c { Control::Welcome { rank, view } => { assert_eq!(view.servers.len(), 2); *rank } _ => panic!() }).collect();
+        let ranks: Vec<_> = welcomes
+            .iter()
+            .map(|(_, c)| match c {
+                Control::Welcome { rank, view } => {
+                    assert_eq!(view.servers.len(), 2);
+                    *rank
+                }
+                _ => panic!(),
+            })
+            .collect();
         assert_eq!(ranks, vec![0, 0, 1, 1]);
         // a fifth node is turned away
         let mut late = Out::default();
@@ -430,7 +465,14 @@ mod tests {
     fn role_must_match_the_authenticated_one() {
         let mut m = ManagerCore::new(job(), 1, 1, ManagerTimeouts::default());
         let mut out = Out::default();
-        let r = ctl(&mut m, &mut out, 0, Role::Worker, Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: 1 }, Duration::ZERO);
+        let r = ctl(
+            &mut m,
+            &mut out,
+            0,
+            Role::Worker,
+            Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: 1 },
+            Duration::ZERO,
+        );
         assert!(r.unwrap_err().contains("authenticated as role 3"));
     }
 }

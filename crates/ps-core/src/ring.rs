@@ -237,9 +237,8 @@ mod tests {
             let p = 1024;
             let a = Ring::new(&servers(s, 1), p).unwrap();
             let b = Ring::new(&servers(s + 1, 1), p).unwrap();
-            let moved = (0..p as usize)
-                .filter(|&i| a.owner_of_partition(i).server != b.owner_of_partition(i).server)
-                .count();
+            let moved =
+                (0..p as usize).filter(|&i| a.owner_of_partition(i).server != b.owner_of_partition(i).server).count();
             let ideal = p as f64 / (s + 1) as f64;
             // the new server must take about its share; the cascade of the load bound adds a little
             assert!(moved as f64 >= ideal * 0.9, "{s}->{}: moved {moved}, ideal {ideal}", s + 1);
@@ -253,8 +252,7 @@ mod tests {
         for range in [KeyRange::FULL, KeyRange::new(100, 5_000)] {
             let table = TableSpec::sparse(0, "t", range, 1, crate::RuleSpec::Sum);
             let mut rng = SplitMix64::new(3);
-            let mut keys: Vec<u64> =
-                (0..3000).map(|_| range.begin + rng.below(range.len())).collect();
+            let mut keys: Vec<u64> = (0..3000).map(|_| range.begin + rng.below(range.len())).collect();
             keys.sort_unstable();
             keys.dedup();
             let mut covered = 0;

@@ -28,7 +28,11 @@ pub enum RuleSpec {
     /// FTRL-proximal (McMahan et al., KDD 2013), per coordinate.
     Ftrl { alpha: f32, beta: f32, l1: f32, l2: f32 },
     /// A rule registered under `name` in the server's [`RuleRegistry`].
-    Custom { name: String, #[serde(default)] params: serde_json::Value },
+    Custom {
+        name: String,
+        #[serde(default)]
+        params: serde_json::Value,
+    },
 }
 
 impl RuleSpec {

@@ -54,7 +54,12 @@ pub struct ShardCore {
 
 impl ShardCore {
     /// Builds the stores of every table for the ranges `owner` holds in `view`.
-    pub fn new(view: &ClusterView, owner: Owner, rules: &RuleRegistry, kernels: &'static Kernels) -> Result<Self, String> {
+    pub fn new(
+        view: &ClusterView,
+        owner: Owner,
+        rules: &RuleRegistry,
+        kernels: &'static Kernels,
+    ) -> Result<Self, String> {
         let ring = view.ring().map_err(|e| e.to_string())?;
         let mut tables = BTreeMap::new();
         for t in &view.job.tables {
@@ -94,7 +99,9 @@ impl ShardCore {
     pub fn handle(&mut self, peer: PeerId, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
         self.stats.bytes_in += frame.len() as u64;
         let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
-            Frame::Data { h, keys, vals } if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull) => (h, keys, vals),
+            Frame::Data { h, keys, vals } if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull) => {
+                (h, keys, vals)
+            }
             Frame::Data { h, .. } => return Err(WireError::Unexpected(h.kind).into()),
             Frame::Error { .. } => return Err(WireError::Unexpected(Kind::Error).into()),
             Frame::Challenge { .. } => return Err(WireError::Unexpected(Kind::Challenge).into()),
@@ -113,17 +120,33 @@ impl ShardCore {
         }
     }
 
-    fn apply(&mut self, h: &DataHeader, keys_b: &[u8], vals_b: &[u8], peer: PeerId, tx: &mut dyn FrameSink) -> Result<(), Refusal> {
+    fn apply(
+        &mut self,
+        h: &DataHeader,
+        keys_b: &[u8],
+        vals_b: &[u8],
+        peer: PeerId,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), Refusal> {
         let owner = self.owner;
         let Some((dim, store)) = self.tables.get_mut(&TableId(h.table)) else {
-            return Err(Refusal(format!("table {} does not exist on server {} shard {}", h.table, owner.server, owner.shard)));
+            return Err(Refusal(format!(
+                "table {} does not exist on server {} shard {}",
+                h.table, owner.server, owner.shard
+            )));
         };
         let dim = *dim as u64;
         let keys = wire::keys_of(keys_b, &mut self.keys_scratch);
         if !h.dense {
             check_sorted(keys).map_err(|e| Refusal(e.to_string()))?;
             if h.b != h.a.saturating_mul(dim) {
-                return Err(Refusal(format!("{} keys of table {} (dim {dim}) need {} values, frame says {}", h.a, h.table, h.a.saturating_mul(dim), h.b)));
+                return Err(Refusal(format!(
+                    "{} keys of table {} (dim {dim}) need {} values, frame says {}",
+                    h.a,
+                    h.table,
+                    h.a.saturating_mul(dim),
+                    h.b
+                )));
             }
         } else if matches!(store, TableStore::Sparse(_)) {
             return Err(Refusal(format!("table {} is sparse: range operations need a dense table", h.table)));
@@ -140,7 +163,8 @@ impl ShardCore {
             r.map_err(|e| Refusal(format!("server {} shard {}: {e}", owner.server, owner.shard)))?;
         }
         if h.kind == Kind::Push {
-            let ack = DataHeader { kind: Kind::Ack, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+            let ack =
+                DataHeader { kind: Kind::Ack, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
             let len = ack.frame_len().expect("ack is small");
             ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
             self.stats.bytes_out += len as u64;
@@ -148,10 +172,14 @@ impl ShardCore {
         }
         // Pull or PushPull: answer with the values
         self.stats.pull_frames += 1;
-        let resp = DataHeader { kind: Kind::PullResp, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: h.b };
+        let resp =
+            DataHeader { kind: Kind::PullResp, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: h.b };
         let len = resp.frame_len().ok_or_else(|| Refusal("pull too large".into()))?;
         if len > self.body_max + wire::PREFIX_BYTES {
-            return Err(Refusal(format!("a pull of {} values does not fit one frame of {} bytes: split it", h.b, self.body_max)));
+            return Err(Refusal(format!(
+                "a pull of {} values does not fit one frame of {} bytes: split it",
+                h.b, self.body_max
+            )));
         }
         // validate before reserving the response, so a refusal is one error frame and nothing else
         let checked = match &*store {
@@ -187,7 +215,8 @@ impl ShardCore {
             }
         }
         if !aligned {
-            buf[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + n * 4].copy_from_slice(bytemuck::cast_slice(&scratch[..]));
+            buf[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + n * 4]
+                .copy_from_slice(bytemuck::cast_slice(&scratch[..]));
         }
         self.stats.bytes_out += len as u64;
         Ok(())

@@ -25,12 +25,15 @@ impl FrameSink for SimSink {
     }
 }
 
+/// One ordered link: (from, to) and the frames in flight on it.
+type Link = ((usize, usize), VecDeque<Vec<u8>>);
+
 /// Ordered links between endpoints, delivered in a seeded random interleaving.
 #[derive(Debug)]
 pub struct SimNet {
     rng: SplitMix64,
     /// (from, to) -> frames in flight, in order
-    links: Vec<((usize, usize), VecDeque<Vec<u8>>)>,
+    links: Vec<Link>,
 }
 
 impl SimNet {
@@ -123,8 +126,9 @@ mod tests {
         let peers: Vec<Vec<PeerId>> = (0..SERVERS)
             .map(|s| (0..SHARDS).map(|h| PeerId { index: (s * SHARDS + h) as u32, generation: 0 }).collect())
             .collect();
-        let mut workers: Vec<WorkerCore> =
-            (0..WORKERS).map(|_| WorkerCore::new(&view.job.tables, ring.clone(), peers.clone(), view.job.limits)).collect();
+        let mut workers: Vec<WorkerCore> = (0..WORKERS)
+            .map(|_| WorkerCore::new(&view.job.tables, ring.clone(), peers.clone(), view.job.limits))
+            .collect();
         let mut net = SimNet::new(seed);
         // acknowledged sums per (table, key, j)
         let mut acked: BTreeMap<(u32, u64, usize), f64> = BTreeMap::new();
@@ -155,11 +159,15 @@ mod tests {
                 let table = rng.below(3) as u32;
                 let dim = if table == 0 { 1 } else { 8 };
                 let space = if table == 1 { 4096 } else { 3000 };
-                let mut keys: Vec<u64> = (0..1 + rng.below(400)).map(|_| rng.below(space) * if table == 1 { 1 } else { 1_000_003 }).collect();
+                let mut keys: Vec<u64> = (0..1 + rng.below(400))
+                    .map(|_| rng.below(space) * if table == 1 { 1 } else { 1_000_003 })
+                    .collect();
                 keys.sort_unstable();
                 keys.dedup();
                 let vals: Vec<f32> = (0..keys.len() * dim).map(|_| rng.below(9) as f32).collect();
-                let ts = workers[w].issue(&mut sink, Kind::Push, TableId(table), Keys::List(&keys), Some(&vals), None).unwrap();
+                let ts = workers[w]
+                    .issue(&mut sink, Kind::Push, TableId(table), Keys::List(&keys), Some(&vals), None)
+                    .unwrap();
                 flush(&mut net, &mut sink, worker_ep(w), &|p: PeerId| p.index as usize);
                 current[w] = Some(Op::Push(ts, table, keys, vals));
             }
@@ -187,7 +195,9 @@ mod tests {
                             }
                         }
                         // read my writes: issue a pull of the same keys right away
-                        let ts = workers[w].issue(&mut sink, Kind::Pull, TableId(table), Keys::List(&keys), None, Some(Vec::new())).unwrap();
+                        let ts = workers[w]
+                            .issue(&mut sink, Kind::Pull, TableId(table), Keys::List(&keys), None, Some(Vec::new()))
+                            .unwrap();
                         flush(&mut net, &mut sink, worker_ep(w), &|p: PeerId| p.index as usize);
                         current[w] = Some(Op::Pull(ts, table, keys));
                     }
@@ -219,7 +229,8 @@ mod tests {
             if keys.is_empty() {
                 continue;
             }
-            let ts = reader.issue(&mut sink, Kind::Pull, TableId(table), Keys::List(&keys), None, Some(Vec::new())).unwrap();
+            let ts =
+                reader.issue(&mut sink, Kind::Pull, TableId(table), Keys::List(&keys), None, Some(Vec::new())).unwrap();
             let reader_ep = SERVERS * SHARDS + WORKERS;
             flush(&mut net, &mut sink, reader_ep, &|p: PeerId| p.index as usize);
             while let Some((from, to, frame)) = net.step() {

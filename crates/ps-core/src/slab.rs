@@ -180,7 +180,7 @@ mod tests {
                 let mut mem = old.clone();
                 let mut done = 0;
                 let mut image = vec![0u64; WORDS];
-                let mut apply = |mem: &mut Vec<u64>, done: &mut usize, upto: usize| {
+                let apply = |mem: &mut Vec<u64>, done: &mut usize, upto: usize| {
                     while *done < upto.min(writer_steps) {
                         match *done {
                             0 => mem[WORDS - 1] = 3,

@@ -249,7 +249,12 @@ pub struct SparseStore {
 const NO_SLOT: u32 = u32::MAX;
 
 impl SparseStore {
-    pub fn new(dim: u32, owned: Vec<KeyRange>, rule: Arc<dyn UpdateRule>, blocks_per_slab: usize) -> std::io::Result<Self> {
+    pub fn new(
+        dim: u32,
+        owned: Vec<KeyRange>,
+        rule: Arc<dyn UpdateRule>,
+        blocks_per_slab: usize,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             dim: dim as usize,
             owned,
@@ -437,8 +442,8 @@ impl SparseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{RuleRegistry, RuleSpec};
     use crate::rng::SplitMix64;
+    use crate::rules::{RuleRegistry, RuleSpec};
 
     fn rule(spec: RuleSpec) -> Arc<dyn UpdateRule> {
         RuleRegistry::default().build(&spec).unwrap()
@@ -478,8 +483,7 @@ mod tests {
                     let mut keys: Vec<u64> = (0..200).map(|_| rng.below(1000) * 7919).collect();
                     keys.sort_unstable();
                     keys.dedup();
-                    let vals: Vec<f32> =
-                        (0..keys.len() * dim as usize).map(|_| rng.below(17) as f32 - 8.0).collect();
+                    let vals: Vec<f32> = (0..keys.len() * dim as usize).map(|_| rng.below(17) as f32 - 8.0).collect();
                     s.push(&keys, &vals, k).unwrap();
                     for (i, key) in keys.iter().enumerate() {
                         let e = reference.entry(*key).or_insert_with(|| vec![0.0; dim as usize]);
@@ -500,7 +504,11 @@ mod tests {
                 s.pull(&keys, &mut out).unwrap();
                 for (i, key) in keys.iter().enumerate() {
                     let want = reference.get(key).cloned().unwrap_or(vec![0.0; dim as usize]);
-                    assert_eq!(&out[i * dim as usize..(i + 1) * dim as usize], &want[..], "{spec:?} dim {dim} key {key}");
+                    assert_eq!(
+                        &out[i * dim as usize..(i + 1) * dim as usize],
+                        &want[..],
+                        "{spec:?} dim {dim} key {key}"
+                    );
                 }
                 assert_eq!(s.len(), reference.len());
             }

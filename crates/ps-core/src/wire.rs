@@ -115,7 +115,7 @@ pub fn parse_prefix(p: &[u8; 8], body_max: usize) -> Result<Prefix, WireError> {
     if body > body_max {
         return Err(WireError::TooLong { len: body, max: body_max });
     }
-    if body % 8 != 0 {
+    if !body.is_multiple_of(8) {
         return Err(WireError::Unaligned(body));
     }
     Ok(Prefix { kind, flags: u16::from_le_bytes([p[6], p[7]]), frame_len: PREFIX_BYTES + body })
@@ -185,12 +185,28 @@ impl DataHeader {
 /// A decoded frame, borrowing its payload from the receive buffer.
 #[derive(Debug, PartialEq)]
 pub enum Frame<'a> {
-    Challenge { nonce: &'a [u8; NONCE_BYTES] },
-    Hello { role: u8, node: u32, nonce: &'a [u8; NONCE_BYTES], mac: &'a [u8; MAC_BYTES] },
-    Welcome { mac: &'a [u8; MAC_BYTES] },
+    Challenge {
+        nonce: &'a [u8; NONCE_BYTES],
+    },
+    Hello {
+        role: u8,
+        node: u32,
+        nonce: &'a [u8; NONCE_BYTES],
+        mac: &'a [u8; MAC_BYTES],
+    },
+    Welcome {
+        mac: &'a [u8; MAC_BYTES],
+    },
     /// keys: little-endian u64s; vals: little-endian f32s
-    Data { h: DataHeader, keys: &'a [u8], vals: &'a [u8] },
-    Error { h: DataHeader, message: &'a str },
+    Data {
+        h: DataHeader,
+        keys: &'a [u8],
+        vals: &'a [u8],
+    },
+    Error {
+        h: DataHeader,
+        message: &'a str,
+    },
     Control(&'a [u8]),
 }
 
@@ -330,7 +346,15 @@ pub fn error_len(msg: &str) -> usize {
 /// Writes an error frame (answering request `h`) into `buf` (exactly `error_len(msg)`).
 pub fn write_error(buf: &mut [u8], h: &DataHeader, msg: &str) {
     buf.fill(0);
-    let e = DataHeader { kind: Kind::Error, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: 0, b: msg.len() as u64 };
+    let e = DataHeader {
+        kind: Kind::Error,
+        dense: h.dense,
+        table: h.table,
+        sub: h.sub,
+        ts: h.ts,
+        a: 0,
+        b: msg.len() as u64,
+    };
     e.write(buf);
     buf[DATA_HEADER_BYTES..DATA_HEADER_BYTES + msg.len()].copy_from_slice(msg.as_bytes());
 }

@@ -158,7 +158,13 @@ impl WorkerCore {
         if let Some(v) = vals {
             let expected = n as usize * t.dim as usize;
             if v.len() != expected {
-                return Err(PsError::WrongValueCount { table: t.id, dim: t.dim, keys: n as usize, expected, got: v.len() });
+                return Err(PsError::WrongValueCount {
+                    table: t.id,
+                    dim: t.dim,
+                    keys: n as usize,
+                    expected,
+                    got: v.len(),
+                });
             }
         }
         Ok(n)
@@ -194,7 +200,12 @@ impl WorkerCore {
                             at += take;
                             if n == per_chunk {
                                 let end = self.chunk_ranges.len();
-                                self.chunks[g].push(Chunk { owner, a: n as u64, b: n as u64 * dim, ranges: start..end });
+                                self.chunks[g].push(Chunk {
+                                    owner,
+                                    a: n as u64,
+                                    b: n as u64 * dim,
+                                    ranges: start..end,
+                                });
                                 start = end;
                                 n = 0;
                             }
@@ -353,18 +364,29 @@ impl WorkerCore {
         let owner = self.peer_owner.get(&peer).copied().unwrap_or(Owner { server: u32::MAX, shard: u32::MAX });
         match wire::decode(frame, self.body_max).map_err(|e| bad(e.to_string()))? {
             Frame::Data { h, vals, .. } if matches!(h.kind, Kind::Ack | Kind::PullResp) => {
-                let p = self.pending.get_mut(&h.ts).ok_or_else(|| bad(format!("response for unknown timestamp {}", h.ts)))?;
+                let p = self
+                    .pending
+                    .get_mut(&h.ts)
+                    .ok_or_else(|| bad(format!("response for unknown timestamp {}", h.ts)))?;
                 if p.frames_left == 0 {
                     return Err(bad(format!("too many responses for timestamp {}", h.ts)));
                 }
                 if h.kind == Kind::PullResp {
                     let Some(out) = p.pull.as_mut() else { return Err(bad(format!("values for push {}", h.ts))) };
                     if h.dense {
-                        let off = h.a.checked_sub(out.base).ok_or_else(|| bad("response before the request".into()))? as usize;
-                        let dst = out.vals.get_mut(off..off + h.b as usize).ok_or_else(|| bad("response beyond the request".into()))?;
+                        let off = h.a.checked_sub(out.base).ok_or_else(|| bad("response before the request".into()))?
+                            as usize;
+                        let dst = out
+                            .vals
+                            .get_mut(off..off + h.b as usize)
+                            .ok_or_else(|| bad("response beyond the request".into()))?;
                         wire::copy_vals(dst, vals);
                     } else {
-                        let sub = out.subs.get(h.sub as usize).cloned().ok_or_else(|| bad(format!("unknown sub {}", h.sub)))?;
+                        let sub = out
+                            .subs
+                            .get(h.sub as usize)
+                            .cloned()
+                            .ok_or_else(|| bad(format!("unknown sub {}", h.sub)))?;
                         let keys: usize = out.ranges[sub.clone()].iter().map(|r| r.len()).sum();
                         if keys * out.dim != h.b as usize {
                             return Err(bad(format!("sub {} carries {} values for {keys} keys", h.sub, h.b)));
@@ -381,12 +403,17 @@ impl WorkerCore {
                 Ok(())
             }
             Frame::Error { h, message } => {
-                let p = self.pending.get_mut(&h.ts).ok_or_else(|| bad(format!("error for unknown timestamp {}", h.ts)))?;
+                let p =
+                    self.pending.get_mut(&h.ts).ok_or_else(|| bad(format!("error for unknown timestamp {}", h.ts)))?;
                 if p.frames_left == 0 {
                     return Err(bad(format!("too many responses for timestamp {}", h.ts)));
                 }
                 p.frames_left -= 1;
-                p.error.get_or_insert(PsError::Rejected { server: owner.server, shard: owner.shard, reason: message.to_string() });
+                p.error.get_or_insert(PsError::Rejected {
+                    server: owner.server,
+                    shard: owner.shard,
+                    reason: message.to_string(),
+                });
                 Ok(())
             }
             other => Err(bad(format!("unexpected frame {other:?}"))),

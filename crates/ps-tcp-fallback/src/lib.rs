@@ -89,8 +89,13 @@ pub enum ConnectError {
 #[derive(Debug)]
 enum State {
     /// we sent a challenge with this nonce and wait for the Hello
-    Challenged { nonce: [u8; NONCE_BYTES], deadline: Instant },
-    Open { hello: PeerHello },
+    Challenged {
+        nonce: [u8; NONCE_BYTES],
+        deadline: Instant,
+    },
+    Open {
+        hello: PeerHello,
+    },
 }
 
 #[derive(Debug)]
@@ -218,7 +223,8 @@ impl TcpTransport {
 
     fn conn_index(&self, peer: PeerId) -> Option<usize> {
         let i = peer.index as usize;
-        (self.generations.get(i) == Some(&peer.generation) && self.conns.get(i).is_some_and(|c| c.is_some())).then_some(i)
+        (self.generations.get(i) == Some(&peer.generation) && self.conns.get(i).is_some_and(|c| c.is_some()))
+            .then_some(i)
     }
 
     fn insert(&mut self, conn: Conn) -> io::Result<usize> {
@@ -241,7 +247,8 @@ impl TcpTransport {
     /// Connects to a listener and runs the handshake (blocking, bounded by `timeout`).
     pub fn connect(&mut self, addr: SocketAddr, timeout: Duration) -> Result<PeerId, ConnectError> {
         let hs = |why: String| ConnectError::Handshake { addr, why };
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|err| ConnectError::Connect { addr, err })?;
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|err| ConnectError::Connect { addr, err })?;
         s.set_nodelay(true).ok();
         s.set_read_timeout(Some(timeout)).ok();
         s.set_write_timeout(Some(timeout)).ok();
@@ -255,12 +262,13 @@ impl TcpTransport {
         let id = self.cfg.identity;
         let mac = self.cfg.secret.client_mac(&ns, &nc, id.role, id.node);
         s.write_all(&wire::encode_hello(id.role, id.node, &nc, &mac)).map_err(|e| hs(e.to_string()))?;
-        let welcome = read_frame_blocking(&mut s, wire::HANDSHAKE_BODY_MAX).map_err(|e| {
-            hs(format!("{e} (the peer closed the connection: most likely our job secret is wrong)"))
-        })?;
+        let welcome = read_frame_blocking(&mut s, wire::HANDSHAKE_BODY_MAX)
+            .map_err(|e| hs(format!("{e} (the peer closed the connection: most likely our job secret is wrong)")))?;
         match wire::decode(&welcome, wire::HANDSHAKE_BODY_MAX) {
             Ok(Frame::Welcome { mac }) if self.cfg.secret.verify_server(&ns, &nc, mac) => {}
-            Ok(Frame::Welcome { .. }) => return Err(hs("the peer does not know our job secret: not a node of this job".into())),
+            Ok(Frame::Welcome { .. }) => {
+                return Err(hs("the peer does not know our job secret: not a node of this job".into()))
+            }
             Ok(other) => return Err(hs(format!("expected a welcome, got {other:?}"))),
             Err(e) => return Err(hs(e.to_string())),
         }
@@ -401,7 +409,9 @@ impl TcpTransport {
     /// requests but never reads the answers.
     fn has_response_room(&self, i: usize) -> bool {
         let frame = self.cfg.limits.frame_bytes_max + PREFIX_BYTES;
-        self.conns[i].as_ref().is_some_and(|c| c.tx.pending() + (c.queued + 1) * frame <= self.cfg.limits.tx_queue_bytes_max)
+        self.conns[i]
+            .as_ref()
+            .is_some_and(|c| c.tx.pending() + (c.queued + 1) * frame <= self.cfg.limits.tx_queue_bytes_max)
     }
 
     /// Who `peer` proved to be in its handshake (listener side).
@@ -454,7 +464,8 @@ impl TcpTransport {
             let fill = conn.rfill;
             match conn.sock.read(&mut conn.rbuf.bytes_mut()[fill..cap]) {
                 Ok(0) => {
-                    let reason = if conn.rfill > conn.rstart { "peer closed mid-frame" } else { "peer closed the connection" };
+                    let reason =
+                        if conn.rfill > conn.rstart { "peer closed mid-frame" } else { "peer closed the connection" };
                     let bad = conn.rfill > conn.rstart;
                     return self.drop_conn(i, reason, bad);
                 }
@@ -534,8 +545,11 @@ impl TcpTransport {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(io_err(e)),
         }
-        let tokens: Vec<(Token, bool, bool)> =
-            self.events.iter().map(|e| (e.token(), e.is_readable() || e.is_read_closed() || e.is_error(), e.is_writable())).collect();
+        let tokens: Vec<(Token, bool, bool)> = self
+            .events
+            .iter()
+            .map(|e| (e.token(), e.is_readable() || e.is_read_closed() || e.is_error(), e.is_writable()))
+            .collect();
         for (token, readable, writable) in tokens {
             match token {
                 LISTENER => self.accept_all(),
@@ -676,7 +690,8 @@ fn random_nonce() -> Result<[u8; NONCE_BYTES], String> {
 fn read_frame_blocking(s: &mut std::net::TcpStream, body_max: usize) -> io::Result<Vec<u8>> {
     let mut prefix = [0u8; 8];
     s.read_exact(&mut prefix)?;
-    let p = wire::parse_prefix(&prefix, body_max).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let p =
+        wire::parse_prefix(&prefix, body_max).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let mut f = vec![0u8; p.frame_len];
     f[..8].copy_from_slice(&prefix);
     s.read_exact(&mut f[8..])?;

@@ -11,9 +11,7 @@
 //! private `AVX2` table in `mod.rs`, which `Kernels::for_isa` hands out only
 //! after `is_x86_feature_detected!("avx2")` returned true.
 
-use std::arch::x86_64::{
-    __m256, _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_storeu_ps,
-};
+use std::arch::x86_64::{__m256, _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_storeu_ps};
 
 use super::{check_dense, check_scatter, scalar};
 

@@ -20,9 +20,9 @@
 //! both features.
 
 use std::arch::x86_64::{
-    __m512, __mmask16, _mm512_add_ps, _mm512_conflict_epi32, _mm512_i32gather_ps,
-    _mm512_i32scatter_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps,
-    _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps, _mm512_test_epi32_mask,
+    __m512, __mmask16, _mm512_add_ps, _mm512_conflict_epi32, _mm512_i32gather_ps, _mm512_i32scatter_ps,
+    _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
+    _mm512_storeu_ps, _mm512_test_epi32_mask,
 };
 
 use super::{check_dense, check_scatter};
@@ -197,12 +197,8 @@ unsafe fn scatter_dim1(dst: &mut [f32], idx: &[u32], vals: &[f32]) {
         // 2. `i + 16 <= n == vals.len()` (precondition 2): 16 keys and 16
         //    values are in range; `loadu` accepts any alignment, and `u32`
         //    and `i32` have the same layout.
-        let (keys, v) = unsafe {
-            (
-                _mm512_loadu_si512(idx.as_ptr().add(i).cast()),
-                _mm512_loadu_ps(vals.as_ptr().add(i)),
-            )
-        };
+        let (keys, v) =
+            unsafe { (_mm512_loadu_si512(idx.as_ptr().add(i).cast()), _mm512_loadu_ps(vals.as_ptr().add(i))) };
         // Lane j of `conflicts` has a bit set for each earlier lane with the same key.
         let conflicts = _mm512_conflict_epi32(keys);
         if _mm512_test_epi32_mask(conflicts, conflicts) == 0 {
@@ -260,10 +256,7 @@ pub(super) fn scatter_add(dst: &mut [f32], idx: &[u32], vals: &[f32], dim: usize
     let Some(max) = check_scatter(dst.len(), idx, vals.len(), dim) else {
         return; // no keys
     };
-    debug_assert!(
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512cd")
-    );
+    debug_assert!(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512cd"));
     if dim == 1 && max as usize * dim <= i32::MAX as usize {
         // SAFETY:
         // 1. Only reachable through the AVX-512 table, which is handed out

@@ -68,9 +68,7 @@ impl FromStr for Isa {
             "scalar" => Ok(Isa::Scalar),
             "avx2" => Ok(Isa::Avx2),
             "avx512" => Ok(Isa::Avx512),
-            other => Err(format!(
-                "unknown ISA {other:?} (expected \"scalar\", \"avx2\" or \"avx512\")"
-            )),
+            other => Err(format!("unknown ISA {other:?} (expected \"scalar\", \"avx2\" or \"avx512\")")),
         }
     }
 }
@@ -91,32 +89,19 @@ pub struct Kernels {
     pub scatter_add: fn(&mut [f32], &[u32], &[f32], usize),
 }
 
-static SCALAR: Kernels = Kernels {
-    isa: Isa::Scalar,
-    add: scalar::add,
-    axpy: scalar::axpy,
-    scatter_add: scalar::scatter_add,
-};
+static SCALAR: Kernels =
+    Kernels { isa: Isa::Scalar, add: scalar::add, axpy: scalar::axpy, scatter_add: scalar::scatter_add };
 
 // These two tables hold safe wrappers around `#[target_feature]` code. They
 // are private and are only ever returned by `for_isa` after `support()` has
 // confirmed the features at run time; that is the soundness argument for
 // every wrapper in `avx2.rs` and `avx512.rs`.
 #[cfg(target_arch = "x86_64")]
-static AVX2: Kernels = Kernels {
-    isa: Isa::Avx2,
-    add: avx2::add,
-    axpy: avx2::axpy,
-    scatter_add: avx2::scatter_add,
-};
+static AVX2: Kernels = Kernels { isa: Isa::Avx2, add: avx2::add, axpy: avx2::axpy, scatter_add: avx2::scatter_add };
 
 #[cfg(target_arch = "x86_64")]
-static AVX512: Kernels = Kernels {
-    isa: Isa::Avx512,
-    add: avx512::add,
-    axpy: avx512::axpy,
-    scatter_add: avx512::scatter_add,
-};
+static AVX512: Kernels =
+    Kernels { isa: Isa::Avx512, add: avx512::add, axpy: avx512::axpy, scatter_add: avx512::scatter_add };
 
 /// What the running CPU supports, detected once.
 #[cfg(target_arch = "x86_64")]
@@ -136,18 +121,14 @@ fn support() -> Support {
 fn detect() -> Support {
     Support {
         avx2: std::arch::is_x86_feature_detected!("avx2"),
-        avx512: std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512cd"),
+        avx512: std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512cd"),
     }
 }
 
 impl Kernels {
     /// The best table this CPU supports (detection runs once and is cached).
     pub fn best() -> &'static Kernels {
-        [Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .find_map(Kernels::for_isa)
-            .unwrap_or(&SCALAR)
+        [Isa::Avx512, Isa::Avx2].into_iter().find_map(Kernels::for_isa).unwrap_or(&SCALAR)
     }
 
     /// The table for `isa` if this CPU supports it (`Scalar` always), else `None`.
@@ -165,20 +146,14 @@ impl Kernels {
 
     /// Every table this CPU supports, scalar first.
     pub fn available() -> Vec<&'static Kernels> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter_map(Kernels::for_isa)
-            .collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter_map(Kernels::for_isa).collect()
     }
 }
 
 /// Asserts the length contract of `add` / `axpy`.
 #[inline]
 fn check_dense(dst_len: usize, src_len: usize) {
-    assert_eq!(
-        dst_len, src_len,
-        "kernel length mismatch: dst has {dst_len} elements, src has {src_len}"
-    );
+    assert_eq!(dst_len, src_len, "kernel length mismatch: dst has {dst_len} elements, src has {src_len}");
 }
 
 /// Asserts every precondition of `scatter_add` and returns the largest index
@@ -227,10 +202,7 @@ mod tests {
     }
 
     fn simd_tables() -> Vec<&'static Kernels> {
-        Kernels::available()
-            .into_iter()
-            .filter(|k| k.isa != Isa::Scalar)
-            .collect()
+        Kernels::available().into_iter().filter(|k| k.isa != Isa::Scalar).collect()
     }
 
     /// Floats with plenty of specials: NaN, infinities, zeros, subnormals.
@@ -269,11 +241,7 @@ mod tests {
         fn new(data: &[f32], off: usize) -> Self {
             let mut buf = vec![CANARY; off + data.len() + GUARD];
             buf[off..off + data.len()].copy_from_slice(data);
-            Placed {
-                buf,
-                off,
-                len: data.len(),
-            }
+            Placed { buf, off, len: data.len() }
         }
         fn get(&self) -> &[f32] {
             &self.buf[self.off..self.off + self.len]
@@ -284,10 +252,7 @@ mod tests {
         fn assert_guards_intact(&self, what: &str) {
             let (head, rest) = self.buf.split_at(self.off);
             let tail = &rest[self.len..];
-            assert!(
-                head.iter().chain(tail).all(|&x| x == CANARY),
-                "{what}: wrote outside the slice"
-            );
+            assert!(head.iter().chain(tail).all(|&x| x == CANARY), "{what}: wrote outside the slice");
         }
     }
 
@@ -295,11 +260,7 @@ mod tests {
 
     #[test]
     fn isa_names_round_trip() {
-        for (isa, name) in [
-            (Isa::Scalar, "scalar"),
-            (Isa::Avx2, "avx2"),
-            (Isa::Avx512, "avx512"),
-        ] {
+        for (isa, name) in [(Isa::Scalar, "scalar"), (Isa::Avx2, "avx2"), (Isa::Avx512, "avx512")] {
             assert_eq!(isa.to_string(), name);
             assert_eq!(name.parse::<Isa>(), Ok(isa));
         }
@@ -321,8 +282,8 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = std::arch::is_x86_feature_detected!("avx2");
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512cd");
+            let avx512 =
+                std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512cd");
             assert_eq!(Kernels::for_isa(Isa::Avx2).is_some(), avx2);
             assert_eq!(Kernels::for_isa(Isa::Avx512).is_some(), avx512);
             assert_eq!(avail.len(), 1 + avx2 as usize + avx512 as usize);
@@ -371,12 +332,7 @@ mod tests {
                 let src = vec![1.0 + e; n];
                 let mut dst = vec![-(1.0 + 2.0 * e); n];
                 (k.axpy)(&mut dst, a, &src);
-                assert!(
-                    dst.iter().all(|&x| x.to_bits() == 0),
-                    "{} n={n}: {:?}",
-                    k.isa,
-                    &dst[..n.min(4)]
-                );
+                assert!(dst.iter().all(|&x| x.to_bits() == 0), "{} n={n}: {:?}", k.isa, &dst[..n.min(4)]);
             }
         }
     }
@@ -465,35 +421,19 @@ mod tests {
     fn scatter_violations_panic_for_every_table() {
         let v = vec![1.0f32; 64];
         assert_every_table_panics("dim 0", 64, |k, d| (k.scatter_add)(d, &[0], &[], 0));
-        assert_every_table_panics("vals short", 64, |k, d| {
-            (k.scatter_add)(d, &[0, 1], &v[..3], 2)
-        });
-        assert_every_table_panics("vals long", 64, |k, d| {
-            (k.scatter_add)(d, &[0, 1], &v[..5], 2)
-        });
-        assert_every_table_panics("vals for no keys", 64, |k, d| {
-            (k.scatter_add)(d, &[], &v[..1], 1)
-        });
+        assert_every_table_panics("vals short", 64, |k, d| (k.scatter_add)(d, &[0, 1], &v[..3], 2));
+        assert_every_table_panics("vals long", 64, |k, d| (k.scatter_add)(d, &[0, 1], &v[..5], 2));
+        assert_every_table_panics("vals for no keys", 64, |k, d| (k.scatter_add)(d, &[], &v[..1], 1));
         // Key 3 with dim 16 needs 64 floats; give 63 (the last row is short).
-        assert_every_table_panics("partial last row", 63, |k, d| {
-            (k.scatter_add)(d, &[0, 3, 1], &v[..48], 16)
-        });
+        assert_every_table_panics("partial last row", 63, |k, d| (k.scatter_add)(d, &[0, 3, 1], &v[..48], 16));
         // Out-of-range key in a 16-key group (the AVX-512 gather path) ...
         let mut keys: Vec<u32> = (0..16).collect();
         keys[9] = 64;
-        assert_every_table_panics("dim 1 gather group", 64, |k, d| {
-            (k.scatter_add)(d, &keys, &v[..16], 1)
-        });
+        assert_every_table_panics("dim 1 gather group", 64, |k, d| (k.scatter_add)(d, &keys, &v[..16], 1));
         // ... and in the tail, behind in-range keys.
-        assert_every_table_panics("dim 1 tail", 10, |k, d| {
-            (k.scatter_add)(d, &[0, 1, 2, 10], &v[..4], 1)
-        });
-        assert_every_table_panics("huge key", 64, |k, d| {
-            (k.scatter_add)(d, &[u32::MAX], &v[..1], 1)
-        });
-        assert_every_table_panics("dim overflow", 64, |k, d| {
-            (k.scatter_add)(d, &[0], &[], usize::MAX)
-        });
+        assert_every_table_panics("dim 1 tail", 10, |k, d| (k.scatter_add)(d, &[0, 1, 2, 10], &v[..4], 1));
+        assert_every_table_panics("huge key", 64, |k, d| (k.scatter_add)(d, &[u32::MAX], &v[..1], 1));
+        assert_every_table_panics("dim overflow", 64, |k, d| (k.scatter_add)(d, &[0], &[], usize::MAX));
     }
 
     #[test]
@@ -528,17 +468,9 @@ mod tests {
 
     // ---- Properties: every SIMD table equals scalar, bit for bit -----------
 
-    fn dense_case(
-        max_len: usize,
-    ) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize, usize, f32)> {
+    fn dense_case(max_len: usize) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize, usize, f32)> {
         (0..max_len, 0usize..16, 0usize..16).prop_flat_map(|(len, od, os)| {
-            (
-                prop::collection::vec(f32s(), len),
-                prop::collection::vec(f32s(), len),
-                Just(od),
-                Just(os),
-                f32s(),
-            )
+            (prop::collection::vec(f32s(), len), prop::collection::vec(f32s(), len), Just(od), Just(os), f32s())
         })
     }
 
@@ -571,15 +503,8 @@ mod tests {
         max_keys: usize,
         max_dim: usize,
     ) -> impl Strategy<Value = (Vec<f32>, Vec<u32>, Vec<f32>, usize, usize, usize)> {
-        (
-            1..max_dim,
-            1usize..600,
-            0..max_keys,
-            0usize..16,
-            0usize..16,
-            any::<bool>(),
-        )
-            .prop_flat_map(|(dim, rows, nkeys, od, ov, crowded)| {
+        (1..max_dim, 1usize..600, 0..max_keys, 0usize..16, 0usize..16, any::<bool>()).prop_flat_map(
+            |(dim, rows, nkeys, od, ov, crowded)| {
                 // `crowded`: few slots, so duplicates (and AVX-512 conflicts)
                 // are common; otherwise many slots, mostly distinct keys.
                 let rows = if crowded { rows % 24 + 1 } else { rows };
@@ -593,17 +518,11 @@ mod tests {
                     Just(od),
                     Just(ov),
                 )
-            })
+            },
+        )
     }
 
-    fn check_scatter_case(
-        dst: &[f32],
-        idx: &[u32],
-        vals: &[f32],
-        dim: usize,
-        od: usize,
-        ov: usize,
-    ) {
+    fn check_scatter_case(dst: &[f32], idx: &[u32], vals: &[f32], dim: usize, od: usize, ov: usize) {
         let vals_p = Placed::new(vals, ov);
         let mut want = dst.to_vec();
         (Kernels::for_isa(Isa::Scalar).unwrap().scatter_add)(&mut want, idx, vals, dim);

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing pslab need on Debian/Ubuntu, and
+# nothing else. Safe to run again: it installs only what is missing.
+#   - a Rust toolchain (cargo): from rustup if absent
+#   - fonts-dejavu-core: the font the PNG plots draw text with
+# The RDMA build (next issue) adds libibverbs-dev, librdmacm-dev and libclang-dev here.
+set -euo pipefail
+
+need=()
+for pkg in fonts-dejavu-core ca-certificates; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "deps: installing ${need[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "deps: no cargo found; installing the Rust toolchain with rustup" >&2
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's second command, and what CI runs (.ci/run): formatting, lints,
+# every test (units, property tests, the seeded simulation, real multi-process
+# jobs, the hostile-network test), then a short smoke run of the benchmark so
+# the bench command itself stays working. Release mode: the process tests and
+# the simulation run several times faster, and it is one build for all of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+t0=$(date +%s)
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --locked --release --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked --release --workspace
+echo "== bench smoke run (0.2 s phases)"
+smoke=$(mktemp -d)
+target/release/pslab bench --seconds 0.2 --dense-sizes 4096,1048576 --sparse-sizes 4096 \
+  --json "$smoke/bench.json" --plot "$smoke/bench.png" --no-pin
+test -s "$smoke/bench.json"
+echo "== all checks passed in $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,146 @@
+//! Whole jobs as real processes: `pslab local` starts a manager, servers and
+//! workers as separate OS processes talking over TCP on 127.0.0.1.
+//!
+//! - invariant 1 (DESIGN.md §4): after concurrent pushes from 3 workers into
+//!   dense and sparse tables (dims 1 and 8, sum and SGD rules) on 2 servers x 2
+//!   shards, every parameter equals the sum of the acknowledged updates;
+//! - the same check fails when one update is left out of the books (so it can fail);
+//! - the main job learns the planted model;
+//! - a server killed with SIGKILL fails the job promptly, with the reason, and
+//!   the launcher stops every other process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pslab() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pslab"));
+    c.env("PS_LOG", "info");
+    c
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = pslab().args(args).output().expect("run pslab");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn invariant_1_holds_across_processes() {
+    let (ok, out) = run(&[
+        "local",
+        "--app",
+        "check",
+        "--servers",
+        "2",
+        "--shards",
+        "2",
+        "--workers",
+        "3",
+        "--no-pin",
+        "-v",
+        "--params",
+        r#"{"rounds": 20, "keys": 1500}"#,
+    ]);
+    assert!(ok, "job failed:\n{out}");
+    assert_eq!(out.matches("finished: invariant 1 holds").count(), 3, "every worker verifies:\n{out}");
+    assert!(out.matches("\"mismatches\":0").count() == 3, "{out}");
+}
+
+#[test]
+fn the_check_catches_an_update_left_out_of_the_books() {
+    let (ok, out) = run(&[
+        "local",
+        "--app",
+        "check",
+        "--servers",
+        "2",
+        "--workers",
+        "2",
+        "--no-pin",
+        "--params",
+        r#"{"rounds": 3, "inject_stray_push": true}"#,
+    ]);
+    assert!(!ok, "a wrong parameter must fail the job:\n{out}");
+    assert!(out.contains("invariant 1 broken: 1 of"), "{out}");
+}
+
+#[test]
+fn the_main_job_learns_the_planted_model() {
+    let (ok, out) = run(&["local", "--no-pin", "--params", r#"{"examples": 80000, "epochs": 3}"#]);
+    assert!(ok, "job failed:\n{out}");
+    let value = |label: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} in:\n{out}"));
+        line[label.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (acc, planted) = (value("test accuracy"), value("planted model accuracy"));
+    assert!(acc > planted - 0.05, "learned {acc} vs planted {planted}:\n{out}");
+    assert!(value("test AUC") > 0.9, "{out}");
+    assert_eq!(out.matches("train loss").count(), 3, "a loss line per epoch:\n{out}");
+}
+
+#[test]
+fn a_killed_server_fails_the_job_with_the_reason() {
+    let mut child = pslab()
+        .args([
+            "local",
+            "--app",
+            "check",
+            "--servers",
+            "2",
+            "--workers",
+            "2",
+            "--no-pin",
+            "-v",
+            "--params",
+            r#"{"rounds": 1000000}"#,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut server_pid = None;
+    let mut running = false;
+    let mut seen = String::new();
+    while start.elapsed() < Duration::from_secs(60) && !(running && server_pid.is_some()) {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else { continue };
+        if let Some(rest) = line.strip_prefix("[launcher] started server1 (pid ") {
+            server_pid = rest.trim_end_matches(')').parse::<u32>().ok();
+        }
+        running |= line.contains("job running");
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let pid = server_pid.unwrap_or_else(|| panic!("no server pid:\n{seen}"));
+    assert!(running, "the job never started:\n{seen}");
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "the job did not end after a server died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    assert!(!status.success(), "a job that lost a server must fail");
+    assert!(
+        seen.contains("server 1") && (seen.contains("disconnected") || seen.contains("lost")),
+        "the reason names the server:\n{seen}"
+    );
+    eprintln!("job failed {:.2} s after the kill", killed.elapsed().as_secs_f64());
+}
