@@ -84,7 +84,9 @@ impl TxQueue {
                 self.tail -= h;
                 self.head = 0;
             }
-            self.buf.reserve_total((self.tail + len).next_power_of_two().max(64 * 1024));
+            // grow geometrically, from small: an unauthenticated peer's queue only
+            // ever holds the 40-byte challenge
+            self.buf.reserve_total((self.tail + len).next_power_of_two().max(256));
         }
         let at = self.tail;
         self.tail += len;

@@ -316,7 +316,9 @@ impl TcpTransport {
                 sock,
                 addr,
                 state: State::Challenged { nonce, deadline: Instant::now() + self.cfg.handshake_timeout },
-                rbuf: self.small_pool.get(0),
+                // before the handshake a frame is at most HANDSHAKE_FRAME_BYTES_MAX:
+                // an unauthenticated peer costs a few hundred bytes, not a pooled buffer
+                rbuf: AlignedBuf::with_capacity(limits::HANDSHAKE_FRAME_BYTES_MAX),
                 rstart: 0,
                 rfill: 0,
                 tx: TxQueue::default(),
@@ -380,7 +382,10 @@ impl TcpTransport {
         } else {
             tracing::debug!("closed {} ({peer:?}): {reason}", conn.addr);
         }
-        self.large_pool.put(std::mem::take(&mut conn.rbuf));
+        let rbuf = std::mem::take(&mut conn.rbuf);
+        if rbuf.capacity() >= limits::RX_BUFFER_BYTES_MIN {
+            self.large_pool.put(rbuf);
+        }
         self.generations[i] = self.generations[i].wrapping_add(1);
         self.events_out.push(PeerEvent::Closed { peer, reason: reason.to_string() });
     }
