@@ -138,7 +138,10 @@ impl ShardCore {
         let dim = *dim as u64;
         let keys = wire::keys_of(keys_b, &mut self.keys_scratch);
         if !h.dense {
-            check_sorted(keys).map_err(|e| Refusal(e.to_string()))?;
+            if matches!(store, TableStore::Dense(_)) {
+                // the sparse store checks order in its own pass over the keys
+                check_sorted(keys).map_err(|e| Refusal(e.to_string()))?;
+            }
             if h.b != h.a.saturating_mul(dim) {
                 return Err(Refusal(format!(
                     "{} keys of table {} (dim {dim}) need {} values, frame says {}",
@@ -182,10 +185,10 @@ impl ShardCore {
             )));
         }
         // validate before reserving the response, so a refusal is one error frame and nothing else
-        let checked = match &*store {
+        let checked = match &mut *store {
             TableStore::Dense(d) if h.dense => d.check_span(h.a, h.b),
             TableStore::Dense(d) => d.check_keys(keys),
-            TableStore::Sparse(s) => s.check_keys(keys),
+            TableStore::Sparse(s) => s.prepare_pull(keys),
         };
         checked.map_err(|e| Refusal(format!("server {} shard {}: {e}", owner.server, owner.shard)))?;
         let n = h.b as usize;
@@ -207,7 +210,10 @@ impl ShardCore {
             let r = match store {
                 TableStore::Dense(d) if h.dense => d.pull(h.a, out),
                 TableStore::Dense(d) => d.pull_keys(keys, out),
-                TableStore::Sparse(s) => s.pull(keys, out),
+                TableStore::Sparse(s) => {
+                    s.pull_prepared(out);
+                    Ok(())
+                }
             };
             debug_assert!(r.is_ok(), "checked above: {r:?}");
             if r.is_err() {

@@ -97,6 +97,13 @@ impl BlockStore {
         }
     }
 
+    /// One whole block's data (owner thread).
+    #[inline]
+    fn block_data(&self, block: usize) -> &[f32] {
+        let (s, b) = self.locate(block);
+        self.slabs[s].data(b)
+    }
+
     /// Runs `f` on one whole block's data inside the write protocol.
     #[inline]
     fn write_block<R>(&mut self, block: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
@@ -114,6 +121,8 @@ pub enum StoreError {
     SpanNotOwned { start: u64, len: u64 },
     #[error("out of memory for slabs: {0}")]
     Memory(String),
+    #[error("keys must be strictly ascending; {0} is not above the key before it")]
+    NotSorted(Key),
     #[error("sparse table is full: {0} slots")]
     Full(usize),
 }
@@ -300,46 +309,46 @@ impl SparseStore {
         }
     }
 
-    /// Checks that sorted `keys` all lie in owned ranges (one merge walk).
-    pub fn check_keys(&self, keys: &[Key]) -> Result<(), StoreError> {
-        self.check_owned(keys)
-    }
-
-    fn check_owned(&self, keys: &[Key]) -> Result<(), StoreError> {
-        let mut r = 0;
-        for &k in keys {
-            while r < self.owned.len() && self.owned[r].end <= k {
+    /// Fills `batch_slots` with the slot of each key (NO_SLOT if absent), by
+    /// walking the sorted batch against the sorted table with galloping search,
+    /// and checks in the same pass that the batch is strictly ascending and owned
+    /// here (one pass over the keys: at a million keys this is memory-bound).
+    /// Returns how many keys are absent. Changes nothing but scratch.
+    fn lookup(&mut self, batch: &[Key]) -> Result<usize, StoreError> {
+        self.batch_slots.clear();
+        self.batch_slots.reserve(batch.len());
+        let (table, slots, owned) = (&self.keys[..], &self.slots[..], &self.owned[..]);
+        let (mut lo, mut r, mut missing) = (0usize, 0usize, 0usize);
+        let mut prev: Option<Key> = None;
+        for &k in batch {
+            if prev.is_some_and(|p| k <= p) {
+                return Err(StoreError::NotSorted(k));
+            }
+            prev = Some(k);
+            while r < owned.len() && owned[r].end <= k {
                 r += 1;
             }
-            if r == self.owned.len() || !self.owned[r].contains(k) {
+            if r == owned.len() || !owned[r].contains(k) {
                 return Err(StoreError::NotOwned(k));
             }
-        }
-        Ok(())
-    }
-
-    /// Fills `batch_slots` with the slot of each key (NO_SLOT if absent), by
-    /// walking the sorted batch against the sorted table with galloping search.
-    fn lookup(&mut self, batch: &[Key]) {
-        self.batch_slots.clear();
-        let mut lo = 0usize;
-        for &k in batch {
             // gallop from lo
             let mut step = 1;
             let mut hi = lo;
-            while hi < self.keys.len() && self.keys[hi] < k {
+            while hi < table.len() && table[hi] < k {
                 lo = hi + 1;
                 hi += step;
                 step *= 2;
             }
-            let hi = hi.min(self.keys.len());
-            lo += self.keys[lo..hi].partition_point(|&x| x < k);
-            if lo < self.keys.len() && self.keys[lo] == k {
-                self.batch_slots.push(self.slots[lo]);
+            let hi = hi.min(table.len());
+            lo += table[lo..hi].partition_point(|&x| x < k);
+            if lo < table.len() && table[lo] == k {
+                self.batch_slots.push(slots[lo]);
             } else {
                 self.batch_slots.push(NO_SLOT);
+                missing += 1;
             }
         }
+        Ok(missing)
     }
 
     /// Gives every absent key of the batch a new slot and merges them into the table.
@@ -385,24 +394,20 @@ impl SparseStore {
     /// Merges `vals` (dim floats per key) for strictly ascending `batch` keys.
     pub fn push(&mut self, batch: &[Key], vals: &[f32], k: &Kernels) -> Result<(), StoreError> {
         debug_assert_eq!(batch.len() * self.dim, vals.len());
-        self.check_owned(batch)?;
-        self.lookup(batch);
-        self.insert_missing(batch)?;
+        if self.lookup(batch)? > 0 {
+            self.insert_missing(batch)?;
+        }
         let dim = self.dim;
         if self.rule.is_sum() && dim <= BLOCK_FLOATS {
             // runs of keys whose slots share a block: one write protocol, one kernel call
-            let spb = self.slots_per_block();
+            let spb = self.slots_per_block() as u32;
             let mut i = 0;
             while i < batch.len() {
-                let block = self.batch_slots[i] as usize / spb;
-                let mut j = i + 1;
-                while j < batch.len() && self.batch_slots[j] as usize / spb == block {
-                    j += 1;
-                }
+                let (block, first, j) = block_run(&self.batch_slots, i, spb);
                 self.local_idx.clear();
-                self.local_idx.extend(self.batch_slots[i..j].iter().map(|s| s % spb as u32));
+                self.local_idx.extend(self.batch_slots[i..j].iter().map(|s| s - first));
                 let (idx, v) = (&self.local_idx, &vals[i * dim..j * dim]);
-                self.values.write_block(block, |d| (k.scatter_add)(&mut d[..spb * dim], idx, v, dim));
+                self.values.write_block(block, |d| (k.scatter_add)(&mut d[..spb as usize * dim], idx, v, dim));
                 i = j;
             }
             return Ok(());
@@ -423,20 +428,65 @@ impl SparseStore {
 
     /// Reads `dim` floats per key into `out`; keys never pushed read as zeros.
     pub fn pull(&mut self, batch: &[Key], out: &mut [f32]) -> Result<(), StoreError> {
-        debug_assert_eq!(batch.len() * self.dim, out.len());
-        self.check_owned(batch)?;
-        self.lookup(batch);
-        let dim = self.dim;
-        for (i, &s) in self.batch_slots.iter().enumerate() {
-            let o = &mut out[i * dim..(i + 1) * dim];
-            if s == NO_SLOT {
-                o.fill(0.0);
-            } else {
-                self.values.read_span(self.slot_base(s), o);
-            }
-        }
+        self.prepare_pull(batch)?;
+        self.pull_prepared(out);
         Ok(())
     }
+
+    /// The checking half of a pull: validates `batch` and finds its slots.
+    pub fn prepare_pull(&mut self, batch: &[Key]) -> Result<(), StoreError> {
+        self.lookup(batch).map(|_| ())
+    }
+
+    /// The reading half of a pull, for the batch of the last `prepare_pull`.
+    pub fn pull_prepared(&self, out: &mut [f32]) {
+        debug_assert_eq!(self.batch_slots.len() * self.dim, out.len());
+        let batch = &self.batch_slots;
+        let dim = self.dim;
+        if dim > BLOCK_FLOATS {
+            for (i, &s) in self.batch_slots.iter().enumerate() {
+                let o = &mut out[i * dim..(i + 1) * dim];
+                if s == NO_SLOT {
+                    o.fill(0.0);
+                } else {
+                    self.values.read_span(self.slot_base(s), o);
+                }
+            }
+            return;
+        }
+        // runs of keys whose slots share a block: one block lookup per run
+        let spb = self.slots_per_block() as u32;
+        let mut i = 0;
+        while i < batch.len() {
+            if self.batch_slots[i] == NO_SLOT {
+                out[i * dim..(i + 1) * dim].fill(0.0);
+                i += 1;
+                continue;
+            }
+            let (block, first, j) = block_run(&self.batch_slots, i, spb);
+            let data = self.values.block_data(block);
+            for (n, &s) in self.batch_slots[i..j].iter().enumerate() {
+                let at = (s - first) as usize * dim;
+                out[(i + n) * dim..(i + n + 1) * dim].copy_from_slice(&data[at..at + dim]);
+            }
+            i = j;
+        }
+    }
+}
+
+/// The run of batch positions `i..j` whose slots lie in the same block as slot
+/// `slots[i]`: returns (block, first slot of that block, j). One division per
+/// run, not per key: slots of keys pushed together are mostly consecutive.
+#[inline]
+fn block_run(slots: &[u32], i: usize, spb: u32) -> (usize, u32, usize) {
+    let block = slots[i] / spb;
+    let first = block * spb;
+    let end = first.saturating_add(spb);
+    let mut j = i + 1;
+    while j < slots.len() && slots[j] >= first && slots[j] < end {
+        j += 1;
+    }
+    (block as usize, first, j)
 }
 
 #[cfg(test)]
