@@ -8,11 +8,13 @@
 /// most this payload, so (1) a shard merges chunk *i* while chunk *i+1* is still on
 /// the wire, (2) a chunk stays in L2 between the receive copy and the merge, and
 /// (3) no receive buffer ever needs to be bigger than a few chunks.
-pub const CHUNK_BYTES: usize = 1 << 20;
+/// 256 KiB measured best on loopback TCP (docs/benchmarks.md): 1 MiB chunks left a
+/// 1 MiB value unpipelined (0.54x raw TCP), 256 KiB pipelines it (see the bench).
+pub const CHUNK_BYTES: usize = 256 << 10;
 
 /// Largest frame a node accepts after authentication, by default. A length prefix
 /// above this drops the connection before a byte of the body is buffered.
-pub const FRAME_BYTES_MAX: usize = 4 * CHUNK_BYTES;
+pub const FRAME_BYTES_MAX: usize = 4 << 20;
 
 /// Largest frame accepted before the handshake has succeeded: an unauthenticated
 /// peer can make a node buffer at most this much.
@@ -78,6 +80,10 @@ const _: () = {
     assert!(BLOCK_BYTES.is_power_of_two() && BLOCK_BYTES >= 64);
     assert!(HEARTBEAT_TIMEOUT_MS >= 4 * HEARTBEAT_INTERVAL_MS);
     assert!(HANDSHAKE_FRAME_BYTES_MAX >= 128);
+    assert!(
+        CHUNK_BYTES / (BLOCK_BYTES - 16) + 4 <= crate::transport::GATHER_PARTS_MAX,
+        "a chunk read from slab blocks must fit one gathered send"
+    );
 };
 
 /// Bounds on what a node accepts from the network; handed to every transport.
@@ -95,6 +101,13 @@ impl Default for WireLimits {
 }
 
 impl WireLimits {
+    /// Largest response a shard sends to one request: a chunk of values plus its
+    /// header. Shards refuse pulls that would need more; the TCP transport counts
+    /// this much send-queue room per request it reads ahead.
+    pub fn response_bytes_max(&self) -> usize {
+        self.chunk_bytes + 4096
+    }
+
     /// The relations the constants above check at compile time, for values a user set.
     pub fn validate(&self) -> Result<(), String> {
         if self.chunk_bytes < 4096 || !self.chunk_bytes.is_multiple_of(8) {

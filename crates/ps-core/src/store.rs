@@ -97,6 +97,23 @@ impl BlockStore {
         }
     }
 
+    /// Calls `f` on each block-sized slice of flat span `start..start+len`, in
+    /// order, while it returns true; returns false if `f` stopped early.
+    pub fn for_each_slice<'a>(&'a self, start: usize, len: usize, mut f: impl FnMut(&'a [f32]) -> bool) -> bool {
+        let mut done = 0;
+        while done < len {
+            let at = start + done;
+            let (block, pos) = (at / BLOCK_FLOATS, at % BLOCK_FLOATS);
+            let n = (BLOCK_FLOATS - pos).min(len - done);
+            let (s, b) = self.locate(block);
+            if !f(&self.slabs[s].data(b)[pos..pos + n]) {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+
     /// One whole block's data (owner thread).
     #[inline]
     fn block_data(&self, block: usize) -> &[f32] {
@@ -226,6 +243,18 @@ impl DenseStore {
             self.pull(start, &mut out[i * self.dim..(i + 1) * self.dim])?;
         }
         Ok(())
+    }
+
+    /// Calls `f` on the slab slices holding table-global flat floats
+    /// `start..start+len`, in order (for sending straight from the slab).
+    pub fn for_each_slice<'a>(
+        &'a self,
+        start: u64,
+        len: u64,
+        f: impl FnMut(&'a [f32]) -> bool,
+    ) -> Result<bool, StoreError> {
+        let local = self.local(start, len)?;
+        Ok(self.values.for_each_slice(local, len as usize, f))
     }
 
     /// Reads table-global flat floats `start..start+out.len()`.

@@ -56,7 +56,26 @@ pub trait FrameSink {
     /// Space for one whole frame of `len` bytes to `peer`, queued for sending as
     /// soon as the returned slice is filled (the caller must fill all of it).
     fn frame(&mut self, peer: PeerId, len: usize) -> Result<&mut [u8], TxError>;
+
+    /// Queues one frame made of `parts`, concatenated (their total is the frame
+    /// length). The default copies them into [`FrameSink::frame`]; a transport
+    /// may instead send straight from the parts (TCP: `writev` when nothing is
+    /// queued ahead), saving the sender's copy of large payloads.
+    fn frame_gather(&mut self, peer: PeerId, parts: &[&[u8]]) -> Result<(), TxError> {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let buf = self.frame(peer, len)?;
+        let mut at = 0;
+        for p in parts {
+            buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Ok(())
+    }
 }
+
+/// Most parts a [`FrameSink::frame_gather`] call carries (header, payload runs,
+/// padding): enough for a chunk of `limits::CHUNK_BYTES` read from slab blocks.
+pub const GATHER_PARTS_MAX: usize = 128;
 
 /// A received frame in a buffer the transport lends out.
 pub trait RxFrame {

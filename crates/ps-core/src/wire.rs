@@ -171,6 +171,21 @@ impl DataHeader {
         k.checked_add(v)
     }
 
+    /// Prefix and header of a frame of `frame_len` bytes, for gathered sends.
+    pub fn encode(&self, frame_len: usize) -> [u8; DATA_HEADER_BYTES] {
+        let mut b = [0u8; DATA_HEADER_BYTES];
+        b[..4].copy_from_slice(&((frame_len - PREFIX_BYTES) as u32).to_le_bytes());
+        b[4] = WIRE_VERSION;
+        b[5] = self.kind as u8;
+        b[6..8].copy_from_slice(&(if self.dense { FLAG_DENSE } else { 0 }).to_le_bytes());
+        b[8..12].copy_from_slice(&self.table.to_le_bytes());
+        b[12..16].copy_from_slice(&self.sub.to_le_bytes());
+        b[16..24].copy_from_slice(&self.ts.to_le_bytes());
+        b[24..32].copy_from_slice(&self.a.to_le_bytes());
+        b[32..40].copy_from_slice(&self.b.to_le_bytes());
+        b
+    }
+
     /// Writes prefix and header into `buf[..DATA_HEADER_BYTES]`; `buf` is the whole frame.
     pub fn write(&self, buf: &mut [u8]) {
         write_prefix(buf, self.kind, if self.dense { FLAG_DENSE } else { 0 });
@@ -405,6 +420,14 @@ mod tests {
         let vb: &[u8] = bytemuck::cast_slice(vals);
         f[40 + kb.len()..40 + kb.len() + vb.len()].copy_from_slice(vb);
         f
+    }
+
+    #[test]
+    fn encode_matches_write() {
+        let h = DataHeader { kind: Kind::PushPull, dense: true, table: 3, sub: 9, ts: 99, a: 12, b: 5 };
+        let mut f = vec![0u8; h.frame_len().unwrap()];
+        h.write(&mut f);
+        assert_eq!(h.encode(f.len())[..], f[..DATA_HEADER_BYTES]);
     }
 
     #[test]

@@ -17,8 +17,10 @@ use std::ops::Range;
 use crate::error::PsError;
 use crate::keys::{check_sorted, Key, KeyRange, TableId, TableSpec};
 use crate::ring::{position, Owner, Ring};
-use crate::transport::{FrameSink, PeerId, TxError};
+use crate::transport::{FrameSink, PeerId, TxError, GATHER_PARTS_MAX};
 use crate::wire::{self, DataHeader, Frame, Kind};
+
+const ZEROS: [u8; 8] = [0; 8];
 
 /// Names one operation of one worker; `wait` on it.
 pub type Timestamp = u64;
@@ -282,8 +284,12 @@ impl WorkerCore {
         let dim = t.dim as usize;
         let dense = matches!(keys, Keys::Range { .. });
         let mut pull = out.map(|mut v| {
-            v.clear();
-            v.resize(n as usize * dim, 0.0);
+            // every value is overwritten by a response (or the op fails), so a
+            // buffer of the right length is reused as it is: no memset per pull
+            if v.len() != n as usize * dim {
+                v.clear();
+                v.resize(n as usize * dim, 0.0);
+            }
             PullOut {
                 vals: v,
                 dim,
@@ -309,46 +315,73 @@ impl WorkerCore {
                 let h = DataHeader { kind, dense, table: table.0, sub, ts, a: c.a, b: c.b };
                 let len = h.frame_len().expect("chunk sizes are bounded");
                 let peer = self.peers[c.owner.server as usize][c.owner.shard as usize];
-                let buf = match tx.frame(peer, len) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        // frames already queued for this ts will be answered; account for them
-                        self.pending.insert(ts, Pending { frames_left: sent, error: Some(tx_error(e)), pull: None });
-                        return Err(PsError::Transport("send queue refused a frame mid-request".into()));
-                    }
-                };
-                h.write(buf);
-                let mut at = wire::DATA_HEADER_BYTES;
-                if dense {
-                    if let Some(v) = vals {
-                        let off = (c.a - base_float) as usize;
-                        let src: &[u8] = bytemuck::cast_slice(&v[off..off + c.b as usize]);
-                        buf[at..at + src.len()].copy_from_slice(src);
-                    }
-                } else if let Keys::List(k) = keys {
-                    for r in &self.chunk_ranges[c.ranges.clone()] {
-                        let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
-                        buf[at..at + src.len()].copy_from_slice(src);
-                        at += src.len();
-                    }
-                    if let (Some(v), true) = (vals, kind != Kind::Pull) {
-                        for r in &self.chunk_ranges[c.ranges.clone()] {
-                            let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
-                            buf[at..at + src.len()].copy_from_slice(src);
-                            at += src.len();
-                        }
-                    }
-                    if let Some(p) = pull.as_mut() {
-                        let s = p.ranges.len();
-                        p.ranges.extend_from_slice(&self.chunk_ranges[c.ranges.clone()]);
-                        p.subs.push(s..p.ranges.len());
-                    }
-                }
-                // zero the padding (the buffer may hold old bytes)
                 let content = wire::DATA_HEADER_BYTES
                     + if dense { 0 } else { c.a as usize * 8 }
                     + if kind == Kind::Pull { 0 } else { c.b as usize * 4 };
-                buf[content..].fill(0);
+                let ranges = &self.chunk_ranges[c.ranges.clone()];
+                let carries_vals = kind != Kind::Pull && vals.is_some();
+                // gather the frame from the caller's slices: no copy on this side
+                // when the transport can send from them
+                let hdr = h.encode(len);
+                let mut parts: [&[u8]; GATHER_PARTS_MAX] = [&[]; GATHER_PARTS_MAX];
+                let need = 2 + if dense { 1 } else { ranges.len() * (1 + carries_vals as usize) };
+                let r = if need <= GATHER_PARTS_MAX {
+                    let mut n = 0;
+                    macro_rules! put {
+                        ($p:expr) => {{
+                            parts[n] = $p;
+                            n += 1;
+                        }};
+                    }
+                    put!(&hdr[..]);
+                    if dense {
+                        if let (Some(v), true) = (vals, carries_vals) {
+                            let off = (c.a - base_float) as usize;
+                            put!(bytemuck::cast_slice(&v[off..off + c.b as usize]));
+                        }
+                    } else if let Keys::List(k) = keys {
+                        for r in ranges {
+                            put!(bytemuck::cast_slice(&k[r.clone()]));
+                        }
+                        if let (Some(v), true) = (vals, carries_vals) {
+                            for r in ranges {
+                                put!(bytemuck::cast_slice(&v[r.start * dim..r.end * dim]));
+                            }
+                        }
+                    }
+                    put!(&ZEROS[..len - content]);
+                    tx.frame_gather(peer, &parts[..n])
+                } else {
+                    tx.frame(peer, len).map(|buf| {
+                        buf[..wire::DATA_HEADER_BYTES].copy_from_slice(&hdr);
+                        let mut at = wire::DATA_HEADER_BYTES;
+                        if let Keys::List(k) = keys {
+                            for r in ranges {
+                                let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
+                                buf[at..at + src.len()].copy_from_slice(src);
+                                at += src.len();
+                            }
+                            if let (Some(v), true) = (vals, carries_vals) {
+                                for r in ranges {
+                                    let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
+                                    buf[at..at + src.len()].copy_from_slice(src);
+                                    at += src.len();
+                                }
+                            }
+                        }
+                        buf[content..].fill(0);
+                    })
+                };
+                if let Err(e) = r {
+                    // frames already queued for this ts will be answered; account for them
+                    self.pending.insert(ts, Pending { frames_left: sent, error: Some(tx_error(e)), pull: None });
+                    return Err(PsError::Transport("send queue refused a frame mid-request".into()));
+                }
+                if let (Some(p), false) = (pull.as_mut(), dense) {
+                    let s = p.ranges.len();
+                    p.ranges.extend_from_slice(ranges);
+                    p.subs.push(s..p.ranges.len());
+                }
                 sub += 1;
                 sent += 1;
             }

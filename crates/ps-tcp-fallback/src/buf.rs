@@ -74,9 +74,10 @@ impl TxQueue {
     }
 
     /// Space for `len` more bytes, compacting or growing as needed. The caller has
-    /// checked the queue bound.
+    /// checked the queue bound. (After a partial gathered write the queue holds a
+    /// frame's tail, so later frames may start unaligned in it: senders must not
+    /// rely on the alignment of what `reserve` returns.)
     pub fn reserve(&mut self, len: usize) -> &mut [u8] {
-        debug_assert_eq!(len % 8, 0);
         if self.tail + len > self.buf.capacity() {
             if self.head > 0 {
                 let (h, t) = (self.head, self.tail);

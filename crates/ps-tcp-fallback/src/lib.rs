@@ -26,7 +26,7 @@
 mod buf;
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -409,14 +409,14 @@ impl TcpTransport {
     // ---------------------------------------------------------------- datapath
 
     /// Listener mode: room in `i`'s send queue for the largest response to every
-    /// request read so far plus one more? (A request's response is at most one
-    /// frame.) This is what bounds a shard's memory against a peer that sends
-    /// requests but never reads the answers.
+    /// request read so far plus one more? (Shards answer one request with at most
+    /// `response_bytes_max`.) This is what bounds a shard's memory against a peer
+    /// that sends requests but never reads the answers.
     fn has_response_room(&self, i: usize) -> bool {
-        let frame = self.cfg.limits.frame_bytes_max + PREFIX_BYTES;
+        let resp = self.cfg.limits.response_bytes_max();
         self.conns[i]
             .as_ref()
-            .is_some_and(|c| c.tx.pending() + (c.queued + 1) * frame <= self.cfg.limits.tx_queue_bytes_max)
+            .is_some_and(|c| c.tx.pending() + (c.queued + 1) * resp <= self.cfg.limits.tx_queue_bytes_max)
     }
 
     /// Who `peer` proved to be in its handshake (listener side).
@@ -619,6 +619,77 @@ impl FrameSink for TcpTransport {
         let conn = self.conns[i].as_mut().ok_or(TxError::Closed(peer))?;
         Ok(conn.tx.reserve(len))
     }
+
+    /// Datapath: a large frame to a connection with nothing queued goes out with
+    /// `writev` straight from the caller's slices; only what the socket does not
+    /// take now is copied into the queue. Anything else takes the copying path,
+    /// so frames stay in order.
+    fn frame_gather(&mut self, peer: PeerId, parts: &[&[u8]]) -> Result<(), TxError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let i = self.conn_index(peer).ok_or(TxError::Closed(peer))?;
+        let direct = len >= GATHER_DIRECT_BYTES_MIN
+            && parts.len() <= ps_core::transport::GATHER_PARTS_MAX
+            && len <= self.cfg.limits.frame_bytes_max + PREFIX_BYTES
+            && self.conns[i].as_ref().is_some_and(|c| c.tx.pending() == 0);
+        if !direct {
+            let buf = self.frame(peer, len)?;
+            copy_from(parts, 0, buf);
+            return Ok(());
+        }
+        let mut written = 0;
+        let conn = self.conns[i].as_mut().ok_or(TxError::Closed(peer))?;
+        while written < len {
+            let mut iov = [IoSlice::new(&[]); ps_core::transport::GATHER_PARTS_MAX];
+            let (mut n, mut skip) = (0, written);
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                iov[n] = IoSlice::new(&p[skip..]);
+                skip = 0;
+                n += 1;
+            }
+            match conn.sock.write_vectored(&iov[..n]) {
+                Ok(0) => break,
+                Ok(k) => {
+                    written += k;
+                    self.stats.bytes_out += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.drop_conn(i, &format!("write error: {e}"), false);
+                    return Err(TxError::Closed(peer));
+                }
+            }
+        }
+        if written < len {
+            // the queue was empty, and one frame always fits in it
+            let buf = conn.tx.reserve(len - written);
+            copy_from(parts, written, buf);
+        }
+        Ok(())
+    }
+}
+
+/// Frames below this are cheaper to copy into the queue than to `writev`.
+const GATHER_DIRECT_BYTES_MIN: usize = 16 * 1024;
+
+/// Copies the bytes of `parts` from offset `skip` on into `dst` (exactly).
+fn copy_from(parts: &[&[u8]], mut skip: usize, dst: &mut [u8]) {
+    let mut at = 0;
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let src = &p[skip..];
+        skip = 0;
+        dst[at..at + src.len()].copy_from_slice(src);
+        at += src.len();
+    }
+    debug_assert_eq!(at, dst.len());
 }
 
 impl Transport for TcpTransport {
