@@ -27,6 +27,10 @@ pub struct Row {
     pub baseline: Option<String>,
     pub baseline_gb_per_s: Option<f64>,
     pub baseline_p50_us: Option<f64>,
+    /// PS GB/s over raw GB/s, within one run (the median over runs when repeated)
+    pub ratio_gb_per_s: Option<f64>,
+    /// PS p50 over raw p50, within one run
+    pub ratio_p50: Option<f64>,
 }
 
 pub struct BenchOpts {
@@ -38,6 +42,8 @@ pub struct BenchOpts {
     pub json: Option<String>,
     pub plot: Option<String>,
     pub pin: bool,
+    /// Runs of the whole bench (cluster and baseline); the table shows medians.
+    pub repeat: u32,
 }
 
 fn baseline_of(op: &str) -> &'static str {
@@ -49,6 +55,67 @@ fn baseline_of(op: &str) -> &'static str {
 }
 
 pub fn run(o: BenchOpts) -> Result<(), String> {
+    let mut runs: Vec<Vec<Row>> = Vec::new();
+    for r in 0..o.repeat.max(1) {
+        if o.repeat > 1 {
+            eprintln!("bench: run {} of {}", r + 1, o.repeat);
+        }
+        runs.push(run_once(&o)?);
+    }
+    let rows = median_rows(runs);
+    print_table(&rows, &o);
+    if let Some(path) = &o.json {
+        let doc = json!({"servers": o.servers, "shards": o.shards, "workers": o.workers, "repeat": o.repeat,
+                         "params": o.params, "rows": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")).map_err(|e| format!("{path}: {e}"))?;
+        eprintln!("bench: wrote {path}");
+    }
+    if let Some(path) = &o.plot {
+        match crate::plot::bench_png(path, &rows) {
+            Ok(()) => eprintln!("bench: wrote {path}"),
+            Err(e) => eprintln!("bench: no plot: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Per row, the median of every measured field over the runs (the runs share the phase list).
+fn median_rows(mut runs: Vec<Vec<Row>>) -> Vec<Row> {
+    let first = runs.remove(0);
+    if runs.is_empty() {
+        return first;
+    }
+    fn med(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+    first
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            let all: Vec<Row> =
+                std::iter::once(r.clone()).chain(runs.iter().filter_map(|run| run.get(i).cloned())).collect();
+            let m = |f: fn(&Row) -> f64| med(all.iter().map(f).collect());
+            let mo = |f: fn(&Row) -> Option<f64>| {
+                let v: Vec<f64> = all.iter().filter_map(f).collect();
+                (!v.is_empty()).then(|| med(v))
+            };
+            r.ops = all.iter().map(|x| x.ops).sum();
+            r.ops_per_s = m(|x| x.ops_per_s);
+            r.gb_per_s = m(|x| x.gb_per_s);
+            r.p50_us = m(|x| x.p50_us);
+            r.p99_us = m(|x| x.p99_us);
+            r.baseline_gb_per_s = mo(|x| x.baseline_gb_per_s);
+            r.baseline_p50_us = mo(|x| x.baseline_p50_us);
+            r.ratio_gb_per_s = mo(|x| x.ratio_gb_per_s);
+            r.ratio_p50 = mo(|x| x.ratio_p50);
+            r
+        })
+        .collect()
+}
+
+/// One cluster run and its raw-TCP baseline, in that order.
+fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
     let spec = ClusterSpec {
         servers: o.servers,
         shards: o.shards,
@@ -107,6 +174,8 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
                 baseline: None,
                 baseline_gb_per_s: None,
                 baseline_p50_us: None,
+                ratio_gb_per_s: None,
+                ratio_p50: None,
             }
         })
         .collect();
@@ -151,20 +220,11 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     rows.sort_by(|a, b| {
         (a.layout.as_str(), a.size, op_order(&a.op)).cmp(&(b.layout.as_str(), b.size, op_order(&b.op)))
     });
-    print_table(&rows, &o);
-    if let Some(path) = &o.json {
-        let doc =
-            json!({"servers": o.servers, "shards": o.shards, "workers": o.workers, "params": o.params, "rows": rows});
-        std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")).map_err(|e| format!("{path}: {e}"))?;
-        eprintln!("bench: wrote {path}");
+    for r in &mut rows {
+        r.ratio_gb_per_s = r.baseline_gb_per_s.map(|g| r.gb_per_s / g);
+        r.ratio_p50 = r.baseline_p50_us.map(|p| r.p50_us / p);
     }
-    if let Some(path) = &o.plot {
-        match crate::plot::bench_png(path, &rows) {
-            Ok(()) => eprintln!("bench: wrote {path}"),
-            Err(e) => eprintln!("bench: no plot: {e}"),
-        }
-    }
-    Ok(())
+    Ok(rows)
 }
 
 fn op_order(op: &str) -> usize {
@@ -187,14 +247,17 @@ fn print_table(rows: &[Row], o: &BenchOpts) {
         o.servers, o.shards, o.workers
     );
     println!(" bytes = value bytes per op (push->pull and fused move them both ways: 2x); raw = plain socket, same bytes, same run");
+    if o.repeat > 1 {
+        println!(" median of {} runs (each ratio is taken within its run, then the median)", o.repeat);
+    }
     println!("{line}");
     println!(
         " {:<7} {:<10} {:>7} {:>9} {:>11} {:>8} {:>10} {:>10}   {:>9} {:>8} {:>7}",
         "layout", "op", "bytes", "keys", "ops/s", "GB/s", "p50[us]", "p99[us]", "raw GB/s", "xGB/s", "p50/raw"
     );
     for r in rows {
-        let (bg, ratio, lat) = match (r.baseline_gb_per_s, r.baseline_p50_us) {
-            (Some(g), Some(p)) => (format!("{g:.2}"), format!("{:.2}", r.gb_per_s / g), format!("{:.2}", r.p50_us / p)),
+        let (bg, ratio, lat) = match (r.baseline_gb_per_s, r.ratio_gb_per_s, r.ratio_p50) {
+            (Some(g), Some(x), Some(l)) => (format!("{g:.2}"), format!("{x:.2}"), format!("{l:.2}")),
             _ => ("-".into(), "-".into(), "-".into()),
         };
         println!(

@@ -131,6 +131,9 @@ enum Cmd {
         plot: Option<String>,
         #[arg(long)]
         no_pin: bool,
+        /// Run everything this many times and report medians.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Print a fresh job secret (64 hex digits) for PS_JOB_SECRET.
     Secret,
@@ -318,6 +321,7 @@ fn main() {
             json,
             plot,
             no_pin,
+            repeat,
         } => {
             let mut params = json!({"seconds": seconds});
             if !dense_sizes.is_empty() {
@@ -335,6 +339,7 @@ fn main() {
                 json,
                 plot,
                 pin: !no_pin,
+                repeat,
             })
         }
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
