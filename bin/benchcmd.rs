@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::local::{self, ClusterSpec, Event};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub layout: String,
     pub op: String,
@@ -225,6 +225,14 @@ fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
         r.ratio_p50 = r.baseline_p50_us.map(|p| r.p50_us / p);
     }
     Ok(rows)
+}
+
+/// Redraws the PNG of a saved `--json` result.
+pub fn replot(json_path: &str, png_path: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(json_path).map_err(|e| format!("{json_path}: {e}"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{json_path}: {e}"))?;
+    let rows: Vec<Row> = serde_json::from_value(doc["rows"].clone()).map_err(|e| format!("{json_path}: rows: {e}"))?;
+    crate::plot::bench_png(png_path, &rows)
 }
 
 fn op_order(op: &str) -> usize {

@@ -154,6 +154,8 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
             manager.clone(),
             "--shards".into(),
             spec.shards.to_string(),
+            "--rank".into(),
+            s.to_string(),
         ];
         if !spec.pin {
             args.push("--no-pin".into());
@@ -161,8 +163,15 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
         procs.push(spawn(&format!("server{s}"), &args, &secret, &tx)?);
     }
     for w in 0..spec.workers {
-        let args: Vec<String> =
-            vec!["node".into(), "--role".into(), "worker".into(), "--manager".into(), manager.clone()];
+        let args: Vec<String> = vec![
+            "node".into(),
+            "--role".into(),
+            "worker".into(),
+            "--manager".into(),
+            manager.clone(),
+            "--rank".into(),
+            w.to_string(),
+        ];
         procs.push(spawn(&format!("worker{w}"), &args, &secret, &tx)?);
     }
     drop(tx);

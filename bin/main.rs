@@ -102,6 +102,9 @@ enum Cmd {
         /// Server: do not pin shard threads.
         #[arg(long)]
         no_pin: bool,
+        /// Server/worker: the rank to ask for among its role (default: the lowest free).
+        #[arg(long, env = "PS_RANK")]
+        rank: Option<u32>,
     },
     /// Push/pull throughput and latency over value sizes, beside raw TCP in the same run.
     Bench {
@@ -137,6 +140,8 @@ enum Cmd {
     },
     /// Print a fresh job secret (64 hex digits) for PS_JOB_SECRET.
     Secret,
+    /// Redraw the PNG of a saved `pslab bench --json` result.
+    PlotBench { json: String, png: String },
     /// (internal) the raw-TCP baseline's server side.
     #[command(hide = true)]
     TcpBaselineServer,
@@ -196,7 +201,8 @@ fn watch_parent() {
 }
 
 fn run_node(cmd: Cmd) -> Result<String, String> {
-    let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin } = cmd
+    let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin, rank } =
+        cmd
     else {
         unreachable!()
     };
@@ -213,10 +219,10 @@ fn run_node(cmd: Cmd) -> Result<String, String> {
         }
         RoleArg::Server => {
             let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
-            let opts = node::ServerOpts { host, shards: shards.unwrap_or(cores), port_base, cpus, pin: !no_pin };
+            let opts = node::ServerOpts { host, shards: shards.unwrap_or(cores), port_base, cpus, pin: !no_pin, rank };
             node::run_server(secret, manager_addr()?, opts)
         }
-        RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host),
+        RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host, rank),
     }
 }
 
@@ -342,6 +348,7 @@ fn main() {
                 repeat,
             })
         }
+        Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::TcpBaselineServer => baseline::serve(),
     };

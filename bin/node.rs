@@ -130,6 +130,7 @@ impl ControlLink {
         role: Role,
         host: &str,
         ports: Vec<u16>,
+        rank: Option<u32>,
         limits: ps_core::limits::WireLimits,
     ) -> Result<(u32, ClusterView, ControlLink), String> {
         let mut cfg = TcpConfig::new(secret, PeerHello { role: role as u8, node: std::process::id() }, true);
@@ -145,8 +146,12 @@ impl ControlLink {
                 Err(e) => return Err(format!("manager at {manager}: {e}")),
             }
         };
-        send_control(&mut t, peer, &Control::Register { role, host: host.to_string(), ports, pid: std::process::id() })
-            .map_err(|e| e.to_string())?;
+        send_control(
+            &mut t,
+            peer,
+            &Control::Register { role, host: host.to_string(), ports, pid: std::process::id(), rank },
+        )
+        .map_err(|e| e.to_string())?;
         t.flush().map_err(|e| e.to_string())?;
         let mut rx = Vec::new();
         let mut events = Vec::new();
@@ -264,7 +269,13 @@ fn control_loop(mut t: TcpTransport, peer: PeerId, from_main: Receiver<Control>,
             let n = match msg {
                 Ok(Control::Released { name }) => Notice::Released(name),
                 Ok(Control::Shutdown { reason }) => Notice::Shutdown(reason),
-                Ok(Control::Abort { reason }) => Notice::Abort(reason),
+                Ok(Control::Abort { reason }) => {
+                    // the job is over: whatever the main thread is blocked in (a wait
+                    // on a server that went silent, a barrier), this process stops now
+                    tracing::error!("job aborted by the manager: {reason}");
+                    eprintln!("error: job aborted: {reason}");
+                    std::process::exit(1);
+                }
                 Ok(other) => {
                     tracing::debug!("ignoring {other:?}");
                     continue;
@@ -292,6 +303,8 @@ pub struct ServerOpts {
     /// cores to pin shard threads to, in order; empty: all cores, round-robin
     pub cpus: Vec<usize>,
     pub pin: bool,
+    /// the rank to ask the manager for
+    pub rank: Option<u32>,
 }
 
 pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> Result<String, String> {
@@ -307,7 +320,7 @@ pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> R
         transports.push(t);
     }
     let (rank, view, link) =
-        ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), Default::default())?;
+        ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), opts.rank, Default::default())?;
     let kernels = Kernels::best();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let placement: Vec<Option<usize>> = (0..shards)
@@ -439,9 +452,9 @@ impl WorkerCtx {
     }
 }
 
-pub fn run_worker(secret: JobSecret, manager: SocketAddr, host: &str) -> Result<String, String> {
+pub fn run_worker(secret: JobSecret, manager: SocketAddr, host: &str, rank: Option<u32>) -> Result<String, String> {
     let (rank, view, link) =
-        ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], Default::default())?;
+        ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
     let ring = view.ring().map_err(|e| e.to_string())?;
     let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Worker as u8, node: rank }, true);
     cfg.limits = view.job.limits;

@@ -68,6 +68,10 @@ pub fn bench_png(path: &str, rows: &[Row]) -> Result<(), String> {
             &RGBColor(120, 60, 160),
             &RGBColor(90, 90, 90),
             &RGBColor(0, 120, 90),
+            &RGBColor(170, 170, 0),
+            &RGBColor(140, 70, 40),
+            &RGBColor(255, 105, 180),
+            &RGBColor(0, 0, 120),
         ];
         macro_rules! draw {
             ($chart:expr, $pick:expr) => {{

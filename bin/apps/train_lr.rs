@@ -42,11 +42,11 @@ struct Params {
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
     let r = Params {
-        examples: param(p, "examples", 200_000)?,
+        examples: param(p, "examples", 400_000)?,
         test: param(p, "test", 20_000)?,
         features: param(p, "features", 10_000)?,
         nnz: param(p, "nnz", 24)?,
-        epochs: param(p, "epochs", 5)?,
+        epochs: param(p, "epochs", 8)?,
         batch: param(p, "batch", 512)?,
         lr: param(p, "lr", 0.2)?,
         noise: param(p, "noise", 0.3)?,

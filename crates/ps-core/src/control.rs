@@ -96,7 +96,16 @@ impl ClusterView {
 #[serde(rename_all = "snake_case", tag = "msg")]
 pub enum Control {
     /// node -> manager, first message.
-    Register { role: Role, host: String, ports: Vec<u16>, pid: u32 },
+    /// `rank`: the rank this node asks for (a launcher's rank), or none for the
+    /// lowest free one.
+    Register {
+        role: Role,
+        host: String,
+        ports: Vec<u16>,
+        pid: u32,
+        #[serde(default)]
+        rank: Option<u32>,
+    },
     /// manager -> node, once every expected node has registered.
     Welcome { rank: u32, view: ClusterView },
     /// node -> manager, every `HEARTBEAT_INTERVAL_MS`.

@@ -154,7 +154,9 @@ impl ManagerCore {
             self.nodes[i].last_seen = now;
         }
         match msg {
-            Control::Register { role, host, ports, pid } => self.register(peer, hello, role, host, ports, pid, now, tx),
+            Control::Register { role, host, ports, pid, rank } => {
+                self.register(peer, hello, role, host, ports, pid, rank, now, tx)
+            }
             Control::Heartbeat => Ok(()),
             Control::Barrier { name } => {
                 let node = self.node_of(peer)?;
@@ -209,6 +211,7 @@ impl ManagerCore {
         host: String,
         ports: Vec<u16>,
         pid: u32,
+        asked: Option<u32>,
         now: Duration,
         tx: &mut dyn FrameSink,
     ) -> Result<(), String> {
@@ -231,7 +234,17 @@ impl ManagerCore {
         if role == Role::Server && (ports.is_empty() || ports.len() > 1024) {
             return Err(format!("a server must listen on 1..1024 shard ports, not {}", ports.len()));
         }
-        let node = Node { peer, role, rank: have, host, ports, pid, last_seen: now, connected: true, done: false };
+        let taken = |r: u32| self.nodes.iter().any(|n| n.role == role && n.rank == r);
+        let rank = match asked {
+            Some(r) if r >= want || taken(r) => {
+                let reason = format!("{} rank {r} is taken or not below {want}", role.name());
+                self.send(tx, peer, &Control::Abort { reason: reason.clone() });
+                return Err(reason);
+            }
+            Some(r) => r,
+            None => (0..want).find(|&r| !taken(r)).expect("fewer than `want` registered"),
+        };
+        let node = Node { peer, role, rank, host, ports, pid, last_seen: now, connected: true, done: false };
         self.log.push(format!("{} registered", node.describe()));
         self.by_peer.insert(peer, self.nodes.len());
         self.nodes.push(node);
@@ -370,7 +383,8 @@ mod tests {
     }
 
     fn reg(m: &mut ManagerCore, out: &mut Out, i: u32, role: Role, now: Duration) {
-        let msg = Control::Register { role, host: "127.0.0.1".into(), ports: vec![1000 + i as u16], pid: i };
+        let msg =
+            Control::Register { role, host: "127.0.0.1".into(), ports: vec![1000 + i as u16], pid: i, rank: None };
         let json = msg.to_json();
         let mut f = vec![0u8; wire::control_len(json.len())];
         wire::write_control(&mut f, &json);
@@ -410,7 +424,7 @@ mod tests {
         assert_eq!(ranks, vec![0, 0, 1, 1]);
         // a fifth node is turned away
         let mut late = Out::default();
-        let msg = Control::Register { role: Role::Worker, host: "h".into(), ports: vec![], pid: 9 };
+        let msg = Control::Register { role: Role::Worker, host: "h".into(), ports: vec![], pid: 9, rank: None };
         let json = msg.to_json();
         let mut f = vec![0u8; wire::control_len(json.len())];
         wire::write_control(&mut f, &json);
@@ -462,6 +476,36 @@ mod tests {
     }
 
     #[test]
+    fn asked_ranks_are_honoured_and_clashes_refused() {
+        let mut m = ManagerCore::new(job(), 2, 1, ManagerTimeouts::default());
+        let mut out = Out::default();
+        let reg_as = |m: &mut ManagerCore, out: &mut Out, i: u32, rank: Option<u32>| {
+            ctl(
+                m,
+                out,
+                i,
+                Role::Server,
+                Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: i, rank },
+                Duration::ZERO,
+            )
+        };
+        reg_as(&mut m, &mut out, 0, Some(1)).unwrap();
+        assert!(reg_as(&mut m, &mut out, 1, Some(1)).unwrap_err().contains("taken"));
+        assert!(reg_as(&mut m, &mut out, 2, Some(2)).unwrap_err().contains("not below 2"));
+        reg_as(&mut m, &mut out, 3, None).unwrap();
+        reg(&mut m, &mut out, 4, Role::Worker, Duration::ZERO);
+        let ranks: Vec<(PeerId, u32)> = out
+            .msgs()
+            .into_iter()
+            .filter_map(|(p, c)| match c {
+                Control::Welcome { rank, .. } => Some((p, rank)),
+                _ => None,
+            })
+            .collect();
+        assert!(ranks.contains(&(p(0), 1)) && ranks.contains(&(p(3), 0)), "{ranks:?}");
+    }
+
+    #[test]
     fn role_must_match_the_authenticated_one() {
         let mut m = ManagerCore::new(job(), 1, 1, ManagerTimeouts::default());
         let mut out = Out::default();
@@ -470,7 +514,7 @@ mod tests {
             &mut out,
             0,
             Role::Worker,
-            Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: 1 },
+            Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: 1, rank: None },
             Duration::ZERO,
         );
         assert!(r.unwrap_err().contains("authenticated as role 3"));
