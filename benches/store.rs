@@ -37,6 +37,26 @@ fn sparse(c: &mut Criterion) {
         let mut out = vec![0f32; keys.len()];
         g.bench_with_input(BenchmarkId::new("pull-dim1", n), &n, |b, _| b.iter(|| s.pull(&keys, &mut out).unwrap()));
     }
+    // a big model, small minibatches that bring new keys: the insert cost
+    let mut r = SplitMix64::new(99);
+    let mut keys: Vec<u64> = (0..1usize << 20).map(|_| r.below(u64::MAX - 1)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut s = SparseStore::new(1, vec![KeyRange::FULL], sum(), ps_core::limits::SPARSE_SLAB_BLOCKS).unwrap();
+    s.push(&keys, &vec![1.0f32; keys.len()], k).unwrap();
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("push-64-new-keys-into-1M", |b| {
+        b.iter_batched(
+            || {
+                let mut batch: Vec<u64> = (0..64).map(|_| r.below(u64::MAX - 1)).collect();
+                batch.sort_unstable();
+                batch.dedup();
+                batch
+            },
+            |batch| s.push(&batch, &vec![1.0f32; batch.len()], k).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
     g.finish();
 }
 

@@ -50,6 +50,7 @@ pub mod rules;
 pub mod shard;
 pub mod sim;
 pub mod slab;
+pub mod slot_index;
 pub mod store;
 pub mod transport;
 pub mod wire;

@@ -11,10 +11,11 @@
 //! block boundary and spans as many blocks as it needs.
 //!
 //! ## The sparse slot table
-//! Keys arrive sorted (the worker API requires it), so the slot table is a sorted
-//! key array walked in step with each batch: O(batch + probe) with sequential
-//! access, instead of a random hash probe per key. New keys get the next free
-//! slots and are merged into the sorted array in one pass per batch.
+//! Keys arrive sorted (the worker API requires it), so the slot table
+//! ([`SlotIndex`], a two-level B+-tree of sorted pages) is walked in step with
+//! each batch by a forward-only cursor: sequential access, instead of a random
+//! hash probe per key. New keys get the next free slots (so keys pushed together
+//! get consecutive slots, and their values share blocks) and go into their pages.
 //!
 //! Nothing here allocates per request once warmed up: scratch vectors are kept.
 
@@ -24,6 +25,7 @@ use crate::kernels::Kernels;
 use crate::keys::{Key, KeyRange};
 use crate::rules::UpdateRule;
 use crate::slab::{Slab, BLOCK_FLOATS};
+use crate::slot_index::SlotIndex;
 
 /// Growable flat float space over slabs of versioned blocks.
 #[derive(Debug)]
@@ -270,8 +272,7 @@ impl DenseStore {
 pub struct SparseStore {
     dim: usize,
     owned: Vec<KeyRange>,
-    keys: Vec<Key>,
-    slots: Vec<u32>,
+    index: SlotIndex,
     next_slot: u32,
     values: BlockStore,
     state: Vec<f32>,
@@ -279,8 +280,6 @@ pub struct SparseStore {
     // scratch, reused across requests
     batch_slots: Vec<u32>,
     new_keys: Vec<(Key, u32)>,
-    merged_keys: Vec<Key>,
-    merged_slots: Vec<u32>,
     local_idx: Vec<u32>,
 }
 
@@ -296,26 +295,23 @@ impl SparseStore {
         Ok(Self {
             dim: dim as usize,
             owned,
-            keys: Vec::new(),
-            slots: Vec::new(),
+            index: SlotIndex::default(),
             next_slot: 0,
             values: BlockStore::with_floats(0, blocks_per_slab)?,
             state: Vec::new(),
             rule,
             batch_slots: Vec::new(),
             new_keys: Vec::new(),
-            merged_keys: Vec::new(),
-            merged_slots: Vec::new(),
             local_idx: Vec::new(),
         })
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.index.is_empty()
     }
 
     pub fn values(&self) -> &BlockStore {
@@ -344,12 +340,14 @@ impl SparseStore {
     /// here (one pass over the keys: at a million keys this is memory-bound).
     /// Returns how many keys are absent. Changes nothing but scratch.
     fn lookup(&mut self, batch: &[Key]) -> Result<usize, StoreError> {
+        // sized up front and written by index: no length update per key
         self.batch_slots.clear();
-        self.batch_slots.reserve(batch.len());
-        let (table, slots, owned) = (&self.keys[..], &self.slots[..], &self.owned[..]);
-        let (mut lo, mut r, mut missing) = (0usize, 0usize, 0usize);
+        self.batch_slots.resize(batch.len(), NO_SLOT);
+        let (owned, out) = (&self.owned[..], &mut self.batch_slots[..]);
+        let mut cursor = self.index.cursor();
+        let (mut r, mut missing) = (0usize, 0usize);
         let mut prev: Option<Key> = None;
-        for &k in batch {
+        for (&k, slot) in batch.iter().zip(out.iter_mut()) {
             if prev.is_some_and(|p| k <= p) {
                 return Err(StoreError::NotSorted(k));
             }
@@ -360,21 +358,9 @@ impl SparseStore {
             if r == owned.len() || !owned[r].contains(k) {
                 return Err(StoreError::NotOwned(k));
             }
-            // gallop from lo
-            let mut step = 1;
-            let mut hi = lo;
-            while hi < table.len() && table[hi] < k {
-                lo = hi + 1;
-                hi += step;
-                step *= 2;
-            }
-            let hi = hi.min(table.len());
-            lo += table[lo..hi].partition_point(|&x| x < k);
-            if lo < table.len() && table[lo] == k {
-                self.batch_slots.push(slots[lo]);
-            } else {
-                self.batch_slots.push(NO_SLOT);
-                missing += 1;
+            match cursor.seek(k) {
+                Some(s) => *slot = s,
+                None => missing += 1,
             }
         }
         Ok(missing)
@@ -386,7 +372,7 @@ impl SparseStore {
         for (i, s) in self.batch_slots.iter_mut().enumerate() {
             if *s == NO_SLOT {
                 if self.next_slot == NO_SLOT {
-                    return Err(StoreError::Full(self.keys.len()));
+                    return Err(StoreError::Full(self.index.len()));
                 }
                 *s = self.next_slot;
                 self.new_keys.push((batch[i], self.next_slot));
@@ -400,23 +386,7 @@ impl SparseStore {
         self.values.ensure_floats(floats).map_err(|e| StoreError::Memory(e.to_string()))?;
         let spv = self.rule.state_per_value();
         self.state.resize(self.next_slot as usize * self.dim * spv, self.rule.initial_state());
-        // one merge pass
-        self.merged_keys.clear();
-        self.merged_slots.clear();
-        let (mut a, mut b) = (0, 0);
-        while a < self.keys.len() || b < self.new_keys.len() {
-            if b == self.new_keys.len() || (a < self.keys.len() && self.keys[a] < self.new_keys[b].0) {
-                self.merged_keys.push(self.keys[a]);
-                self.merged_slots.push(self.slots[a]);
-                a += 1;
-            } else {
-                self.merged_keys.push(self.new_keys[b].0);
-                self.merged_slots.push(self.new_keys[b].1);
-                b += 1;
-            }
-        }
-        std::mem::swap(&mut self.keys, &mut self.merged_keys);
-        std::mem::swap(&mut self.slots, &mut self.merged_slots);
+        self.index.insert_sorted(&self.new_keys);
         Ok(())
     }
 
