@@ -13,10 +13,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --locked --release --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --locked --release --workspace
+log=$(mktemp)
+cargo test --locked --release --workspace 2>&1 | tee "$log"
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } } END { print p + 0, f + 0 }' "$log")
 echo "== bench smoke run (0.2 s phases)"
 smoke=$(mktemp -d)
 target/release/pslab bench --seconds 0.2 --dense-sizes 4096,1048576 --sparse-sizes 4096 \
   --json "$smoke/bench.json" --plot "$smoke/bench.png" --no-pin
 test -s "$smoke/bench.json"
 echo "== all checks passed in $(( $(date +%s) - t0 )) s"
+# the totals over every test binary, as the closing line
+echo "tests: $passed passed, $failed failed"

@@ -62,28 +62,34 @@ impl JobSecret {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length")
-    }
-
-    /// The client's proof, over both nonces and the identity it claims.
-    pub fn client_mac(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES], role: u8, node: u32) -> [u8; MAC_BYTES] {
-        let mut m = self.mac();
+    /// The MAC state over what a client proves: both nonces and its identity.
+    fn client_state(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES], role: u8, node: u32) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(b"pslab/client/1");
         m.update(ns);
         m.update(nc);
         m.update(&[role]);
         m.update(&node.to_le_bytes());
-        m.finalize().into_bytes().into()
+        m
     }
 
-    /// The server's proof, over both nonces in the other order.
-    pub fn server_mac(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES]) -> [u8; MAC_BYTES] {
-        let mut m = self.mac();
+    /// The MAC state over what a server proves: both nonces, the other way round.
+    fn server_state(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES]) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(b"pslab/server/1");
         m.update(nc);
         m.update(ns);
-        m.finalize().into_bytes().into()
+        m
+    }
+
+    /// The client's proof, over both nonces and the identity it claims.
+    pub fn client_mac(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES], role: u8, node: u32) -> [u8; MAC_BYTES] {
+        self.client_state(ns, nc, role, node).finalize().into_bytes().into()
+    }
+
+    /// The server's proof.
+    pub fn server_mac(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES]) -> [u8; MAC_BYTES] {
+        self.server_state(ns, nc).finalize().into_bytes().into()
     }
 
     /// Constant-time check of a client's proof.
@@ -95,22 +101,12 @@ impl JobSecret {
         node: u32,
         mac: &[u8],
     ) -> bool {
-        let mut m = self.mac();
-        m.update(b"pslab/client/1");
-        m.update(ns);
-        m.update(nc);
-        m.update(&[role]);
-        m.update(&node.to_le_bytes());
-        m.verify_slice(mac).is_ok()
+        self.client_state(ns, nc, role, node).verify_slice(mac).is_ok()
     }
 
     /// Constant-time check of a server's proof.
     pub fn verify_server(&self, ns: &[u8; NONCE_BYTES], nc: &[u8; NONCE_BYTES], mac: &[u8]) -> bool {
-        let mut m = self.mac();
-        m.update(b"pslab/server/1");
-        m.update(nc);
-        m.update(ns);
-        m.verify_slice(mac).is_ok()
+        self.server_state(ns, nc).verify_slice(mac).is_ok()
     }
 }
 

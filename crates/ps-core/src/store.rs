@@ -60,60 +60,36 @@ impl BlockStore {
 
     #[inline]
     fn locate(&self, block: usize) -> (usize, usize) {
-        // the first slab may be smaller than the rest
-        let first = self.slabs[0].blocks();
-        if block < first {
-            (0, block)
-        } else {
-            let b = block - first;
-            (1 + b / self.blocks_per_slab, b % self.blocks_per_slab)
-        }
+        locate(self.slabs[0].blocks(), self.blocks_per_slab, block)
+    }
+
+    /// The block-sized pieces of flat span `start..start+len`.
+    #[inline]
+    fn pieces(&self, start: usize, len: usize) -> Pieces {
+        Pieces { at: start, done: 0, len, first: self.slabs[0].blocks(), per: self.blocks_per_slab }
     }
 
     /// Calls `f(data, offset_in_span)` for each block-sized piece of flat span
     /// `start..start+len`, each inside the block's write protocol.
     #[inline]
     pub fn update_span(&mut self, start: usize, len: usize, mut f: impl FnMut(&mut [f32], usize)) {
-        let mut done = 0;
-        while done < len {
-            let at = start + done;
-            let (block, pos) = (at / BLOCK_FLOATS, at % BLOCK_FLOATS);
-            let n = (BLOCK_FLOATS - pos).min(len - done);
-            let (s, b) = self.locate(block);
-            self.slabs[s].write(b, |d| f(&mut d[pos..pos + n], done));
-            done += n;
+        for p in self.pieces(start, len) {
+            self.slabs[p.slab].write(p.block, |d| f(&mut d[p.pos..p.pos + p.n], p.done));
         }
     }
 
     /// Copies flat span `start..start+out.len()` into `out`.
     #[inline]
     pub fn read_span(&self, start: usize, out: &mut [f32]) {
-        let mut done = 0;
-        while done < out.len() {
-            let at = start + done;
-            let (block, pos) = (at / BLOCK_FLOATS, at % BLOCK_FLOATS);
-            let n = (BLOCK_FLOATS - pos).min(out.len() - done);
-            let (s, b) = self.locate(block);
-            out[done..done + n].copy_from_slice(&self.slabs[s].data(b)[pos..pos + n]);
-            done += n;
+        for p in self.pieces(start, out.len()) {
+            out[p.done..p.done + p.n].copy_from_slice(&self.slabs[p.slab].data(p.block)[p.pos..p.pos + p.n]);
         }
     }
 
     /// Calls `f` on each block-sized slice of flat span `start..start+len`, in
     /// order, while it returns true; returns false if `f` stopped early.
     pub fn for_each_slice<'a>(&'a self, start: usize, len: usize, mut f: impl FnMut(&'a [f32]) -> bool) -> bool {
-        let mut done = 0;
-        while done < len {
-            let at = start + done;
-            let (block, pos) = (at / BLOCK_FLOATS, at % BLOCK_FLOATS);
-            let n = (BLOCK_FLOATS - pos).min(len - done);
-            let (s, b) = self.locate(block);
-            if !f(&self.slabs[s].data(b)[pos..pos + n]) {
-                return false;
-            }
-            done += n;
-        }
-        true
+        self.pieces(start, len).all(|p| f(&self.slabs[p.slab].data(p.block)[p.pos..p.pos + p.n]))
     }
 
     /// One whole block's data (owner thread).
@@ -128,6 +104,56 @@ impl BlockStore {
     fn write_block<R>(&mut self, block: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let (s, b) = self.locate(block);
         self.slabs[s].write(b, f)
+    }
+}
+
+/// (slab, block in slab) of flat block `block`: the first slab may be smaller than the rest.
+#[inline]
+fn locate(first: usize, per: usize, block: usize) -> (usize, usize) {
+    if block < first {
+        (0, block)
+    } else {
+        let b = block - first;
+        (1 + b / per, b % per)
+    }
+}
+
+/// One block-sized piece of a flat span.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    slab: usize,
+    block: usize,
+    /// offset of the piece in its block's data
+    pos: usize,
+    n: usize,
+    /// offset of the piece in the span
+    done: usize,
+}
+
+/// The pieces of a flat span, block by block (computed without borrowing the store).
+#[derive(Debug)]
+struct Pieces {
+    at: usize,
+    done: usize,
+    len: usize,
+    first: usize,
+    per: usize,
+}
+
+impl Iterator for Pieces {
+    type Item = Piece;
+    #[inline]
+    fn next(&mut self) -> Option<Piece> {
+        if self.done >= self.len {
+            return None;
+        }
+        let (block, pos) = (self.at / BLOCK_FLOATS, self.at % BLOCK_FLOATS);
+        let n = (BLOCK_FLOATS - pos).min(self.len - self.done);
+        let (slab, block) = locate(self.first, self.per, block);
+        let p = Piece { slab, block, pos, n, done: self.done };
+        self.at += n;
+        self.done += n;
+        Some(p)
     }
 }
 
