@@ -40,6 +40,11 @@ pub const RX_BUFFER_BYTES_MIN: usize = 64 * 1024;
 /// A peer has this long to complete the handshake after connecting.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
+/// A peer that sent part of a frame and then nothing for this long is dropped,
+/// so a stalled (or malicious) authenticated peer cannot hold a receive buffer
+/// forever. Long: a frame is at most a few MiB.
+pub const FRAME_STALL_TIMEOUT_MS: u64 = 30_000;
+
 /// How often every node tells the manager it is alive.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 

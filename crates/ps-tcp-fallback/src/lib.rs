@@ -60,6 +60,9 @@ pub struct TcpConfig {
     /// How long a blocked `frame()` waits before giving up on the peer.
     pub tx_stall_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// A peer that sent part of a frame and then nothing for this long is
+    /// dropped (a peer we are not reading from, for back-pressure, never is).
+    pub stall_timeout: Duration,
     pub connections_max: usize,
 }
 
@@ -72,6 +75,7 @@ impl TcpConfig {
             blocking_tx,
             tx_stall_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS),
+            stall_timeout: Duration::from_millis(limits::FRAME_STALL_TIMEOUT_MS),
             connections_max: limits::CONNECTIONS_MAX,
         }
     }
@@ -111,6 +115,8 @@ struct Conn {
     readable: bool,
     /// frames of this connection sitting in `ready`
     queued: usize,
+    /// when bytes last arrived
+    last_read: Instant,
 }
 
 /// A frame lent out by [`TcpTransport::rx_burst`]; give it back with `release`.
@@ -283,6 +289,7 @@ impl TcpTransport {
             tx: TxQueue::default(),
             readable: true,
             queued: 0,
+            last_read: Instant::now(),
         };
         let i = self.insert(conn).map_err(|e| hs(e.to_string()))?;
         Ok(self.peer_of(i))
@@ -324,6 +331,7 @@ impl TcpTransport {
                 tx: TxQueue::default(),
                 readable: true,
                 queued: 0,
+                last_read: Instant::now(),
             };
             conn.tx.reserve(wire::padded_len(NONCE_BYTES)).copy_from_slice(&wire::encode_challenge(&nonce));
             match self.insert(conn) {
@@ -390,19 +398,28 @@ impl TcpTransport {
         self.events_out.push(PeerEvent::Closed { peer, reason: reason.to_string() });
     }
 
-    fn expire_handshakes(&mut self) {
+    /// Drops peers that did not finish the handshake in time, and peers that
+    /// stopped mid-frame: a frame is partly here, the socket is drained, and
+    /// nothing came for `stall_timeout`.
+    fn expire_stalled(&mut self) {
         let now = Instant::now();
-        let late: Vec<usize> = self
+        let stall = self.cfg.stall_timeout;
+        let late: Vec<(usize, &'static str)> = self
             .conns
             .iter()
             .enumerate()
             .filter_map(|(i, c)| match c {
-                Some(Conn { state: State::Challenged { deadline, .. }, .. }) if *deadline < now => Some(i),
+                Some(Conn { state: State::Challenged { deadline, .. }, .. }) if *deadline < now => {
+                    Some((i, "handshake timed out"))
+                }
+                Some(c) if c.rfill > c.rstart && !c.readable && now.duration_since(c.last_read) > stall => {
+                    Some((i, "sent part of a frame, then nothing: stalled"))
+                }
                 _ => None,
             })
             .collect();
-        for i in late {
-            self.drop_conn(i, "handshake timed out", true);
+        for (i, why) in late {
+            self.drop_conn(i, why, true);
         }
     }
 
@@ -476,6 +493,7 @@ impl TcpTransport {
                 }
                 Ok(n) => {
                     conn.rfill += n;
+                    conn.last_read = Instant::now();
                     self.stats.bytes_in += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -696,7 +714,7 @@ impl Transport for TcpTransport {
     type Rx = TcpRx;
 
     fn rx_burst(&mut self, out: &mut Vec<TcpRx>, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.expire_handshakes();
+        self.expire_stalled();
         self.read_paused();
         if self.ready.is_empty() && self.events_out.is_empty() {
             self.poll_io(timeout)?;

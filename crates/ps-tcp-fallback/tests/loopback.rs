@@ -106,3 +106,36 @@ fn a_wrong_secret_is_refused_and_the_client_is_told_why() {
         other => panic!("expected a handshake error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_peer_that_stops_mid_frame_is_dropped_after_the_stall_timeout() {
+    let mut cfg = TcpConfig::new(secret(1), PeerHello { role: 2, node: 0 }, false);
+    cfg.stall_timeout = Duration::from_millis(300);
+    let mut server = TcpTransport::listen(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let mut client = TcpTransport::client(TcpConfig::new(secret(1), PeerHello { role: 3, node: 1 }, true)).unwrap();
+    let t = std::thread::spawn(move || {
+        let peer = client.connect(addr, Duration::from_secs(5)).unwrap();
+        // half a frame: the prefix promises 1024 bytes, 100 come
+        let frame = frame_of(1024, 5);
+        client.frame(peer, 100).unwrap().copy_from_slice(&frame[..100]);
+        client.flush().unwrap();
+        client
+    });
+    let start = Instant::now();
+    let mut ev = Vec::new();
+    let mut rx = Vec::new();
+    while !ev.iter().any(|e| matches!(e, PeerEvent::Closed { .. })) {
+        assert!(start.elapsed() < Duration::from_secs(10), "a stalled peer was never dropped: {ev:?}");
+        server.rx_burst(&mut rx, Some(Duration::from_millis(20))).unwrap();
+        assert!(rx.is_empty());
+        server.flush().unwrap();
+        server.events(&mut ev);
+    }
+    let _client = t.join().unwrap();
+    let PeerEvent::Closed { reason, .. } = ev.iter().find(|e| matches!(e, PeerEvent::Closed { .. })).unwrap() else {
+        unreachable!()
+    };
+    assert!(reason.contains("stalled"), "{reason}");
+    assert!(start.elapsed() >= Duration::from_millis(300), "dropped before the timeout");
+}
