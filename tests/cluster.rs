@@ -144,3 +144,29 @@ fn a_killed_server_fails_the_job_with_the_reason() {
     );
     eprintln!("job failed {:.2} s after the kill", killed.elapsed().as_secs_f64());
 }
+
+#[test]
+fn a_secret_file_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pslab-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("secret");
+    std::fs::write(&path, "ab".repeat(32)).unwrap();
+    let node = |mode: u32| {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = pslab()
+            .env_remove("PS_JOB_SECRET")
+            .env("PS_JOB_SECRET_FILE", &path)
+            // both cases fail on the secret, before any connection is tried
+            .args(["node", "--role", "worker", "--manager", "127.0.0.1:1"])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, err) = node(0o644);
+    assert!(!ok && err.contains("chmod 600"), "{err}");
+    std::fs::write(&path, "not hex").unwrap();
+    let (ok, err) = node(0o600);
+    assert!(!ok && err.contains("PS_JOB_SECRET_FILE") && err.contains("hex digits"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
