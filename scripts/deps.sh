@@ -6,17 +6,7 @@
 # The RDMA build (next issue) adds libibverbs-dev, librdmacm-dev and libclang-dev here.
 set -euo pipefail
 
-need=()
-for pkg in fonts-dejavu-core ca-certificates; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if ((${#need[@]})); then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "deps: installing ${need[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+"$(dirname "${BASH_SOURCE[0]}")"/apt-need.sh fonts-dejavu-core ca-certificates
 
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then

@@ -4,18 +4,10 @@
 # and runs its tests on a real verbs device: the one PS_RDMA_DEVICE names on this
 # machine if set, else rxe0 in a soft-RoCE VM (scripts/softroce-vm.sh).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/.."
 
-need=()
-for pkg in libibverbs-dev librdmacm-dev libclang-dev clang; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if ((${#need[@]})); then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "rdma-test: installing ${need[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+"$here"/apt-need.sh libibverbs-dev librdmacm-dev libclang-dev clang
 
 cd crates/ps-rdma
 rustfmt --edition 2021 --check src/*.rs tests/*.rs

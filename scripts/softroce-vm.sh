@@ -26,16 +26,7 @@ done
 (($#)) || { echo "softroce-vm: no command given (… -- COMMAND)" >&2; exit 2; }
 
 # --- packages ---------------------------------------------------------------
-need=()
-for pkg in qemu-system-x86 busybox-static cpio kmod iproute2 rdma-core ibverbs-providers ibverbs-utils perftest; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if ((${#need[@]})); then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "softroce-vm: installing ${need[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+"$(dirname "${BASH_SOURCE[0]}")"/apt-need.sh qemu-system-x86 busybox-static cpio kmod iproute2 rdma-core ibverbs-providers ibverbs-utils perftest
 
 # --- kernel and modules (cached) ---------------------------------------------
 pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
