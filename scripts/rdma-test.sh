@@ -23,10 +23,10 @@ for line in sys.stdin:
 cd ../..
 for t in $tests; do
   if [ -n "${PS_RDMA_DEVICE:-}" ]; then
-    "$t" --test-threads=1
+    PS_RDMA_REQUIRE=1 "$t" --test-threads=1
   else
     # in the VM the binary runs as /bin/<name>; its output (with the test runner's
     # summary) comes back on the serial console
-    scripts/softroce-vm.sh --timeout 600 --bin "$t" -- "$(basename "$t") --test-threads=1 --nocapture"
+    scripts/softroce-vm.sh --timeout 600 --bin "$t" -- "PS_RDMA_REQUIRE=1 $(basename "$t") --test-threads=1 --nocapture"
   fi
 done

@@ -1,7 +1,8 @@
 //! Against a real verbs device (rxe0 in scripts/softroce-vm.sh, or the device
 //! named by PS_RDMA_DEVICE): two RC QPs of one process connected to each other;
 //! RDMA WRITEs and READs move patterns between registered regions, and every
-//! byte is checked. Skipped (with a line saying so) where no device exists.
+//! byte is checked. Skipped (with a line saying so) where no device exists,
+//! unless PS_RDMA_REQUIRE is set (scripts/rdma-test.sh sets it): then it fails.
 
 use ps_rdma::datapath::{post_read, post_write, wait};
 use ps_rdma::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps};
@@ -9,6 +10,11 @@ use ps_rdma::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps};
 #[test]
 fn write_and_read_between_two_connected_qps() {
     if Context::device_names().is_empty() {
+        // where a device is expected (the VM, a named HCA) a missing one is a failure
+        assert!(
+            std::env::var_os("PS_RDMA_REQUIRE").is_none(),
+            "PS_RDMA_REQUIRE is set but there is no verbs device: soft-RoCE did not come up"
+        );
         eprintln!("SKIP: no verbs device here; run under scripts/softroce-vm.sh");
         return;
     }
