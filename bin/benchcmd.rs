@@ -50,6 +50,8 @@ fn baseline_of(op: &str) -> &'static str {
     match op {
         "push" => "copy",
         "pull" => "fetch",
+        // pipelined: the raw-TCP baseline is one exchange at a time, no match
+        "push_win" | "pull_win" => "none",
         _ => "exchange",
     }
 }
@@ -251,8 +253,12 @@ fn print_table(rows: &[Row], o: &BenchOpts) {
     let line = "-".repeat(104);
     println!("{line}");
     println!(
-        " pslab bench: {} server(s) x {} shard(s), {} worker(s), TCP on 127.0.0.1, one op in flight per worker",
-        o.servers, o.shards, o.workers
+        " pslab bench: {} server(s) x {} shard(s), {} worker(s) on 127.0.0.1, --transport {} (the workers' logs say what it chose), one op in flight per worker (*_win: {} in flight)",
+        o.servers,
+        o.shards,
+        o.workers,
+        std::env::var("PS_TRANSPORT").unwrap_or_else(|_| "auto".into()),
+        o.params["window"].as_u64().unwrap_or(1)
     );
     println!(" bytes = value bytes per op (push->pull and fused move them both ways: 2x); raw = plain socket, same bytes, same run");
     if o.repeat > 1 {

@@ -3,15 +3,19 @@
 //! - `pslab local`: a whole cluster on this machine (the README's first command);
 //! - `pslab node`: one role of a job (what mpirun / srun / scripts start);
 //! - `pslab bench`: push/pull throughput and latency beside raw TCP;
-//! - `pslab secret`: a fresh per-job secret.
+//! - `pslab secret`: a fresh per-job secret;
+//! - `pslab doctor`: RDMA devices, ports, GIDs, memlock and hugepages, with remedies.
 //!
 //! Environment: see docs/env.md.
-#![forbid(unsafe_code)]
+// the one exception is `net::export_slabs` (registering a shard's slabs for RDMA)
+#![deny(unsafe_code)]
 
 mod apps;
 mod baseline;
 mod benchcmd;
+mod doctor;
 mod local;
+mod net;
 mod node;
 mod plot;
 
@@ -27,11 +31,21 @@ use serde_json::json;
 #[command(
     name = "pslab",
     version,
-    about = "A thread-per-core parameter server for distributed ML (TCP transport; RDMA next)"
+    about = "A thread-per-core parameter server for distributed ML, over RDMA (ibverbs) or TCP"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Data transport between workers and shards: auto (RDMA where an active
+    /// device exists, else TCP, said in the log), rdma (or fail), tcp.
+    #[arg(long, global = true, value_enum, env = "PS_TRANSPORT", default_value = "auto")]
+    transport: net::TransportArg,
+    /// The RDMA device to use (default: the first with an active port).
+    #[arg(long, global = true, env = "PS_RDMA_DEVICE")]
+    rdma_device: Option<String>,
+    /// The GID index to use (default: RoCE: the IPv4-mapped RoCEv2 GID; InfiniBand: the LID).
+    #[arg(long, global = true, env = "PS_RDMA_GID_INDEX")]
+    rdma_gid_index: Option<i32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -137,9 +151,20 @@ enum Cmd {
         /// Run everything this many times and report medians.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+        /// Also measure dense pushes and pulls with this many in flight
+        /// (push_win, pull_win: pipelined goodput, as ib_write_bw measures).
+        #[arg(long, default_value_t = 1)]
+        window: usize,
     },
     /// Print a fresh job secret (64 hex digits) for PS_JOB_SECRET.
     Secret,
+    /// Check this machine for RDMA: devices, ports, GIDs, MTU, the memlock limit
+    /// against the memory a job registers, hugepages; says what to fix.
+    Doctor {
+        /// Bytes of parameters this node will serve (checked against `ulimit -l`).
+        #[arg(long, default_value_t = 1 << 30)]
+        slab_bytes: u64,
+    },
     /// Redraw the PNG of a saved `pslab bench --json` result.
     PlotBench { json: String, png: String },
     /// (internal) the raw-TCP baseline's server side.
@@ -200,7 +225,7 @@ fn watch_parent() {
     });
 }
 
-fn run_node(cmd: Cmd) -> Result<String, String> {
+fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
     let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin, rank } =
         cmd
     else {
@@ -220,9 +245,9 @@ fn run_node(cmd: Cmd) -> Result<String, String> {
         RoleArg::Server => {
             let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
             let opts = node::ServerOpts { host, shards: shards.unwrap_or(cores), port_base, cpus, pin: !no_pin, rank };
-            node::run_server(secret, manager_addr()?, opts)
+            node::run_server(secret, manager_addr()?, opts, netopts)
         }
-        RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host, rank),
+        RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host, rank, netopts),
     }
 }
 
@@ -308,13 +333,17 @@ fn run_local(
 fn main() {
     let cli = Cli::parse();
     init_logging();
+    let netopts =
+        net::NetOpts { transport: cli.transport, rdma_device: cli.rdma_device, rdma_gid_index: cli.rdma_gid_index };
+    // the processes `local` and `bench` start run the same transport
+    netopts.export_env();
     let r = match cli.cmd {
         Cmd::Local { servers, shards, workers, app, params, no_pin, verbose } => {
             run_local(servers, shards, workers, app, params, !no_pin, verbose)
         }
         cmd @ Cmd::Node { .. } => {
             watch_parent();
-            run_node(cmd).map(|msg| tracing::info!("{msg}"))
+            run_node(cmd, &netopts).map(|msg| tracing::info!("{msg}"))
         }
         Cmd::Bench {
             servers,
@@ -328,8 +357,9 @@ fn main() {
             plot,
             no_pin,
             repeat,
+            window,
         } => {
-            let mut params = json!({"seconds": seconds});
+            let mut params = json!({"seconds": seconds, "window": window});
             if !dense_sizes.is_empty() {
                 params["dense_sizes"] = json!(dense_sizes);
             }
@@ -350,6 +380,7 @@ fn main() {
         }
         Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
+        Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),
     };
     if let Err(e) = r {

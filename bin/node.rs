@@ -21,6 +21,8 @@ use ps_core::wire::{self, Frame};
 use ps_core::worker::WorkerCore;
 use ps_tcp_fallback::{TcpConfig, TcpTransport};
 
+use crate::net::{self, NetOpts, NodeTransport};
+
 /// Wall-clock time since the process started (ps-core takes time as an input).
 #[derive(Clone, Copy, Debug)]
 pub struct StdClock(pub Instant);
@@ -307,7 +309,12 @@ pub struct ServerOpts {
     pub rank: Option<u32>,
 }
 
-pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> Result<String, String> {
+pub fn run_server(
+    secret: JobSecret,
+    manager: SocketAddr,
+    opts: ServerOpts,
+    netopts: &NetOpts,
+) -> Result<String, String> {
     let shards = opts.shards.max(1);
     let mut transports = Vec::with_capacity(shards);
     let mut ports = Vec::with_capacity(shards);
@@ -319,6 +326,7 @@ pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> R
         ports.push(t.local_addr().expect("listening").port());
         transports.push(t);
     }
+    let transports = net::server_transports(transports, netopts)?;
     let (rank, view, link) =
         ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), opts.rank, Default::default())?;
     let kernels = Kernels::best();
@@ -344,8 +352,9 @@ pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> R
     let mut threads = Vec::new();
     for (h, mut t) in transports.into_iter().enumerate() {
         t.set_limits(view.job.limits);
-        wakers.push(t.waker().map_err(|e| e.to_string())?);
+        wakers.push(net::waker_of(&mut t).map_err(|e| e.to_string())?);
         let core = ShardCore::new(&view, Owner { server: rank, shard: h as u32 }, &RuleRegistry::default(), kernels)?;
+        net::export_slabs(&mut t, &core)?;
         let stop = stop.clone();
         let cpu = placement[h];
         threads.push(
@@ -393,9 +402,12 @@ pub fn run_server(secret: JobSecret, manager: SocketAddr, opts: ServerOpts) -> R
     outcome.map(|r| format!("server {rank} stopped: {r}"))
 }
 
-fn shard_loop(mut core: ShardCore, mut t: TcpTransport, stop: &AtomicBool) -> ps_core::shard::ShardStats {
+fn shard_loop(mut core: ShardCore, mut t: NodeTransport, stop: &AtomicBool) -> ps_core::shard::ShardStats {
     let mut rx = Vec::with_capacity(64);
     let mut events = Vec::new();
+    // fault injection for the tests: a slow shard (credit exhaustion, back-pressure)
+    let delay =
+        std::env::var("PS_TEST_SHARD_DELAY_US").ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_micros);
     while !stop.load(Ordering::Acquire) {
         if let Err(e) = t.rx_burst(&mut rx, Some(Duration::from_millis(200))) {
             tracing::error!("shard {}: {e}", core.owner().shard);
@@ -403,6 +415,9 @@ fn shard_loop(mut core: ShardCore, mut t: TcpTransport, stop: &AtomicBool) -> ps
         }
         for f in rx.drain(..) {
             let peer = f.peer();
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
             let r = core.handle(peer, f.bytes(), &mut t);
             t.release(f);
             if let Err(e) = r {
@@ -422,12 +437,17 @@ fn shard_loop(mut core: ShardCore, mut t: TcpTransport, stop: &AtomicBool) -> ps
             }
         }
     }
+    if let Some(line) = net::stats_line(&t) {
+        tracing::info!("shard {} {line}", core.owner().shard);
+    }
+    // the transport (and the RDMA registration of the slabs) goes before the slabs
+    drop(t);
     core.stats()
 }
 
 // ------------------------------------------------------------------ worker
 
-pub type PsWorker = Worker<TcpTransport, StdClock>;
+pub type PsWorker = Worker<NodeTransport, StdClock>;
 
 /// What an application gets: its rank, the view, the PS client and the control link.
 pub struct WorkerCtx {
@@ -452,30 +472,44 @@ impl WorkerCtx {
     }
 }
 
-pub fn run_worker(secret: JobSecret, manager: SocketAddr, host: &str, rank: Option<u32>) -> Result<String, String> {
+pub fn run_worker(
+    secret: JobSecret,
+    manager: SocketAddr,
+    host: &str,
+    rank: Option<u32>,
+    netopts: &NetOpts,
+) -> Result<String, String> {
     let (rank, view, link) =
         ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
     let ring = view.ring().map_err(|e| e.to_string())?;
     let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Worker as u8, node: rank }, true);
     cfg.limits = view.job.limits;
-    let mut t = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
+    let tcp = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
+    let mut t = net::worker_transport(tcp, netopts)?;
+    t.set_limits(view.job.limits);
     let mut peers = Vec::new();
+    let mut modes = std::collections::BTreeMap::<String, usize>::new();
     for s in &view.servers {
         let mut row = Vec::new();
         for &port in &s.ports {
             let addr = resolve(&format!("{}:{port}", s.host))?;
-            row.push(
-                t.connect(addr, Duration::from_secs(10))
-                    .map_err(|e| format!("server {} shard port {port}: {e}", s.rank))?,
-            );
+            let (peer, mode) = net::connect_shard(&mut t, addr, netopts)
+                .map_err(|e| format!("server {} shard port {port}: {e}", s.rank))?;
+            *modes.entry(mode).or_default() += 1;
+            row.push(peer);
         }
         peers.push(row);
     }
+    let modes: Vec<String> = modes.iter().map(|(m, n)| format!("{n} shards over {m}")).collect();
+    tracing::info!("worker {rank}: transport: {}", modes.join(", "));
     let core = WorkerCore::new(&view.job.tables, ring, peers, view.job.limits);
     let ps = Worker::new(core, t, StdClock(Instant::now()), Duration::from_secs(120));
     let app = view.job.app.clone();
     let mut ctx = WorkerCtx { rank, view, ps, link };
     let result = crate::apps::run(&app, &mut ctx);
+    if let Some(line) = net::stats_line(ctx.ps.transport_mut()) {
+        tracing::info!("worker {rank} {line}");
+    }
     let WorkerCtx { link, .. } = ctx;
     match result {
         Ok(msg) => {

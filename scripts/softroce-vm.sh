@@ -59,11 +59,12 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc/libibverbs.d,modules,lib64,run}
 cp /bin/busybox "$root/bin/busybox"
-for l in sh mount insmod sleep cat echo poweroff mkdir ls; do ln -sf busybox "$root/bin/$l"; done
+for l in sh mount insmod sleep cat echo poweroff mkdir ls env awk; do ln -sf busybox "$root/bin/$l"; done
 copy_with_libs() { # copy a binary and its libraries to the same paths in the image
   local src=$1 dst=$2
   install -D -m 0755 "$src" "$root$dst"
-  ldd "$src" 2>/dev/null | grep -oE '/[^ ]+' | while read -r lib; do
+  # (scripts have no libraries: ldd fails on them, which is fine)
+  { ldd "$src" 2>/dev/null || true; } | { grep -oE '/[^ ]+' || true; } | while read -r lib; do
     [ -e "$root$lib" ] || install -D "$lib" "$root$lib"
   done
 }

@@ -24,6 +24,9 @@ use super::param;
 use crate::node::WorkerCtx;
 
 pub const OPS: [&str; 4] = ["push", "pull", "push_pull", "fused"];
+/// With `window` > 1: `window` dense pushes (or pulls) in flight, then wait for
+/// all: the goodput of a pipeline, as perftest's `ib_write_bw` measures it.
+pub const OPS_WINDOWED: [&str; 2] = ["push_win", "pull_win"];
 const SPARSE_TABLE: u32 = 1000;
 
 #[derive(Clone, Debug)]
@@ -32,6 +35,7 @@ struct Params {
     sparse_sizes: Vec<u64>,
     seconds: f64,
     warmup_seconds: f64,
+    window: usize,
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -45,6 +49,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         sparse_sizes: param(p, "sparse_sizes", vec![kib(4), kib(64), kib(1024), kib(4096)])?,
         seconds: param(p, "seconds", 2.0)?,
         warmup_seconds: param(p, "warmup_seconds", 0.5)?,
+        window: param(p, "window", 1)?,
     };
     for &s in r.dense_sizes.iter().chain(&r.sparse_sizes) {
         if s < 4 || s % 4 != 0 {
@@ -92,7 +97,7 @@ pub fn tables(
         ));
     }
     tables.push(TableSpec::sparse(SPARSE_TABLE, "sparse", KeyRange::FULL, 1, RuleSpec::Sum));
-    let filled = json!({"dense_sizes": r.dense_sizes, "sparse_sizes": r.sparse_sizes, "seconds": r.seconds, "warmup_seconds": r.warmup_seconds});
+    let filled = json!({"dense_sizes": r.dense_sizes, "sparse_sizes": r.sparse_sizes, "seconds": r.seconds, "warmup_seconds": r.warmup_seconds, "window": r.window});
     Ok((tables, filled))
 }
 
@@ -131,6 +136,25 @@ fn dense_op(
             }
             for (i, t) in ts.drain(..).enumerate() {
                 bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
+            }
+        }
+        "push_win" | "pull_win" => {
+            let w = bufs.len() / keys.len();
+            for j in 0..w {
+                for (i, &k) in keys.iter().enumerate() {
+                    ts.push(if op == "push_win" {
+                        ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per]).map_err(e)?
+                    } else {
+                        ctx.ps.pull_range(table, k, 1, std::mem::take(&mut bufs[j * keys.len() + i])).map_err(e)?
+                    });
+                }
+            }
+            for (i, t) in ts.drain(..).enumerate() {
+                if op == "push_win" {
+                    ctx.ps.wait(t).map_err(e)?;
+                } else {
+                    bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
+                }
             }
         }
         "fused" => {
@@ -191,10 +215,24 @@ fn timed(p: &Params, mut f: impl FnMut() -> Result<(), String>) -> Result<(Vec<D
     Ok((lat, start.elapsed()))
 }
 
-fn report(ctx: &WorkerCtx, layout: &str, op: &str, size: u64, keys: u64, lat: &mut [Duration], wall: Duration) {
+#[allow(clippy::too_many_arguments)]
+fn report(
+    ctx: &WorkerCtx,
+    layout: &str,
+    op: &str,
+    size: u64,
+    keys: u64,
+    window: usize,
+    lat: &mut [Duration],
+    wall: Duration,
+) {
     lat.sort_unstable();
     let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
-    let moved = if op == "push" || op == "pull" { size } else { 2 * size };
+    let moved = match op {
+        "push" | "pull" => size,
+        "push_win" | "pull_win" => size * window as u64,
+        _ => 2 * size,
+    };
     ctx.emit(
         "bench",
         json!({"rank": ctx.rank, "layout": layout, "op": op, "size": size, "keys": keys, "ops": lat.len(),
@@ -215,8 +253,17 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         for op in OPS {
             ctx.barrier(&format!("dense-{size}-{op}"))?;
             let (mut lat, wall) = timed(&p, || dense_op(ctx, op, table, &keys, &vals, &mut bufs))?;
-            report(ctx, "dense", op, size, keys.len() as u64, &mut lat, wall);
+            report(ctx, "dense", op, size, keys.len() as u64, 1, &mut lat, wall);
             phases += 1;
+        }
+        if p.window > 1 {
+            let mut bufs = vec![Vec::new(); keys.len() * p.window];
+            for op in OPS_WINDOWED {
+                ctx.barrier(&format!("dense-{size}-{op}"))?;
+                let (mut lat, wall) = timed(&p, || dense_op(ctx, op, table, &keys, &vals, &mut bufs))?;
+                report(ctx, "dense", op, size, keys.len() as u64, p.window, &mut lat, wall);
+                phases += 1;
+            }
         }
     }
     for &size in &p.sparse_sizes {
@@ -230,7 +277,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         for op in OPS {
             ctx.barrier(&format!("sparse-{size}-{op}"))?;
             let (mut lat, wall) = timed(&p, || sparse_op(ctx, op, &keys, &vals, &mut buf))?;
-            report(ctx, "sparse", op, size, keys.len() as u64, &mut lat, wall);
+            report(ctx, "sparse", op, size, keys.len() as u64, 1, &mut lat, wall);
             phases += 1;
         }
     }

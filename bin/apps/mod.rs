@@ -4,13 +4,14 @@
 
 pub mod bench;
 pub mod check;
+pub mod torn;
 pub mod train_lr;
 
 use ps_core::control::JobSpec;
 
 use crate::node::WorkerCtx;
 
-pub const APPS: &[&str] = &["train-lr", "check", "bench"];
+pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn"];
 
 /// The job spec for `app` with `params` (a JSON object; missing fields take defaults).
 pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<JobSpec, String> {
@@ -19,6 +20,7 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<J
         "train-lr" => train_lr::tables(params)?,
         "check" => check::tables(params)?,
         "bench" => bench::tables(params, servers, partitions)?,
+        "torn" => torn::tables(params)?,
         other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
     };
     let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions };
@@ -31,6 +33,7 @@ pub fn run(app: &str, ctx: &mut WorkerCtx) -> Result<String, String> {
         "train-lr" => train_lr::run(ctx),
         "check" => check::run(ctx),
         "bench" => bench::run(ctx),
+        "torn" => torn::run(ctx),
         other => Err(format!("unknown app {other:?}")),
     }
 }

@@ -174,6 +174,19 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         Ok(self.core.finish(ts)?.unwrap_or_default())
     }
 
+    /// Blocking range pull into `out`, reusing its allocation.
+    pub fn pull_into_range(
+        &mut self,
+        table: TableId,
+        first: Key,
+        count: u64,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PsError> {
+        let ts = self.pull_range(table, first, count, std::mem::take(out))?;
+        *out = self.wait_pull(ts)?;
+        Ok(())
+    }
+
     /// Blocking pull into `out`, reusing its allocation.
     pub fn pull_into(&mut self, table: TableId, keys: &[Key], out: &mut Vec<f32>) -> Result<(), PsError> {
         let ts = self.pull(table, keys, std::mem::take(out))?;

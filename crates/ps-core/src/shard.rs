@@ -91,6 +91,18 @@ impl ShardCore {
         self.owner
     }
 
+    /// Every dense table's layout and slab bytes, for registering with a
+    /// one-sided transport. A dense table is one slab that never moves or grows.
+    pub fn dense_slabs(&self) -> Vec<(TableId, crate::store::DenseLayout, &[u8])> {
+        self.tables
+            .iter()
+            .filter_map(|(id, (_, st))| match st {
+                TableStore::Dense(d) => Some((*id, d.layout(), d.values().slabs()[0].as_bytes())),
+                TableStore::Sparse(_) => None,
+            })
+            .collect()
+    }
+
     pub fn stats(&self) -> ShardStats {
         self.stats
     }

@@ -172,6 +172,30 @@ pub enum StoreError {
     Full(usize),
 }
 
+/// How one shard lays out its part of a dense table in its (single) slab: what a
+/// worker needs to turn a table-global float span into block addresses.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DenseLayout {
+    pub table_begin: Key,
+    pub dim: u32,
+    /// (first key, end key, flat float index of the first key's values), ascending
+    pub ranges: Vec<(Key, Key, u64)>,
+}
+
+impl DenseLayout {
+    /// The shard-local flat float index of table-global flat span `start..start+len`,
+    /// if one owned range holds all of it (what `DenseStore::pull` accepts).
+    pub fn local(&self, start: u64, len: u64) -> Option<u64> {
+        let dim = self.dim as u64;
+        let key = self.table_begin.checked_add(start / dim)?;
+        let i = self.ranges.partition_point(|r| r.1 <= key);
+        let &(begin, end, base) = self.ranges.get(i)?;
+        let first = (begin - self.table_begin) * dim;
+        let last = (end - self.table_begin) * dim;
+        (start >= first && start.checked_add(len)? <= last).then(|| base + (start - first))
+    }
+}
+
 /// One shard's part of a dense table: its owned key ranges, contiguous in one slab.
 #[derive(Debug)]
 pub struct DenseStore {
@@ -206,6 +230,16 @@ impl DenseStore {
 
     pub fn values(&self) -> &BlockStore {
         &self.values
+    }
+
+    /// Where this shard keeps the table, for one-sided readers: every owned key
+    /// range with the flat float index its values start at, all in one slab.
+    pub fn layout(&self) -> DenseLayout {
+        DenseLayout {
+            table_begin: self.table_begin,
+            dim: self.dim as u32,
+            ranges: self.ranges.iter().map(|(r, base)| (r.begin, r.end, *base as u64)).collect(),
+        }
     }
 
     /// Maps a table-global flat float span to this shard's flat space.

@@ -18,19 +18,19 @@ fn write_and_read_between_two_connected_qps() {
         eprintln!("SKIP: no verbs device here; run under scripts/softroce-vm.sh");
         return;
     }
-    let ctx = Context::open(std::env::var("PS_RDMA_DEVICE").ok().as_deref()).unwrap();
+    let ctx = std::sync::Arc::new(Context::open(std::env::var("PS_RDMA_DEVICE").ok().as_deref()).unwrap());
     let port = 1;
     let (gid_index, gid) = ctx.ipv4_gid(port).unwrap();
     let lid = ctx.query_port(port).unwrap().lid;
     eprintln!("device {} gid index {gid_index}", ctx.name());
     let pd = Pd::new(&ctx).unwrap();
-    let cq = Cq::new(&ctx, 256).unwrap();
-    let caps = QpCaps { send_wr: 64, recv_wr: 64 };
-    let mut a = Qp::new(&pd, &cq, caps).unwrap();
-    let mut b = Qp::new(&pd, &cq, caps).unwrap();
+    let cq = Cq::new(&ctx, 256, false).unwrap();
+    let caps = QpCaps { send_wr: 64, recv_wr: 64, inline_bytes: 0 };
+    let mut a = Qp::new(&pd, &cq, &cq, caps).unwrap();
+    let mut b = Qp::new(&pd, &cq, &cq, caps).unwrap();
     let (ea, eb) = (Endpoint { qpn: a.qpn(), psn: 100, lid, gid }, Endpoint { qpn: b.qpn(), psn: 200, lid, gid });
-    a.connect(port, gid_index, ea.psn, &eb).unwrap();
-    b.connect(port, gid_index, eb.psn, &ea).unwrap();
+    a.connect(port, Some(gid_index), ea.psn, &eb).unwrap();
+    b.connect(port, Some(gid_index), eb.psn, &ea).unwrap();
     let mut ma = Mr::new(&pd, 1 << 20).unwrap();
     let mb = Mr::new(&pd, 1 << 20).unwrap();
     let mut wr = 0u64;

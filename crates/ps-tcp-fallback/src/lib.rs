@@ -43,6 +43,7 @@ use buf::{Pool, TxQueue};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+const EXTRA: Token = Token(usize::MAX - 3);
 /// Frames below this are copied out of the read buffer; larger ones are lent as they lie.
 const SMALL_FRAME_BYTES: usize = 16 * 1024;
 
@@ -162,6 +163,8 @@ pub struct TcpTransport {
     ready: VecDeque<TcpRx>,
     events_out: Vec<PeerEvent>,
     stats: TcpStats,
+    /// the fd given to `watch_fd` became readable
+    extra_ready: bool,
 }
 
 fn io_err(e: io::Error) -> TransportError {
@@ -183,6 +186,7 @@ impl TcpTransport {
             ready: VecDeque::new(),
             events_out: Vec::new(),
             stats: TcpStats::default(),
+            extra_ready: false,
         })
     }
 
@@ -202,6 +206,18 @@ impl TcpTransport {
     /// A waker that makes a blocked `rx_burst` return (for shutdown).
     pub fn waker(&self) -> io::Result<Arc<Waker>> {
         Ok(Arc::new(Waker::new(self.poll.registry(), WAKER)?))
+    }
+
+    /// Makes a blocked `rx_burst` also return when `fd` becomes readable (the RDMA
+    /// transport's completion channel), so one poll(2) waits for both.
+    /// [`TcpTransport::take_extra_ready`] says whether it did.
+    pub fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        self.poll.registry().register(&mut mio::unix::SourceFd(&fd), EXTRA, Interest::READABLE)
+    }
+
+    /// True (once) if the watched fd was readable in a poll since the last call.
+    pub fn take_extra_ready(&mut self) -> bool {
+        std::mem::take(&mut self.extra_ready)
     }
 
     /// Replaces the wire limits (a listener bound before the job's limits were known).
@@ -577,6 +593,7 @@ impl TcpTransport {
             match token {
                 LISTENER => self.accept_all(),
                 WAKER => {}
+                EXTRA => self.extra_ready = true,
                 Token(i) => {
                     if writable {
                         self.flush_conn(i);

@@ -1,0 +1,1139 @@
+//! `ps_core::Transport` over RC queue pairs, beside the authenticated TCP one.
+//!
+//! [`RdmaTransport`] wraps a [`TcpTransport`]: every connection starts as TCP
+//! (so it is authenticated by the job secret), and the client then asks over it
+//! for an RDMA connection (`RdmaSetup` JSON in a control frame): QP numbers, GIDs
+//! or LIDs, PSNs, the rkeys and addresses of the rings and of the dense slabs.
+//! From then on that peer's frames travel over RDMA, and the TCP connection
+//! stays as the liveness signal (a dead process closes it at once).
+//!
+//! ## Frames over one-sided writes (both directions)
+//! Each side owns a ring of `slots` receive slots of `slot_bytes` in registered
+//! memory; the other side writes frame *j* into slot `j % slots` with one RDMA
+//! WRITE_WITH_IMM (immediate = the frame's length). The receive completion says
+//! the whole frame has landed (never half of one), in order. The receiver copies
+//! the frame out of its slot and posts the receive again.
+//!
+//! Credits: every request a client writes gets exactly one response frame
+//! (`Ack`, `PullResp` or `Error`), so a client keeps `sent - answered < slots`:
+//! a request slot is reused only after the request that used it was answered
+//! (hence consumed), and the server's response *j* goes to a slot whose previous
+//! response the client already took. No credit message is needed; a slow shard
+//! simply stops answering and the client's `frame()` waits.
+//!
+//! ## Dense pulls as one-sided READs
+//! A server registers each dense table's slab for remote READ and sends its
+//! layout. A client's dense range pull is then not sent: once every earlier
+//! request to that shard is answered (read-your-writes), the transport READs the
+//! blocks that hold the span, checks every block's head and tail versions
+//! (`slab::check_block`), re-reads a torn block, and hands the caller a
+//! `PullResp` frame it built itself. The shard's CPU is not involved.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ps_core::limits::{WireLimits, BLOCK_BYTES};
+use ps_core::slab::{check_block, BLOCK_FLOATS};
+use ps_core::store::DenseLayout;
+use ps_core::transport::{FrameSink, PeerEvent, PeerId, RxFrame, Transport, TransportError, TxError};
+use ps_core::wire::{self, DataHeader, Frame, Kind};
+use ps_tcp_fallback::{TcpRx, TcpTransport};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{self, Completion, Op, Wr, BATCH_MAX};
+use crate::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps, RdmaError};
+
+// ------------------------------------------------------------------ tunables
+
+/// Receive slots per ring (per connection and direction): the requests a client
+/// may have unanswered at one shard. 8 x 260 KiB keeps a full chunk pipeline
+/// (the TCP transport measured 2-4 chunks in flight enough) at 2 MiB a ring.
+pub const RING_SLOTS: usize = 8;
+/// Work requests posted per doorbell at most, and a WRITE is signalled at least
+/// this often (the rest complete silently: an RC send queue completes in order).
+pub const SIGNAL_EVERY: usize = 4;
+/// Send queue depth: every slot's WRITE plus READs plus slack.
+pub const SEND_WR: u32 = (2 * RING_SLOTS + BATCH_MAX + 8) as u32;
+/// Completion queue depth, shared by every connection of a transport.
+pub const CQ_DEPTH: i32 = 8192;
+/// Connections a transport holds over RDMA (CQ_DEPTH / the entries one may queue).
+pub const RDMA_CONNECTIONS_MAX: usize = CQ_DEPTH as usize / (2 * RING_SLOTS + SEND_WR as usize);
+/// Frames up to this size go inline (acks and errors: no DMA read of our memory).
+pub const INLINE_BYTES: u32 = 128;
+/// Pull chunks one chained READ post may carry (the landing buffer holds this
+/// many chunks' blocks: 8 x 67 x 4 KiB, about 2 MiB per worker).
+pub const READ_BUFFER_CHUNKS: usize = 8;
+/// A torn block is re-read at most this often before the pull fails.
+pub const TORN_RETRIES_MAX: u32 = 100_000;
+/// How long a full sender waits for a slot before it gives up on the peer.
+pub const TX_STALL: Duration = Duration::from_secs(60);
+
+const _: () = {
+    assert!(SIGNAL_EVERY <= BATCH_MAX && RING_SLOTS >= 2);
+    assert!(SEND_WR as usize >= RING_SLOTS + BATCH_MAX, "every slot in flight plus a batch must fit the send queue");
+};
+
+/// Bytes of one ring slot for `limits`: the largest request or response frame.
+pub fn slot_bytes(limits: &WireLimits) -> usize {
+    limits.response_bytes_max().next_multiple_of(4096)
+}
+
+// ------------------------------------------------------------------ device
+
+/// Which device, port and GID to use.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceChoice {
+    /// A device name (`PS_RDMA_DEVICE`, `--rdma-device`); `None`: the first with an active port.
+    pub name: Option<String>,
+    /// Overrides the GID index (RoCE: the IPv4-mapped RoCEv2 GID is found otherwise).
+    pub gid_index: Option<i32>,
+}
+
+/// An opened device, its active port and our address on it.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub ctx: Arc<Context>,
+    pub pd: Arc<Pd>,
+    pub port: u8,
+    /// `None` on InfiniBand without an override: routed by LID.
+    pub gid_index: Option<i32>,
+    pub gid: [u8; 16],
+    pub lid: u16,
+    pub roce: bool,
+}
+
+const LINK_LAYER_ETHERNET: u8 = 2;
+
+impl Device {
+    pub fn open(choice: &DeviceChoice) -> Result<Device, RdmaError> {
+        let port = 1u8;
+        let names = Context::device_names();
+        if names.is_empty() {
+            return Err(RdmaError::NoDevice(String::new()));
+        }
+        let mut last_err = None;
+        let candidates: Vec<String> = match &choice.name {
+            Some(n) => vec![n.clone()],
+            None => names,
+        };
+        for name in candidates {
+            let ctx = match Context::open(Some(&name)) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            let attr = match ctx.query_port(port) {
+                Ok(a) => a,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            if attr.state != rdma_sys::ibv_port_state::IBV_PORT_ACTIVE {
+                last_err = Some(RdmaError::PortDown { device: name.clone(), port, state: attr.state });
+                continue;
+            }
+            let roce = attr.link_layer == LINK_LAYER_ETHERNET;
+            let (gid_index, gid) = match (choice.gid_index, roce) {
+                (Some(i), _) => (Some(i), ctx.query_gid(port, i)?),
+                (None, true) => {
+                    let (i, g) = ctx.ipv4_gid(port)?;
+                    (Some(i), g)
+                }
+                (None, false) => (None, [0; 16]),
+            };
+            let pd = Pd::new(&ctx)?;
+            return Ok(Device { ctx, pd, port, gid_index, gid, lid: attr.lid, roce });
+        }
+        Err(last_err.unwrap_or_else(|| RdmaError::NoDevice(String::new())))
+    }
+
+    /// One line for the log: device, port, address.
+    pub fn describe(&self) -> String {
+        match self.gid_index {
+            Some(i) => format!(
+                "{} port {} ({}, GID index {i}: {})",
+                self.ctx.name(),
+                self.port,
+                if self.roce { "RoCE" } else { "InfiniBand" },
+                gid_str(&self.gid)
+            ),
+            None => format!("{} port {} (InfiniBand, LID {})", self.ctx.name(), self.port, self.lid),
+        }
+    }
+}
+
+/// A GID as text: `::ffff:a.b.c.d` for IPv4-mapped ones, else hex groups.
+pub fn gid_str(g: &[u8; 16]) -> String {
+    std::net::Ipv6Addr::from(*g).to_string()
+}
+
+// ------------------------------------------------------------------ set-up messages
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct EndpointMsg {
+    qpn: u32,
+    psn: u32,
+    lid: u16,
+    gid: [u8; 16],
+}
+
+/// A ring the other side writes frames into.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+struct RingMsg {
+    addr: u64,
+    rkey: u32,
+    slots: u32,
+    slot_bytes: u32,
+}
+
+/// A dense table a client may READ.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct TableMsg {
+    table: u32,
+    addr: u64,
+    rkey: u32,
+    len: u64,
+    layout: DenseLayout,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "rdma", rename_all = "snake_case")]
+enum SetupMsg {
+    Connect { ep: EndpointMsg, ring: RingMsg },
+    Accept { ep: EndpointMsg, ring: RingMsg, tables: Vec<TableMsg> },
+    Refuse { reason: String },
+}
+
+impl SetupMsg {
+    fn frame_to(&self, tcp: &mut TcpTransport, peer: PeerId) -> Result<(), TxError> {
+        let json = serde_json::to_vec(self).expect("set-up messages serialize");
+        let buf = tcp.frame(peer, wire::control_len(json.len()))?;
+        wire::write_control(buf, &json);
+        Ok(())
+    }
+
+    fn parse(frame: &[u8]) -> Option<SetupMsg> {
+        match wire::decode(frame, ps_core::limits::CONTROL_BYTES_MAX) {
+            Ok(Frame::Control(j)) => serde_json::from_slice(j).ok(),
+            _ => None,
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the transport
+
+/// Counters, for the end-of-run report and the tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RdmaStats {
+    pub frames_out: u64,
+    pub frames_in: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub doorbells: u64,
+    /// Dense pulls served by one-sided READs.
+    pub read_pulls: u64,
+    pub read_bytes: u64,
+    /// Blocks that came back torn and were read again.
+    pub torn_retries: u64,
+    /// Times a client had frames ready but no credit (every ring slot unanswered).
+    pub credit_waits: u64,
+}
+
+/// A received frame: from TCP, or copied out of an RDMA ring (or built from READs).
+#[derive(Debug)]
+pub enum RdmaRx {
+    Tcp(TcpRx),
+    Local { peer: PeerId, buf: Vec<u64>, len: usize },
+}
+
+impl RxFrame for RdmaRx {
+    fn peer(&self) -> PeerId {
+        match self {
+            RdmaRx::Tcp(t) => t.peer(),
+            RdmaRx::Local { peer, .. } => *peer,
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            RdmaRx::Tcp(t) => t.bytes(),
+            RdmaRx::Local { buf, len, .. } => &bytemuck::cast_slice(buf)[..*len],
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RemoteTable {
+    addr: u64,
+    rkey: u32,
+    len: u64,
+    layout: DenseLayout,
+}
+
+/// One peer over RDMA. Field order is drop order: the QP goes before the memory
+/// its work requests name.
+#[derive(Debug)]
+struct Conn {
+    qp: Qp,
+    peer: PeerId,
+    gen: u16,
+    /// our staging slots for outgoing frames
+    tx_mr: Mr,
+    tx_free: Vec<usize>,
+    /// filled, not yet posted: (slot, len)
+    tx_queue: VecDeque<(usize, usize)>,
+    /// posted, completion not yet seen: (seq, slot)
+    tx_inflight: VecDeque<(u32, usize)>,
+    seq: u32,
+    unsignaled: usize,
+    remote: RingMsg,
+    /// frames written into the remote ring
+    sent: u64,
+    /// our ring, written by the peer
+    rx_mr: Mr,
+    received: u64,
+    slot_bytes: usize,
+    /// client side: requests are bounded by credits
+    client: bool,
+    tables: HashMap<u32, RemoteTable>,
+}
+
+/// Where a server's dense slabs are registered.
+#[derive(Debug)]
+struct Exported {
+    table: u32,
+    mr: Mr,
+    layout: DenseLayout,
+}
+
+const TAG_WRITE: u64 = 1;
+const TAG_READ: u64 = 2;
+
+fn wr_id(conn: usize, gen: u16, tag: u64, seq: u32) -> u64 {
+    ((conn as u64) << 48) | ((gen as u64 & 0xfff) << 36) | (tag << 32) | seq as u64
+}
+
+fn wr_parts(id: u64) -> (usize, u16, u64, u32) {
+    ((id >> 48) as usize, ((id >> 36) & 0xfff) as u16, (id >> 32) & 0xf, id as u32)
+}
+
+#[derive(Debug)]
+struct Verbs {
+    dev: Device,
+    send_cq: Arc<Cq>,
+    recv_cq: Arc<Cq>,
+}
+
+/// The transport: TCP for every peer, RDMA for those that set it up.
+#[derive(Debug)]
+pub struct RdmaTransport {
+    tcp: TcpTransport,
+    verbs: Option<Verbs>,
+    /// why RDMA set-up requests are refused (server without a usable device)
+    refuse: Option<String>,
+    limits: WireLimits,
+    conns: Vec<Option<Conn>>,
+    gens: Vec<u16>,
+    by_peer: HashMap<PeerId, usize>,
+    by_qpn: HashMap<u32, usize>,
+    exported: Vec<Exported>,
+    read_mr: Option<Mr>,
+    ready: VecDeque<RdmaRx>,
+    pool: Vec<Vec<u64>>,
+    tcp_rx: Vec<TcpRx>,
+    wc: Vec<Completion>,
+    closing: Vec<(PeerId, String)>,
+    stats: RdmaStats,
+    psn_seed: u32,
+}
+
+fn io(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Io(e.to_string())
+}
+
+impl RdmaTransport {
+    /// Wraps `tcp`. With `dev`, peers may be moved to RDMA; without, this is TCP
+    /// and set-up requests are refused with `why_not`.
+    pub fn new(mut tcp: TcpTransport, dev: Option<Device>, why_not: Option<String>) -> Result<Self, RdmaError> {
+        let limits = WireLimits::default();
+        let verbs = match dev {
+            Some(dev) => {
+                let send_cq = Cq::new(&dev.ctx, CQ_DEPTH, false)?;
+                let recv_cq = Cq::new(&dev.ctx, CQ_DEPTH, true)?;
+                let fd = recv_cq.fd().expect("created with a channel");
+                tcp.watch_fd(fd).map_err(|e| RdmaError::Setup(format!("cannot watch the completion channel: {e}")))?;
+                Some(Verbs { dev, send_cq, recv_cq })
+            }
+            None => None,
+        };
+        let mut seed = [0u8; 4];
+        let _ = getrandom::fill(&mut seed);
+        Ok(Self {
+            tcp,
+            verbs,
+            refuse: why_not,
+            limits,
+            conns: Vec::new(),
+            gens: Vec::new(),
+            by_peer: HashMap::new(),
+            by_qpn: HashMap::new(),
+            exported: Vec::new(),
+            read_mr: None,
+            ready: VecDeque::new(),
+            pool: Vec::new(),
+            tcp_rx: Vec::new(),
+            wc: Vec::new(),
+            closing: Vec::new(),
+            stats: RdmaStats::default(),
+            psn_seed: u32::from_le_bytes(seed) & 0xff_ffff,
+        })
+    }
+
+    pub fn tcp(&mut self) -> &mut TcpTransport {
+        &mut self.tcp
+    }
+
+    pub fn set_limits(&mut self, limits: WireLimits) {
+        self.limits = limits;
+        self.tcp.set_limits(limits);
+    }
+
+    pub fn stats(&self) -> RdmaStats {
+        self.stats
+    }
+
+    pub fn has_device(&self) -> bool {
+        self.verbs.is_some()
+    }
+
+    /// True if `peer`'s frames travel over RDMA.
+    pub fn is_rdma(&self, peer: PeerId) -> bool {
+        self.by_peer.contains_key(&peer)
+    }
+
+    /// Server: registers a dense table's slab for remote READ by clients.
+    ///
+    /// # Safety
+    /// `slab` stays mapped and in place for as long as this transport lives.
+    pub unsafe fn export_dense(&mut self, table: u32, layout: DenseLayout, slab: &[u8]) -> Result<(), RdmaError> {
+        let Some(v) = &self.verbs else { return Ok(()) };
+        let mr = Mr::register_external(&v.dev.pd, slab.as_ptr(), slab.len())?;
+        self.exported.push(Exported { table, mr, layout });
+        Ok(())
+    }
+
+    fn next_psn(&mut self) -> u32 {
+        self.psn_seed = self.psn_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345) & 0xff_ffff;
+        self.psn_seed
+    }
+
+    /// A QP and both rings for `peer`, not yet connected.
+    fn new_conn(&mut self, peer: PeerId, client: bool) -> Result<(usize, Conn, EndpointMsg, RingMsg), RdmaError> {
+        if self.by_peer.len() >= RDMA_CONNECTIONS_MAX {
+            return Err(RdmaError::Setup(format!("already {RDMA_CONNECTIONS_MAX} RDMA connections")));
+        }
+        let v = self.verbs.as_ref().ok_or_else(|| RdmaError::Setup("no RDMA device".into()))?;
+        let sb = slot_bytes(&self.limits);
+        let caps = QpCaps { send_wr: SEND_WR, recv_wr: RING_SLOTS as u32, inline_bytes: INLINE_BYTES };
+        let qp = Qp::new(&v.dev.pd, &v.send_cq, &v.recv_cq, caps)?;
+        let tx_mr = Mr::new(&v.dev.pd, RING_SLOTS * sb)?;
+        let rx_mr = Mr::new(&v.dev.pd, RING_SLOTS * sb)?;
+        let ep = EndpointMsg { qpn: qp.qpn(), psn: 0, lid: v.dev.lid, gid: v.dev.gid };
+        let ring = RingMsg { addr: rx_mr.addr(), rkey: rx_mr.rkey(), slots: RING_SLOTS as u32, slot_bytes: sb as u32 };
+        let idx = self.conns.iter().position(|c| c.is_none()).unwrap_or_else(|| {
+            self.conns.push(None);
+            self.gens.push(0);
+            self.conns.len() - 1
+        });
+        self.gens[idx] = self.gens[idx].wrapping_add(1) & 0xfff;
+        let conn = Conn {
+            qp,
+            peer,
+            gen: self.gens[idx],
+            tx_mr,
+            tx_free: (0..RING_SLOTS).rev().collect(),
+            tx_queue: VecDeque::new(),
+            tx_inflight: VecDeque::new(),
+            seq: 0,
+            unsignaled: 0,
+            remote: RingMsg { addr: 0, rkey: 0, slots: 0, slot_bytes: 0 },
+            sent: 0,
+            rx_mr,
+            received: 0,
+            slot_bytes: sb,
+            client,
+            tables: HashMap::new(),
+        };
+        Ok((idx, conn, ep, ring))
+    }
+
+    fn connect_qp(&self, conn: &mut Conn, local_psn: u32, remote: &EndpointMsg) -> Result<(), RdmaError> {
+        let v = self.verbs.as_ref().expect("checked by new_conn");
+        let ep = Endpoint { qpn: remote.qpn, psn: remote.psn, lid: remote.lid, gid: remote.gid };
+        conn.qp.connect(v.dev.port, v.dev.gid_index, local_psn, &ep)?;
+        datapath::post_recv_imm(&conn.qp, RING_SLOTS, 0)
+    }
+
+    fn install(&mut self, idx: usize, conn: Conn) {
+        self.by_peer.insert(conn.peer, idx);
+        self.by_qpn.insert(conn.qp.qpn(), idx);
+        self.conns[idx] = Some(conn);
+    }
+
+    /// Client: moves `peer` (a connected, authenticated TCP peer) to RDMA.
+    /// `Ok(Err(reason))` when the server refused (it has no device, or runs TCP).
+    pub fn connect_rdma(&mut self, peer: PeerId, timeout: Duration) -> Result<Result<(), String>, RdmaError> {
+        let (idx, mut conn, mut ep, ring) = self.new_conn(peer, true)?;
+        let psn = self.next_psn();
+        ep.psn = psn;
+        SetupMsg::Connect { ep, ring }
+            .frame_to(&mut self.tcp, peer)
+            .map_err(|e| RdmaError::Setup(format!("sending the RDMA set-up request: {e}")))?;
+        self.tcp.flush().map_err(|e| RdmaError::Setup(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        let mut rx = Vec::new();
+        let reply = 'wait: loop {
+            if Instant::now() > deadline {
+                return Err(RdmaError::Setup(format!("no RDMA set-up answer from {peer:?} within {timeout:?}")));
+            }
+            self.tcp.rx_burst(&mut rx, Some(Duration::from_millis(50))).map_err(|e| RdmaError::Setup(e.to_string()))?;
+            let mut got = None;
+            for f in rx.drain(..) {
+                if f.peer() == peer && got.is_none() {
+                    got = SetupMsg::parse(f.bytes());
+                    if got.is_none() {
+                        tracing::warn!("unexpected frame from {peer:?} during RDMA set-up");
+                    }
+                }
+                self.tcp.release(f);
+            }
+            if let Some(m) = got {
+                break 'wait m;
+            }
+            let mut ev = Vec::new();
+            self.tcp.events(&mut ev);
+            for e in ev {
+                if let PeerEvent::Closed { peer: p, reason } = &e {
+                    if *p == peer {
+                        return Err(RdmaError::Setup(format!("{peer:?} closed during RDMA set-up: {reason}")));
+                    }
+                }
+                // not ours to consume: keep it for the caller's event loop
+                self.closing.push(match e {
+                    PeerEvent::Closed { peer, reason } => (peer, reason),
+                    PeerEvent::Opened { .. } => continue,
+                });
+            }
+        };
+        match reply {
+            SetupMsg::Accept { ep: remote, ring: remote_ring, tables } => {
+                if remote_ring.slots as usize != RING_SLOTS || remote_ring.slot_bytes as usize != conn.slot_bytes {
+                    return Err(RdmaError::Setup(format!(
+                        "server ring of {} x {} B, ours {} x {} B: run one build and the same limits everywhere",
+                        remote_ring.slots, remote_ring.slot_bytes, RING_SLOTS, conn.slot_bytes
+                    )));
+                }
+                self.connect_qp(&mut conn, psn, &remote)?;
+                conn.remote = remote_ring;
+                for t in tables {
+                    conn.tables
+                        .insert(t.table, RemoteTable { addr: t.addr, rkey: t.rkey, len: t.len, layout: t.layout });
+                }
+                if self.read_mr.is_none() {
+                    let v = self.verbs.as_ref().expect("checked");
+                    let blocks = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
+                    self.read_mr = Some(Mr::new(&v.dev.pd, blocks * BLOCK_BYTES)?);
+                }
+                self.install(idx, conn);
+                Ok(Ok(()))
+            }
+            SetupMsg::Refuse { reason } => Ok(Err(reason)),
+            SetupMsg::Connect { .. } => Err(RdmaError::Setup("the server sent a connect request".into())),
+        }
+    }
+
+    /// Server: a client asked for RDMA.
+    fn accept_rdma(&mut self, peer: PeerId, remote: EndpointMsg, remote_ring: RingMsg) {
+        let reply = match self.try_accept(peer, &remote, remote_ring) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("RDMA set-up for {peer:?} refused: {e}");
+                SetupMsg::Refuse { reason: e.to_string() }
+            }
+        };
+        if let Err(e) = reply.frame_to(&mut self.tcp, peer) {
+            self.closing.push((peer, format!("cannot answer the RDMA set-up: {e}")));
+        }
+    }
+
+    fn try_accept(&mut self, peer: PeerId, remote: &EndpointMsg, remote_ring: RingMsg) -> Result<SetupMsg, RdmaError> {
+        if let Some(why) = &self.refuse {
+            return Ok(SetupMsg::Refuse { reason: why.clone() });
+        }
+        if self.by_peer.contains_key(&peer) {
+            return Err(RdmaError::Setup("RDMA is already set up for this connection".into()));
+        }
+        let (idx, mut conn, mut ep, ring) = self.new_conn(peer, false)?;
+        if remote_ring.slots as usize != RING_SLOTS || remote_ring.slot_bytes as usize != conn.slot_bytes {
+            return Err(RdmaError::Setup(format!(
+                "client ring of {} x {} B, ours {} x {} B",
+                remote_ring.slots, remote_ring.slot_bytes, RING_SLOTS, conn.slot_bytes
+            )));
+        }
+        let psn = self.next_psn();
+        ep.psn = psn;
+        self.connect_qp(&mut conn, psn, remote)?;
+        conn.remote = remote_ring;
+        let tables = self
+            .exported
+            .iter()
+            .map(|e| TableMsg {
+                table: e.table,
+                addr: e.mr.addr(),
+                rkey: e.mr.rkey(),
+                len: e.mr.len() as u64,
+                layout: e.layout.clone(),
+            })
+            .collect();
+        self.install(idx, conn);
+        Ok(SetupMsg::Accept { ep, ring, tables })
+    }
+
+    fn drop_conn(&mut self, peer: PeerId) {
+        if let Some(idx) = self.by_peer.remove(&peer) {
+            if let Some(c) = self.conns[idx].take() {
+                self.by_qpn.remove(&c.qp.qpn());
+            }
+        }
+    }
+
+    fn fail(&mut self, peer: PeerId, why: String) {
+        if !self.closing.iter().any(|(p, _)| *p == peer) {
+            self.closing.push((peer, why));
+        }
+    }
+
+    // -------------------------------------------------------------- datapath
+
+    /// Polls both completion queues, posts what credits allow, serves READ pulls
+    /// whose turn has come. Never blocks for long (a READ's round trip at most).
+    fn progress(&mut self) -> Result<(), TransportError> {
+        if self.verbs.is_none() {
+            return Ok(());
+        }
+        self.poll_send()?;
+        self.poll_recv()?;
+        for idx in 0..self.conns.len() {
+            if self.conns[idx].is_some() {
+                self.post_queued(idx)?;
+            }
+        }
+        let closing = std::mem::take(&mut self.closing);
+        for (peer, why) in closing {
+            if self.by_peer.contains_key(&peer) {
+                tracing::warn!("dropping RDMA peer {peer:?}: {why}");
+                self.drop_conn(peer);
+                self.tcp.close(peer, &why);
+            } else {
+                self.closing.push((peer, why));
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_send(&mut self) -> Result<(), TransportError> {
+        let v = self.verbs.as_ref().expect("checked");
+        let cq = v.send_cq.clone();
+        loop {
+            self.wc.clear();
+            let n = datapath::poll(&cq, &mut self.wc, 64).map_err(io)?;
+            let wc = std::mem::take(&mut self.wc);
+            for c in &wc {
+                self.on_send_completion(c);
+            }
+            self.wc = wc;
+            if n < 64 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_send_completion(&mut self, c: &Completion) {
+        let (idx, gen, tag, seq) = wr_parts(c.wr_id);
+        let Some(conn) = self.conns.get_mut(idx).and_then(|c| c.as_mut()).filter(|k| k.gen == gen) else { return };
+        if !c.ok {
+            let why = format!("RDMA work request failed: {} (peer gone?)", c.status_str());
+            let peer = conn.peer;
+            self.fail(peer, why);
+            return;
+        }
+        if tag == TAG_WRITE {
+            while let Some((s, slot)) = conn.tx_inflight.pop_front() {
+                conn.tx_free.push(slot);
+                if s == seq {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn poll_recv(&mut self) -> Result<(), TransportError> {
+        let v = self.verbs.as_ref().expect("checked");
+        let cq = v.recv_cq.clone();
+        loop {
+            self.wc.clear();
+            let n = datapath::poll(&cq, &mut self.wc, 64).map_err(io)?;
+            let wc = std::mem::take(&mut self.wc);
+            for c in &wc {
+                self.on_recv_completion(c);
+            }
+            self.wc = wc;
+            if n < 64 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_recv_completion(&mut self, c: &Completion) {
+        let Some(&idx) = self.by_qpn.get(&c.qp_num) else { return };
+        let Some(conn) = self.conns[idx].as_mut() else { return };
+        let peer = conn.peer;
+        if !c.ok {
+            self.fail(peer, format!("RDMA receive failed: {}", c.status_str()));
+            return;
+        }
+        let len = c.imm.unwrap_or(0) as usize;
+        if len < wire::PREFIX_BYTES || len > conn.slot_bytes || !len.is_multiple_of(8) {
+            let sb = conn.slot_bytes;
+            self.fail(peer, format!("RDMA frame of {len} bytes outside 8..={sb} or unaligned"));
+            return;
+        }
+        if conn.client && conn.received >= conn.sent {
+            self.fail(peer, "a response nobody asked for (the credit rule was broken)".into());
+            return;
+        }
+        let slot = (conn.received % RING_SLOTS as u64) as usize;
+        let at = slot * conn.slot_bytes;
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(len / 8, 0);
+        bytemuck::cast_slice_mut::<u64, u8>(&mut buf).copy_from_slice(&conn.rx_mr.bytes()[at..at + len]);
+        conn.received += 1;
+        self.stats.frames_in += 1;
+        self.stats.bytes_in += len as u64;
+        if let Err(e) = datapath::post_recv_imm(&conn.qp, 1, 0) {
+            self.fail(peer, format!("re-posting a receive: {e}"));
+        }
+        self.ready.push_back(RdmaRx::Local { peer, buf, len });
+    }
+
+    /// Posts conn `idx`'s queued frames as far as credits go; a dense pull at the
+    /// head of the queue is served by READs once everything before it is answered.
+    fn post_queued(&mut self, idx: usize) -> Result<(), TransportError> {
+        loop {
+            let conn = self.conns[idx].as_mut().expect("caller checked");
+            let Some(&(slot, len)) = conn.tx_queue.front() else { return Ok(()) };
+            if conn.client {
+                let at = slot * conn.slot_bytes;
+                if read_plan(&conn.tx_mr.bytes()[at..at + len], &conn.tables, &self.limits, 0).is_some() {
+                    if conn.sent != conn.received {
+                        return Ok(()); // wait until earlier requests are answered
+                    }
+                    // every READ-served pull at the head of the queue that fits the
+                    // landing buffer goes in one chained post
+                    let cap = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
+                    let mut plans = Vec::new();
+                    let mut used = 0;
+                    while let Some(&(slot, len)) = conn.tx_queue.front() {
+                        let at = slot * conn.slot_bytes;
+                        match read_plan(&conn.tx_mr.bytes()[at..at + len], &conn.tables, &self.limits, used) {
+                            Some(p) if used + p.blocks <= cap && plans.len() < BATCH_MAX => {
+                                used += p.blocks;
+                                plans.push(p);
+                                conn.tx_queue.pop_front();
+                                conn.tx_free.push(slot);
+                            }
+                            _ => break,
+                        }
+                    }
+                    let peer = conn.peer;
+                    match self.read_pulls(idx, &plans) {
+                        Ok(()) => {}
+                        Err(e) => self.fail(peer, e),
+                    }
+                    continue;
+                }
+            }
+            // a batch of plain frames, up to the next READ-served pull
+            let mut batch: Vec<(usize, usize)> = Vec::with_capacity(BATCH_MAX);
+            while batch.len() < BATCH_MAX {
+                let Some(&(slot, len)) = conn.tx_queue.front() else { break };
+                if conn.client {
+                    if conn.sent + batch.len() as u64 - conn.received >= RING_SLOTS as u64 {
+                        self.stats.credit_waits += 1;
+                        break;
+                    }
+                    let at = slot * conn.slot_bytes;
+                    if !batch.is_empty()
+                        && read_plan(&conn.tx_mr.bytes()[at..at + len], &conn.tables, &self.limits, 0).is_some()
+                    {
+                        break;
+                    }
+                }
+                batch.push((slot, len));
+                conn.tx_queue.pop_front();
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut wrs: Vec<Wr<'_>> = Vec::with_capacity(batch.len());
+            let mut inflight = Vec::with_capacity(batch.len());
+            for (i, &(slot, len)) in batch.iter().enumerate() {
+                let remote_slot = ((conn.sent + i as u64) % RING_SLOTS as u64) as usize;
+                conn.seq = conn.seq.wrapping_add(1);
+                conn.unsignaled += 1;
+                let signaled = conn.unsignaled >= SIGNAL_EVERY || i + 1 == batch.len();
+                if signaled {
+                    conn.unsignaled = 0;
+                }
+                wrs.push(Wr {
+                    op: Op::WriteImm(len as u32),
+                    mr: &conn.tx_mr,
+                    local_off: slot * conn.slot_bytes,
+                    len,
+                    remote_addr: conn.remote.addr + (remote_slot * conn.slot_bytes) as u64,
+                    rkey: conn.remote.rkey,
+                    wr_id: wr_id(idx, conn.gen, TAG_WRITE, conn.seq),
+                    signaled,
+                });
+                inflight.push((conn.seq, slot));
+                self.stats.bytes_out += len as u64;
+            }
+            // SAFETY: each staging slot stays out of `tx_free` (so nobody writes
+            // it) until a signalled completion at or after its WR frees it, and
+            // tx_mr lives in the conn as long as the QP (declared first, dropped first).
+            let r = unsafe { datapath::post_batch(&conn.qp, &wrs) };
+            drop(wrs);
+            conn.tx_inflight.extend(inflight);
+            conn.sent += batch.len() as u64;
+            self.stats.frames_out += batch.len() as u64;
+            self.stats.doorbells += 1;
+            if let Err(e) = r {
+                let peer = conn.peer;
+                self.fail(peer, e.to_string());
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serves dense range pulls with READs of whole blocks (one chained post),
+    /// re-reading torn blocks, and queues the `PullResp` frames the shard would
+    /// have sent.
+    fn read_pulls(&mut self, idx: usize, plans: &[ReadPlan]) -> Result<(), String> {
+        let mut stash = Vec::new();
+        let r = self.read_blocks(idx, plans, &mut stash);
+        // WRITE completions polled while waiting for the READs free their slots now
+        for c in &stash {
+            self.on_send_completion(c);
+        }
+        let torn = r?;
+        let peer = self.conns[idx].as_ref().expect("caller checked").peer;
+        let mr = self.read_mr.as_ref().expect("made at connect");
+        for p in plans {
+            let resp = DataHeader { kind: Kind::PullResp, ..p.h };
+            let len = resp.frame_len().ok_or("pull too large")?;
+            let mut buf = self.pool.pop().unwrap_or_default();
+            buf.clear();
+            buf.resize(len / 8, 0);
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
+            resp.write(bytes);
+            let n = p.h.b as usize;
+            let (mut done, mut pos, mut b) = (0, p.first_pos, p.buf_block);
+            while done < n {
+                let take = (BLOCK_FLOATS - pos).min(n - done);
+                let src = &mr.bytes()[b * BLOCK_BYTES + 8 + pos * 4..b * BLOCK_BYTES + 8 + (pos + take) * 4];
+                bytes[wire::DATA_HEADER_BYTES + done * 4..wire::DATA_HEADER_BYTES + (done + take) * 4]
+                    .copy_from_slice(src);
+                done += take;
+                pos = 0;
+                b += 1;
+            }
+            self.stats.read_pulls += 1;
+            self.stats.read_bytes += p.blocks as u64 * BLOCK_BYTES as u64;
+            self.ready.push_back(RdmaRx::Local { peer, buf, len });
+        }
+        self.stats.read_bytes += torn * BLOCK_BYTES as u64;
+        self.stats.torn_retries += torn;
+        Ok(())
+    }
+
+    /// READs every plan's blocks into `read_mr` (one chain, the last signalled:
+    /// an RC send queue completes in order), then re-reads each torn block until
+    /// it is whole; returns how many re-reads that took.
+    fn read_blocks(&mut self, idx: usize, plans: &[ReadPlan], stash: &mut Vec<Completion>) -> Result<u64, String> {
+        let conn = self.conns[idx].as_ref().expect("caller checked");
+        let mr = self.read_mr.as_ref().expect("made at connect");
+        let cq = &self.verbs.as_ref().expect("rdma").send_cq;
+        let id = wr_id(idx, conn.gen, TAG_READ, 0);
+        let wrs: Vec<Wr<'_>> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let t = &conn.tables[&p.h.table];
+                Wr {
+                    op: Op::Read,
+                    mr,
+                    local_off: p.buf_block * BLOCK_BYTES,
+                    len: p.blocks * BLOCK_BYTES,
+                    remote_addr: t.addr + (p.first_block * BLOCK_BYTES) as u64,
+                    rkey: t.rkey,
+                    wr_id: id,
+                    signaled: i + 1 == plans.len(),
+                }
+            })
+            .collect();
+        // SAFETY: the landing buffer's bytes are not touched until the last
+        // (signalled) READ's completion is polled in `wait_wr`.
+        unsafe { datapath::post_batch(&conn.qp, &wrs) }.map_err(|e| e.to_string())?;
+        wait_wr(cq, id, stash)?;
+        let mut torn = 0u64;
+        for p in plans {
+            let t = &conn.tables[&p.h.table];
+            for b in 0..p.blocks {
+                let at = (p.buf_block + b) * BLOCK_BYTES;
+                let mut tries = 0;
+                while check_block(&mr.bytes()[at..at + BLOCK_BYTES]).is_err() {
+                    tries += 1;
+                    if tries > TORN_RETRIES_MAX {
+                        return Err(format!(
+                            "block {} of table {} stayed torn over {tries} READs",
+                            p.first_block + b,
+                            p.h.table
+                        ));
+                    }
+                    torn += 1;
+                    let remote = t.addr + ((p.first_block + b) * BLOCK_BYTES) as u64;
+                    let wr = Wr {
+                        op: Op::Read,
+                        mr,
+                        local_off: at,
+                        len: BLOCK_BYTES,
+                        remote_addr: remote,
+                        rkey: t.rkey,
+                        wr_id: id,
+                        signaled: true,
+                    };
+                    // SAFETY: as above, for this one block.
+                    unsafe { datapath::post_batch(&conn.qp, &[wr]) }.map_err(|e| e.to_string())?;
+                    wait_wr(cq, id, stash)?;
+                }
+            }
+        }
+        Ok(torn)
+    }
+
+    /// Waits (spinning) for a free staging slot on conn `idx`.
+    fn wait_slot(&mut self, idx: usize, peer: PeerId) -> Result<usize, TxError> {
+        let start = Instant::now();
+        loop {
+            let conn = self.conns[idx].as_mut().ok_or(TxError::Closed(peer))?;
+            if let Some(s) = conn.tx_free.pop() {
+                return Ok(s);
+            }
+            if self.progress().is_err() || !self.by_peer.contains_key(&peer) {
+                return Err(TxError::Closed(peer));
+            }
+            if start.elapsed() > TX_STALL {
+                return Err(TxError::Full(peer));
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Blocks a READ into `read_mr` needs at most: a chunk's floats may straddle one
+/// more block at each end.
+fn read_blocks_max(limits: &WireLimits) -> usize {
+    limits.chunk_bytes / 4 / BLOCK_FLOATS + 2
+}
+
+#[derive(Debug)]
+struct ReadPlan {
+    h: DataHeader,
+    first_block: usize,
+    first_pos: usize,
+    blocks: usize,
+    /// where in the landing buffer its blocks go
+    buf_block: usize,
+}
+
+/// If `frame` is a dense range pull of a table the peer exported, where to READ it.
+fn read_plan(
+    frame: &[u8],
+    tables: &HashMap<u32, RemoteTable>,
+    limits: &WireLimits,
+    buf_block: usize,
+) -> Option<ReadPlan> {
+    if frame.len() < wire::DATA_HEADER_BYTES || frame[5] != Kind::Pull as u8 {
+        return None;
+    }
+    let Ok(Frame::Data { h, .. }) = wire::decode(frame, limits.frame_bytes_max) else { return None };
+    if !h.dense || h.b == 0 {
+        return None;
+    }
+    let t = tables.get(&h.table)?;
+    let local = t.layout.local(h.a, h.b)? as usize;
+    let first_block = local / BLOCK_FLOATS;
+    let last_block = (local + h.b as usize - 1) / BLOCK_FLOATS;
+    let blocks = last_block - first_block + 1;
+    if blocks > read_blocks_max(limits) || ((last_block + 1) * BLOCK_BYTES) as u64 > t.len {
+        return None;
+    }
+    Some(ReadPlan { h, first_block, first_pos: local % BLOCK_FLOATS, blocks, buf_block })
+}
+
+/// Spins on the send CQ until work request `id` completes; other completions
+/// polled meanwhile go to `stash` for the caller to handle.
+fn wait_wr(cq: &Cq, id: u64, stash: &mut Vec<Completion>) -> Result<(), String> {
+    let start = Instant::now();
+    let mut wc = Vec::new();
+    loop {
+        wc.clear();
+        datapath::poll(cq, &mut wc, 16).map_err(|e| e.to_string())?;
+        let mut mine = None;
+        for c in wc.drain(..) {
+            if c.wr_id == id && mine.is_none() {
+                mine = Some(c);
+            } else {
+                stash.push(c);
+            }
+        }
+        if let Some(c) = mine {
+            return if c.ok { Ok(()) } else { Err(format!("RDMA READ failed: {}", c.status_str())) };
+        }
+        if start.elapsed() > TX_STALL {
+            return Err("RDMA READ did not complete".into());
+        }
+        std::hint::spin_loop();
+    }
+}
+
+impl FrameSink for RdmaTransport {
+    fn frame(&mut self, peer: PeerId, len: usize) -> Result<&mut [u8], TxError> {
+        let Some(&idx) = self.by_peer.get(&peer) else { return self.tcp.frame(peer, len) };
+        let sb = self.conns[idx].as_ref().map_or(0, |c| c.slot_bytes);
+        if len > sb {
+            return Err(TxError::TooLarge { len, max: sb });
+        }
+        let slot = self.wait_slot(idx, peer)?;
+        let conn = self.conns[idx].as_mut().expect("wait_slot checked");
+        conn.tx_queue.push_back((slot, len));
+        let at = slot * conn.slot_bytes;
+        Ok(&mut conn.tx_mr.bytes_mut()[at..at + len])
+    }
+
+    fn frame_gather(&mut self, peer: PeerId, parts: &[&[u8]]) -> Result<(), TxError> {
+        if !self.by_peer.contains_key(&peer) {
+            return self.tcp.frame_gather(peer, parts);
+        }
+        let len = parts.iter().map(|p| p.len()).sum();
+        let buf = self.frame(peer, len)?;
+        let mut at = 0;
+        for p in parts {
+            buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Ok(())
+    }
+}
+
+impl Transport for RdmaTransport {
+    type Rx = RdmaRx;
+
+    fn rx_burst(&mut self, out: &mut Vec<RdmaRx>, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.progress()?;
+        if self.ready.is_empty() {
+            if let Some(v) = &self.verbs {
+                v.recv_cq.arm().map_err(io)?;
+                // a completion that came before arming raises no event: look again
+                self.progress()?;
+            }
+        }
+        let wait = if self.ready.is_empty() && self.closing.is_empty() { timeout } else { Some(Duration::ZERO) };
+        self.tcp.rx_burst(&mut self.tcp_rx, wait)?;
+        if self.tcp.take_extra_ready() {
+            if let Some(v) = &self.verbs {
+                v.recv_cq.take_events();
+            }
+        }
+        for f in std::mem::take(&mut self.tcp_rx) {
+            let peer = f.peer();
+            if f.bytes().get(5) == Some(&(Kind::Control as u8)) {
+                if let Some(msg) = SetupMsg::parse(f.bytes()) {
+                    self.tcp.release(f);
+                    match msg {
+                        SetupMsg::Connect { ep, ring } => self.accept_rdma(peer, ep, ring),
+                        other => self.fail(peer, format!("unexpected RDMA set-up message {other:?}")),
+                    }
+                    continue;
+                }
+            }
+            out.push(RdmaRx::Tcp(f));
+        }
+        self.progress()?;
+        out.extend(self.ready.drain(..));
+        Ok(())
+    }
+
+    fn release(&mut self, rx: RdmaRx) {
+        match rx {
+            RdmaRx::Tcp(t) => self.tcp.release(t),
+            RdmaRx::Local { buf, .. } => {
+                if self.pool.len() < 64 {
+                    self.pool.push(buf);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.progress()?;
+        self.tcp.flush()
+    }
+
+    fn events(&mut self, out: &mut Vec<PeerEvent>) {
+        let closing = std::mem::take(&mut self.closing);
+        for (peer, why) in closing {
+            if self.by_peer.contains_key(&peer) {
+                self.drop_conn(peer);
+                self.tcp.close(peer, &why);
+            } else {
+                // closed before it was ours (seen during a set-up wait)
+                out.push(PeerEvent::Closed { peer, reason: why });
+            }
+        }
+        let start = out.len();
+        self.tcp.events(out);
+        for e in &out[start..] {
+            if let PeerEvent::Closed { peer, .. } = e {
+                let peer = *peer;
+                self.drop_conn(peer);
+            }
+        }
+    }
+
+    fn close(&mut self, peer: PeerId, reason: &str) {
+        self.drop_conn(peer);
+        self.tcp.close(peer, reason);
+    }
+
+    fn tx_pending_bytes(&self, peer: PeerId) -> usize {
+        match self.by_peer.get(&peer).and_then(|&i| self.conns[i].as_ref()) {
+            Some(c) => c.tx_queue.iter().map(|(_, l)| l).sum(),
+            None => self.tcp.tx_pending_bytes(peer),
+        }
+    }
+}
