@@ -140,6 +140,9 @@ enum Cmd {
         /// Skip the raw-TCP baseline.
         #[arg(long)]
         no_baseline: bool,
+        /// Skip the sparse phases.
+        #[arg(long)]
+        no_sparse: bool,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<String>,
@@ -167,6 +170,9 @@ enum Cmd {
     },
     /// Redraw the PNG of a saved `pslab bench --json` result.
     PlotBench { json: String, png: String },
+    /// (internal, tests) an extra client that pushes into the torn-read job until killed.
+    #[command(hide = true)]
+    Hammer { view: String },
     /// (internal) the raw-TCP baseline's server side.
     #[command(hide = true)]
     TcpBaselineServer,
@@ -339,7 +345,7 @@ fn main() {
     netopts.export_env();
     let r = match cli.cmd {
         Cmd::Local { servers, shards, workers, app, params, no_pin, verbose } => {
-            run_local(servers, shards, workers, app, params, !no_pin, verbose)
+            net::preflight(&netopts).and_then(|()| run_local(servers, shards, workers, app, params, !no_pin, verbose))
         }
         cmd @ Cmd::Node { .. } => {
             watch_parent();
@@ -353,6 +359,7 @@ fn main() {
             dense_sizes,
             sparse_sizes,
             no_baseline,
+            no_sparse,
             json,
             plot,
             no_pin,
@@ -366,22 +373,28 @@ fn main() {
             if !sparse_sizes.is_empty() {
                 params["sparse_sizes"] = json!(sparse_sizes);
             }
-            benchcmd::run(benchcmd::BenchOpts {
-                servers,
-                shards,
-                workers,
-                params,
-                baseline: !no_baseline,
-                json,
-                plot,
-                pin: !no_pin,
-                repeat,
+            if no_sparse {
+                params["sparse_sizes"] = json!([]);
+            }
+            net::preflight(&netopts).and_then(|()| {
+                benchcmd::run(benchcmd::BenchOpts {
+                    servers,
+                    shards,
+                    workers,
+                    params,
+                    baseline: !no_baseline,
+                    json,
+                    plot,
+                    pin: !no_pin,
+                    repeat,
+                })
             })
         }
         Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),
+        Cmd::Hammer { view } => job_secret().and_then(|s| apps::torn::hammer(s, &view, &netopts)),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

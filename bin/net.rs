@@ -58,6 +58,22 @@ impl NetOpts {
     }
 }
 
+/// Checked by the launchers (`local`, `bench`) before they start anything: a
+/// forced RDMA that cannot work fails here, with the reason, not in a child.
+pub fn preflight(net: &NetOpts) -> Result<(), String> {
+    if net.transport != TransportArg::Rdma {
+        return Ok(());
+    }
+    #[cfg(feature = "rdma")]
+    {
+        open_device(net).map(|_| ()).map_err(|e| format!("--transport rdma: {e} (run `pslab doctor`)"))
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Err(format!("--transport rdma: {NO_RDMA_BUILD}"))
+    }
+}
+
 #[cfg(feature = "rdma")]
 pub type NodeTransport = ps_rdma::transport::RdmaTransport;
 #[cfg(not(feature = "rdma"))]

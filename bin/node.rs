@@ -309,6 +309,20 @@ pub struct ServerOpts {
     pub rank: Option<u32>,
 }
 
+/// The merge kernels: the best this CPU has, or `PS_KERNELS=scalar|avx2|avx512`
+/// (for comparing them, and for emulators where wide SIMD is slow).
+fn kernels_from_env() -> Result<&'static Kernels, String> {
+    use ps_core::kernels::Isa;
+    let Ok(want) = std::env::var("PS_KERNELS") else { return Ok(Kernels::best()) };
+    let isa = match want.as_str() {
+        "scalar" => Isa::Scalar,
+        "avx2" => Isa::Avx2,
+        "avx512" => Isa::Avx512,
+        other => return Err(format!("PS_KERNELS={other:?}: use scalar, avx2 or avx512")),
+    };
+    Kernels::for_isa(isa).ok_or_else(|| format!("PS_KERNELS={want}: this CPU does not support it"))
+}
+
 pub fn run_server(
     secret: JobSecret,
     manager: SocketAddr,
@@ -329,7 +343,7 @@ pub fn run_server(
     let transports = net::server_transports(transports, netopts)?;
     let (rank, view, link) =
         ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), opts.rank, Default::default())?;
-    let kernels = Kernels::best();
+    let kernels = kernels_from_env()?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let placement: Vec<Option<usize>> = (0..shards)
         .map(|h| {
@@ -472,17 +486,11 @@ impl WorkerCtx {
     }
 }
 
-pub fn run_worker(
-    secret: JobSecret,
-    manager: SocketAddr,
-    host: &str,
-    rank: Option<u32>,
-    netopts: &NetOpts,
-) -> Result<String, String> {
-    let (rank, view, link) =
-        ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
+/// A PS client connected to every shard of `view` (TCP, moved to RDMA as
+/// `netopts` and the shards allow); `node` is its id in the handshakes.
+pub fn connect_client(secret: JobSecret, view: &ClusterView, node: u32, netopts: &NetOpts) -> Result<PsWorker, String> {
     let ring = view.ring().map_err(|e| e.to_string())?;
-    let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Worker as u8, node: rank }, true);
+    let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Worker as u8, node }, true);
     cfg.limits = view.job.limits;
     let tcp = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
     let mut t = net::worker_transport(tcp, netopts)?;
@@ -501,9 +509,21 @@ pub fn run_worker(
         peers.push(row);
     }
     let modes: Vec<String> = modes.iter().map(|(m, n)| format!("{n} shards over {m}")).collect();
-    tracing::info!("worker {rank}: transport: {}", modes.join(", "));
+    tracing::info!("client {node}: transport: {}", modes.join(", "));
     let core = WorkerCore::new(&view.job.tables, ring, peers, view.job.limits);
-    let ps = Worker::new(core, t, StdClock(Instant::now()), Duration::from_secs(120));
+    Ok(Worker::new(core, t, StdClock(Instant::now()), Duration::from_secs(120)))
+}
+
+pub fn run_worker(
+    secret: JobSecret,
+    manager: SocketAddr,
+    host: &str,
+    rank: Option<u32>,
+    netopts: &NetOpts,
+) -> Result<String, String> {
+    let (rank, view, link) =
+        ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
+    let ps = connect_client(secret, &view, rank, netopts)?;
     let app = view.job.app.clone();
     let mut ctx = WorkerCtx { rank, view, ps, link };
     let result = crate::apps::run(&app, &mut ctx);

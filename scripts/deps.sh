@@ -3,7 +3,8 @@
 # nothing else. Safe to run again: it installs only what is missing.
 #   - a Rust toolchain (cargo): from rustup if absent
 #   - fonts-dejavu-core: the font the PNG plots draw text with
-# The RDMA build (next issue) adds libibverbs-dev, librdmacm-dev and libclang-dev here.
+# The RDMA build (`--features rdma`) also needs libibverbs-dev, librdmacm-dev and
+# libclang-dev: scripts/rdma-test.sh installs them (apt-need.sh) when it runs.
 set -euo pipefail
 
 "$(dirname "${BASH_SOURCE[0]}")"/apt-need.sh fonts-dejavu-core ca-certificates

@@ -26,6 +26,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])')
 [ -n "$tests" ] || { echo "rdma-test: no test binary was built" >&2; exit 1; }
+echo "== ps-rdma unit tests (no device needed)"
+(cd crates/ps-rdma && cargo test --locked --release --lib)
 echo "== pslab --features rdma: lints and build"
 cargo clippy --locked --release --features rdma --bins -- -D warnings
 cargo build --locked --release --features rdma --bin pslab

@@ -16,8 +16,13 @@ step() { # step NAME COMMAND...
   fi
 }
 export PS_RDMA_REQUIRE=1 PS_LOG=${PS_LOG:-info}
+# PS_VM_ONLY=bench: only the bench (for measuring); PS_VM_SIZES: its sizes
+only=${PS_VM_ONLY:-all}
+sizes=${PS_VM_SIZES:-4096 65536 262144 1048576}
+rounds=${PS_VM_ROUNDS:-1 2 3}
 ulimit -l unlimited 2>/dev/null
 
+if [ "$only" = all ]; then
 # 1. the verbs layer: WRITE/READ round trips between two QPs
 for t in /bin/loopback-*; do
   [ -x "$t" ] && step verbs-loopback "$t" --test-threads=1
@@ -30,26 +35,35 @@ step doctor pslab doctor --slab-bytes 268435456
 step invariant1-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app check \
   --params '{"rounds": 12, "keys": 800, "window": 8}'
 
-# 4. invariant 3: a reader READs whole blocks while writers' pushes merge
-step torn-reads-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --app torn \
-  --params '{"keys": 16384, "rounds": 150, "reads": 400, "seconds_max": 400}'
+# 4. invariant 3: a reader READs whole blocks while writers' pushes merge; an
+#    extra client is killed with SIGKILL while its pushes are in flight
+step torn-reads-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin -v --app torn \
+  --params '{"keys": 16384, "rounds": 150, "reads": 400, "seconds_max": 400, "hammer": 10}'
 
 # 5. a slow shard: clients run out of ring credits and wait; nothing is lost
 step slow-shard-rdma env PS_TEST_SHARD_DELAY_US=3000 pslab --transport rdma local --servers 2 --workers 2 \
   --no-pin --app check --params '{"rounds": 6, "keys": 400, "window": 32}'
 
-# 6. the bench beside perftest on the same device in the same boot
+fi
+
+# 6. the bench beside perftest on the same device in the same boot: per size,
+#    ib_write_bw and ib_read_bw just before and just after each pslab run (the
+#    VM's speed drifts), three rounds; the host takes per-round ratios, then medians
+perf() { # perf ROUND OP SIZE
+  ib_$2_bw -d rxe0 -x 1 -s $3 -n 300 -F >/tmp/perf-srv.log 2>&1 &
+  sleep 1
+  line=$(ib_$2_bw -d rxe0 -x 1 -s $3 -n 300 -F 10.77.0.1 2>&1 | awk '$1 == '"$3"' {print}')
+  wait
+  echo "@perf $1 $2 $3 $line"
+}
 if [ "${PS_VM_BENCH:-1}" = 1 ]; then
-  step bench-rdma pslab --transport rdma bench --no-pin --no-baseline --seconds 1 --window 8 \
-    --dense-sizes 4096,65536,262144,1048576 --sparse-sizes 4096 --json /tmp/bench.json
-  echo "@begin bench-json"; cat /tmp/bench.json; echo; echo "@end bench-json"
-  for op in write read; do
-    for s in 4096 65536 262144 1048576; do
-      ib_${op}_bw -d rxe0 -x 1 -s $s -n 300 -F >/tmp/perf-srv.log 2>&1 &
-      sleep 1
-      line=$(ib_${op}_bw -d rxe0 -x 1 -s $s -n 300 -F 10.77.0.1 2>&1 | awk '$1 == '"$s"' {print}')
-      wait
-      echo "@perf $op $s $line"
+  for r in $rounds; do
+    for s in $sizes; do
+      perf $r write $s; perf $r read $s
+      step bench-rdma-$s-round$r pslab --transport rdma bench --no-pin --no-baseline --no-sparse --seconds 1 \
+        --window 8 --dense-sizes $s --json /tmp/bench.json
+      perf $r write $s; perf $r read $s
+      echo "@begin bench-json $r"; cat /tmp/bench.json; echo; echo "@end bench-json"
     done
   done
 fi

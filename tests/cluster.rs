@@ -170,3 +170,42 @@ fn a_secret_file_others_can_read_is_refused() {
     assert!(!ok && err.contains("PS_JOB_SECRET_FILE") && err.contains("hex digits"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Invariant 3's job over this build's transport (TCP here; scripts/rdma-test.sh
+/// runs it over RDMA), with a client killed by SIGKILL while its pushes are in
+/// flight: everyone else is served to the end, and the killed client's pushes
+/// are merged whole or not at all (one surplus per segment, at most one per push).
+#[test]
+fn torn_read_job_survives_a_client_killed_mid_push() {
+    let (ok, out) = run(&[
+        "local",
+        "--app",
+        "torn",
+        "--servers",
+        "2",
+        "--workers",
+        "3",
+        "--no-pin",
+        "-v",
+        "--params",
+        r#"{"keys": 16384, "rounds": 200, "reads": 400, "hammer": 20}"#,
+    ]);
+    assert!(ok, "job failed:\n{out}");
+    assert!(out.contains("killed the hammer client (SIGKILL)"), "the extra client was killed mid-run:\n{out}");
+    assert_eq!(out.matches("finished: torn: ").count(), 3, "every worker finished its checks:\n{out}");
+}
+
+/// `--transport rdma` on a build or machine without RDMA is an error that says
+/// what to do, never a silent fallback; `doctor` says what is missing.
+#[test]
+fn forced_rdma_without_rdma_is_a_clear_error_and_doctor_explains() {
+    let (ok, out) =
+        run(&["--transport", "rdma", "local", "--app", "check", "--no-pin", "--params", r#"{"rounds": 1}"#]);
+    assert!(!ok, "a forced RDMA job must fail here:\n{out}");
+    assert!(out.contains("--transport rdma"), "{out}");
+    assert!(out.contains("features rdma") || out.contains("doctor"), "the error says what to do:\n{out}");
+    let (ok, out) = run(&["doctor"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("problem"), "{out}");
+    assert!(out.contains("locked-memory limit"), "{out}");
+}

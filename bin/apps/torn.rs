@@ -12,6 +12,13 @@
 //! reader computes, from the ring, which keys share a (shard, range, block)
 //! segment, and every pull must show one value per segment. At the end every
 //! value must equal rounds x writers (invariant 1 as well).
+//!
+//! With `hammer`, worker 0 also starts a client process of its own (`pslab
+//! hammer`, connected straight to the shards) that pushes whole-table +1s with
+//! many frames in flight, and kills it with SIGKILL mid-stream. The shards must
+//! keep serving everyone else, and no frame may be merged twice or in part: the
+//! surplus over rounds x writers is the same for every key of a segment and at
+//! most the number of pushes the killed client started.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +40,8 @@ struct Params {
     reads: u32,
     window: usize,
     seconds_max: f64,
+    /// start and kill -9 an extra pushing client (0: none; else its pushes before the kill)
+    hammer: u32,
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -42,6 +51,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         reads: param(p, "reads", 2_000)?,
         window: param(p, "window", 8)?,
         seconds_max: param(p, "seconds_max", 300.0)?,
+        hammer: param(p, "hammer", 0)?,
     };
     if r.keys == 0 || r.keys > 60_000 {
         return Err("torn: keys must be in 1..=60000 (one chunk per owned range)".into());
@@ -54,7 +64,8 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
     let t = TableSpec::dense(TABLE, "torn", KeyRange::new(0, r.keys), 1, RuleSpec::Sum);
     Ok((
         vec![t],
-        json!({"keys": r.keys, "rounds": r.rounds, "reads": r.reads, "window": r.window, "seconds_max": r.seconds_max}),
+        json!({"keys": r.keys, "rounds": r.rounds, "reads": r.reads, "window": r.window, "seconds_max": r.seconds_max,
+               "hammer": r.hammer}),
     ))
 }
 
@@ -101,6 +112,11 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs_f64(p.seconds_max);
     let mut torn_seen = 0u64;
     let mut reads = 0u64;
+    let mut hammer_issued = 0u64;
+    let mut hammer_child = None;
+    if ctx.rank == 0 && p.hammer > 0 {
+        hammer_child = Some(spawn_hammer(ctx)?);
+    }
     if ctx.rank == 0 {
         let mut out = Vec::new();
         while reads < p.reads as u64 && Instant::now() < deadline {
@@ -117,6 +133,22 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
                 tracing::error!(
                     "pull {reads}: {bad} keys differ from their block segment: a torn block reached the caller"
                 );
+            }
+            if let Some((child, lines)) = hammer_child.as_mut() {
+                // kill it once it has started `hammer` pushes: frames are in flight
+                while let Ok(n) = lines.try_recv() {
+                    hammer_issued = hammer_issued.max(n);
+                }
+                if hammer_issued >= p.hammer as u64 {
+                    child.kill().map_err(|e| format!("kill -9 of the hammer: {e}"))?;
+                    let _ = child.wait();
+                    while let Ok(n) = lines.recv() {
+                        hammer_issued = hammer_issued.max(n);
+                    }
+                    tracing::info!("killed the hammer client (SIGKILL) after it started {hammer_issued} pushes");
+                    ctx.emit("hammer", json!({"killed_after_pushes": hammer_issued}));
+                    hammer_child = None;
+                }
             }
             if reads.is_multiple_of(100) {
                 ctx.emit("progress", json!({"rank": 0, "done": reads, "total": p.reads, "unit": "reads"}));
@@ -138,11 +170,39 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             ctx.ps.wait(ts).map_err(|e| format!("wait: {e}"))?;
         }
     }
+    if let Some((mut child, _)) = hammer_child {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("the hammer started only {hammer_issued} of {} pushes before the reads ended", p.hammer));
+    }
     ctx.barrier("pushed")?;
     let mut out = Vec::new();
     ctx.ps.pull_into_range(table, 0, p.keys, &mut out).map_err(|e| format!("final pull: {e}"))?;
     let want = (p.rounds as u64 * writers) as f32;
-    let wrong = out.iter().filter(|v| **v != want).count();
+    // every key: want + the hammer's merged pushes (none without it), whole frames only
+    // (worker 0 checks the exact bound below: what the killed client had started)
+    let surplus_max = if p.hammer > 0 { 10.0 * p.hammer as f32 } else { 0.0 };
+    let mut wrong = out.iter().filter(|v| **v < want || **v > want + surplus_max || v.fract() != 0.0).count();
+    wrong += (1..out.len()).filter(|&k| seg[k] == seg[k - 1] && out[k] != out[k - 1]).count();
+    if wrong > 0 {
+        let bad: Vec<(usize, f32)> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v < want || **v > want + surplus_max)
+            .take(5)
+            .map(|(k, v)| (k, *v))
+            .collect();
+        tracing::error!("final values out of bounds (first 5): {bad:?}; len {}", out.len());
+    }
+    if ctx.rank == 0 && p.hammer > 0 {
+        let mut surplus: Vec<u64> = out.iter().map(|v| (v - want) as u64).collect();
+        surplus.sort_unstable();
+        surplus.dedup();
+        ctx.emit("hammer", json!({"surplus_values_seen": surplus, "started_pushes": hammer_issued}));
+        if hammer_issued > 0 && surplus.iter().any(|s| *s > hammer_issued + 1) {
+            wrong += 1;
+        }
+    }
     let stats = crate::net::stats_json(ctx.ps.transport_mut());
     ctx.emit(
         "torn",
@@ -150,11 +210,57 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     );
     if torn_seen > 0 || wrong > 0 {
         return Err(format!(
-            "torn: {torn_seen} of {reads} pulls showed a torn block; {wrong} final values differ from {want}"
+            "torn: {torn_seen} of {reads} pulls showed a torn block; {wrong} final values are wrong (want {want}, plus whole hammer pushes if any)"
         ));
     }
     Ok(format!(
         "torn: {reads} whole-table pulls, no torn block reached the caller; all {} values = {want}; transport {stats}",
         p.keys
     ))
+}
+
+/// Starts `pslab hammer` on this job's view; its stdout lines `@pushed N` come
+/// back on the channel.
+fn spawn_hammer(ctx: &WorkerCtx) -> Result<(std::process::Child, std::sync::mpsc::Receiver<u64>), String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let view = serde_json::to_string(&ctx.view).map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .arg("hammer")
+        .arg(view)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the hammer: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(n) = line.strip_prefix("@pushed ").and_then(|n| n.trim().parse().ok()) {
+                if tx.send(n).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+/// The hammer: a client outside the manager's books that pushes +1 to every key
+/// of the torn table, many frames in flight, until it is killed. It says
+/// `@pushed N` before starting push N.
+pub fn hammer(secret: ps_core::auth::JobSecret, view_json: &str, net: &crate::net::NetOpts) -> Result<(), String> {
+    let view: ps_core::control::ClusterView =
+        serde_json::from_str(view_json).map_err(|e| format!("hammer: bad view: {e}"))?;
+    let p = params(&view.job.params)?;
+    let mut ps = crate::node::connect_client(secret, &view, 9999, net)?;
+    let ones = vec![1f32; p.keys as usize];
+    let mut window = std::collections::VecDeque::new();
+    for i in 1..=10 * p.hammer.max(1) as u64 {
+        println!("@pushed {i}");
+        window.push_back(ps.push_range(TableId(TABLE), 0, &ones).map_err(|e| format!("hammer push {i}: {e}"))?);
+        if window.len() > 4 {
+            ps.wait(window.pop_front().expect("non-empty")).map_err(|e| format!("hammer wait: {e}"))?;
+        }
+    }
+    Err("hammer: was not killed in time".into())
 }

@@ -580,6 +580,32 @@ mod tests {
         }
     }
 
+    /// What a one-sided reader computes from the layout must be where the
+    /// shard keeps the values: read the slab bytes at the layout's offsets.
+    #[test]
+    fn dense_layout_locates_values_in_the_slab() {
+        let table = KeyRange::new(100, 10_100);
+        let owned = [KeyRange::new(100, 2_100), KeyRange::new(5_000, 7_000)];
+        let mut d = DenseStore::new(table, 3, &owned, rule(RuleSpec::Sum)).unwrap();
+        let k = Kernels::best();
+        let start = (5_000 - 100) * 3 + 7;
+        let vals: Vec<f32> = (0..3000).map(|i| i as f32 + 1.0).collect();
+        d.push(start, &vals, k).unwrap();
+        let layout = d.layout();
+        let local = layout.local(start, 3000).expect("owned") as usize;
+        let slab = d.values().slabs()[0].as_bytes();
+        for (i, want) in vals.iter().enumerate() {
+            let f = local + i;
+            let (b, pos) = (f / BLOCK_FLOATS, f % BLOCK_FLOATS);
+            let at = b * crate::limits::BLOCK_BYTES + 8 + pos * 4;
+            assert_eq!(f32::from_le_bytes(slab[at..at + 4].try_into().unwrap()), *want, "float {i}");
+        }
+        // not owned, or leaving the range: no location
+        assert_eq!(layout.local((2_100 - 100) * 3 - 1, 2), None);
+        assert_eq!(layout.local((3_000 - 100) * 3, 1), None);
+        assert_eq!(layout.local(u64::MAX - 1, 1), None);
+    }
+
     #[test]
     fn sparse_matches_a_reference_map_for_every_rule_and_dim() {
         let k = Kernels::best();

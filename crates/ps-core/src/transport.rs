@@ -4,14 +4,14 @@
 //! received frames comes out of [`Transport::rx_burst`] in reused buffers, frames
 //! are written straight into the transport's send queues by [`FrameSink::frame`]
 //! and go out together on [`Transport::flush`] (one syscall or one doorbell per
-//! peer per burst). Implementations: `ps-tcp-fallback` (TCP), `ps-rdma` (verbs,
-//! the next issue) and [`crate::sim`] (in memory, seeded, for tests).
+//! peer per burst). Implementations: `ps-tcp-fallback` (TCP), `ps-rdma` (verbs)
+//! and [`crate::sim`] (in memory, seeded, for tests).
 //!
-//! One-sided operations fit beside it: a transport that can read a server's slabs
-//! directly offers [`RemoteMemory`]; the worker asks for it once and uses READs
-//! for pulls where it is there, and pull frames where it is not. A push is a frame
-//! either way: over RDMA it is written with WRITE_WITH_IMM into a mailbox ring and
-//! surfaces on the shard as a received frame, so the shard code does not change.
+//! One-sided operations hide behind it: over RDMA a push is written with
+//! WRITE_WITH_IMM into a mailbox ring and surfaces on the shard as a received
+//! frame, and a dense range pull frame is not sent at all but served by READs of
+//! the shard's slab blocks, the transport handing back the response frame the
+//! shard would have sent. So neither the shard nor the worker code changes.
 
 use std::time::Duration;
 
@@ -63,13 +63,17 @@ pub trait FrameSink {
     /// queued ahead), saving the sender's copy of large payloads.
     fn frame_gather(&mut self, peer: PeerId, parts: &[&[u8]]) -> Result<(), TxError> {
         let len = parts.iter().map(|p| p.len()).sum();
-        let buf = self.frame(peer, len)?;
-        let mut at = 0;
-        for p in parts {
-            buf[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
+        gather_into(self.frame(peer, len)?, parts);
         Ok(())
+    }
+}
+
+/// Copies `parts`, concatenated, into `buf` (exactly their total length).
+pub fn gather_into(buf: &mut [u8], parts: &[&[u8]]) {
+    let mut at = 0;
+    for p in parts {
+        buf[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
     }
 }
 
@@ -114,30 +118,4 @@ pub trait Transport: FrameSink {
 
     /// Frames queued but not yet sent, to `peer`.
     fn tx_pending_bytes(&self, peer: PeerId) -> usize;
-
-    /// One-sided access to peers' registered memory, where the transport has it.
-    fn remote_memory(&mut self) -> Option<&mut dyn RemoteMemory> {
-        None
-    }
-}
-
-/// A region of a peer's memory that this node may READ or WRITE one-sidedly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RemoteRegion {
-    pub peer: PeerId,
-    pub addr: u64,
-    pub len: u64,
-    pub rkey: u32,
-}
-
-/// One-sided operations (RDMA READ / WRITE). Offered by transports that can; the
-/// TCP transport does not, and callers fall back to request/response frames.
-pub trait RemoteMemory {
-    /// Starts reading `len` bytes at `offset` of `region` into memory the transport
-    /// owns and has registered. Ownership contract: that landing buffer belongs to
-    /// the device until the read completes; the caller sees it only inside
-    /// `poll_reads`, after completion.
-    fn post_read(&mut self, region: RemoteRegion, offset: u64, len: usize, token: u64) -> Result<(), TransportError>;
-    /// Calls `done(token, bytes)` for every read completed since the last call.
-    fn poll_reads(&mut self, done: &mut dyn FnMut(u64, &[u8])) -> Result<(), TransportError>;
 }

@@ -186,12 +186,14 @@ pub fn wait(cq: &Cq, wr_id: u64, spins_max: u64) -> Result<Completion> {
     Err(RdmaError::Completion(format!("work request {wr_id} did not complete")))
 }
 
-/// One signalled WRITE (tests).
+/// One signalled WRITE or READ of `mr[off..off+len]` (tests and set-up).
 ///
 /// # Safety
 /// As [`post_batch`].
-pub unsafe fn post_write(
+#[allow(clippy::too_many_arguments)] // one per field of the work request
+pub unsafe fn post_one(
     qp: &Qp,
+    op: Op,
     mr: &Mr,
     off: usize,
     len: usize,
@@ -199,23 +201,5 @@ pub unsafe fn post_write(
     rkey: u32,
     wr_id: u64,
 ) -> Result<()> {
-    let wr = Wr { op: Op::Write, mr, local_off: off, len, remote_addr, rkey, wr_id, signaled: true };
-    post_batch(qp, &[wr])
-}
-
-/// One signalled READ (tests).
-///
-/// # Safety
-/// As [`post_batch`].
-pub unsafe fn post_read(
-    qp: &Qp,
-    mr: &Mr,
-    off: usize,
-    len: usize,
-    remote_addr: u64,
-    rkey: u32,
-    wr_id: u64,
-) -> Result<()> {
-    let wr = Wr { op: Op::Read, mr, local_off: off, len, remote_addr, rkey, wr_id, signaled: true };
-    post_batch(qp, &[wr])
+    post_batch(qp, &[Wr { op, mr, local_off: off, len, remote_addr, rkey, wr_id, signaled: true }])
 }

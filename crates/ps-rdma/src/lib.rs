@@ -175,6 +175,7 @@ unsafe impl Sync for Pd {}
 unsafe impl Send for Cq {}
 unsafe impl Sync for Cq {}
 unsafe impl Send for Mr {}
+unsafe impl Sync for Mr {}
 unsafe impl Send for Qp {}
 
 /// A protection domain.
@@ -332,7 +333,9 @@ fn reg_err(pd: &Pd, len: usize) -> RdmaError {
 impl Mr {
     /// `len` zeroed bytes, registered for local write and remote read and write.
     pub fn new(pd: &Arc<Pd>, len: usize) -> Result<Self> {
+        // page-aligned in practice (a large allocation is mmapped); frames need 8
         let mut buf = vec![0u8; len.max(8)].into_boxed_slice();
+        debug_assert!((buf.as_ptr() as usize).is_multiple_of(8), "registered buffers are 8-aligned");
         let (addr, len) = (buf.as_mut_ptr() as u64, buf.len());
         // SAFETY: 1. `buf` lives as long as the Mr and never moves; 2. it is
         // deregistered in Drop before `buf` is freed (fields drop after Drop::drop).

@@ -243,10 +243,12 @@ pub struct RdmaStats {
     pub credit_waits: u64,
 }
 
-/// A received frame: from TCP, or copied out of an RDMA ring (or built from READs).
+/// A received frame: from TCP; in place in a server's RDMA ring; or copied out
+/// of a client's ring (or built from READs).
 #[derive(Debug)]
 pub enum RdmaRx {
     Tcp(TcpRx),
+    Ring { peer: PeerId, mr: Arc<Mr>, at: usize, len: usize },
     Local { peer: PeerId, buf: Vec<u64>, len: usize },
 }
 
@@ -254,12 +256,13 @@ impl RxFrame for RdmaRx {
     fn peer(&self) -> PeerId {
         match self {
             RdmaRx::Tcp(t) => t.peer(),
-            RdmaRx::Local { peer, .. } => *peer,
+            RdmaRx::Ring { peer, .. } | RdmaRx::Local { peer, .. } => *peer,
         }
     }
     fn bytes(&self) -> &[u8] {
         match self {
             RdmaRx::Tcp(t) => t.bytes(),
+            RdmaRx::Ring { mr, at, len, .. } => &mr.bytes()[*at..*at + *len],
             RdmaRx::Local { buf, len, .. } => &bytemuck::cast_slice(buf)[..*len],
         }
     }
@@ -292,8 +295,9 @@ struct Conn {
     remote: RingMsg,
     /// frames written into the remote ring
     sent: u64,
-    /// our ring, written by the peer
-    rx_mr: Mr,
+    /// our ring, written by the peer (shared with the request frames a server
+    /// lends out of it)
+    rx_mr: Arc<Mr>,
     received: u64,
     slot_bytes: usize,
     /// client side: requests are bounded by credits
@@ -440,7 +444,7 @@ impl RdmaTransport {
         let caps = QpCaps { send_wr: SEND_WR, recv_wr: RING_SLOTS as u32, inline_bytes: INLINE_BYTES };
         let qp = Qp::new(&v.dev.pd, &v.send_cq, &v.recv_cq, caps)?;
         let tx_mr = Mr::new(&v.dev.pd, RING_SLOTS * sb)?;
-        let rx_mr = Mr::new(&v.dev.pd, RING_SLOTS * sb)?;
+        let rx_mr = Arc::new(Mr::new(&v.dev.pd, RING_SLOTS * sb)?);
         let ep = EndpointMsg { qpn: qp.qpn(), psn: 0, lid: v.dev.lid, gid: v.dev.gid };
         let ring = RingMsg { addr: rx_mr.addr(), rkey: rx_mr.rkey(), slots: RING_SLOTS as u32, slot_bytes: sb as u32 };
         let idx = self.conns.iter().position(|c| c.is_none()).unwrap_or_else(|| {
@@ -624,8 +628,8 @@ impl RdmaTransport {
         if self.verbs.is_none() {
             return Ok(());
         }
-        self.poll_send()?;
-        self.poll_recv()?;
+        self.drain_cq(false)?;
+        self.drain_cq(true)?;
         for idx in 0..self.conns.len() {
             if self.conns[idx].is_some() {
                 self.post_queued(idx)?;
@@ -644,15 +648,20 @@ impl RdmaTransport {
         Ok(())
     }
 
-    fn poll_send(&mut self) -> Result<(), TransportError> {
+    /// Handles every completion waiting on the send (`recv == false`) or the receive CQ.
+    fn drain_cq(&mut self, recv: bool) -> Result<(), TransportError> {
         let v = self.verbs.as_ref().expect("checked");
-        let cq = v.send_cq.clone();
+        let cq = if recv { v.recv_cq.clone() } else { v.send_cq.clone() };
         loop {
             self.wc.clear();
             let n = datapath::poll(&cq, &mut self.wc, 64).map_err(io)?;
             let wc = std::mem::take(&mut self.wc);
             for c in &wc {
-                self.on_send_completion(c);
+                if recv {
+                    self.on_recv_completion(c);
+                } else {
+                    self.on_send_completion(c);
+                }
             }
             self.wc = wc;
             if n < 64 {
@@ -680,23 +689,6 @@ impl RdmaTransport {
         }
     }
 
-    fn poll_recv(&mut self) -> Result<(), TransportError> {
-        let v = self.verbs.as_ref().expect("checked");
-        let cq = v.recv_cq.clone();
-        loop {
-            self.wc.clear();
-            let n = datapath::poll(&cq, &mut self.wc, 64).map_err(io)?;
-            let wc = std::mem::take(&mut self.wc);
-            for c in &wc {
-                self.on_recv_completion(c);
-            }
-            self.wc = wc;
-            if n < 64 {
-                return Ok(());
-            }
-        }
-    }
-
     fn on_recv_completion(&mut self, c: &Completion) {
         let Some(&idx) = self.by_qpn.get(&c.qp_num) else { return };
         let Some(conn) = self.conns[idx].as_mut() else { return };
@@ -717,17 +709,27 @@ impl RdmaTransport {
         }
         let slot = (conn.received % RING_SLOTS as u64) as usize;
         let at = slot * conn.slot_bytes;
-        let mut buf = self.pool.pop().unwrap_or_default();
-        buf.clear();
-        buf.resize(len / 8, 0);
-        bytemuck::cast_slice_mut::<u64, u8>(&mut buf).copy_from_slice(&conn.rx_mr.bytes()[at..at + len]);
+        let rx = if conn.client {
+            // a response is copied out: the credit it returns lets the server
+            // write this slot again before the caller has looked at the frame
+            let mut buf = self.pool.pop().unwrap_or_default();
+            buf.clear();
+            buf.resize(len / 8, 0);
+            bytemuck::cast_slice_mut::<u64, u8>(&mut buf).copy_from_slice(&conn.rx_mr.bytes()[at..at + len]);
+            RdmaRx::Local { peer, buf, len }
+        } else {
+            // a request is handled where it landed (no copy): the client writes
+            // this slot again only after our response to it, which is sent after
+            // the shard has handled (and released) it
+            RdmaRx::Ring { peer, mr: conn.rx_mr.clone(), at, len }
+        };
         conn.received += 1;
         self.stats.frames_in += 1;
         self.stats.bytes_in += len as u64;
         if let Err(e) = datapath::post_recv_imm(&conn.qp, 1, 0) {
             self.fail(peer, format!("re-posting a receive: {e}"));
         }
-        self.ready.push_back(RdmaRx::Local { peer, buf, len });
+        self.ready.push_back(rx);
     }
 
     /// Posts conn `idx`'s queued frames as far as credits go; a dense pull at the
@@ -1040,12 +1042,7 @@ impl FrameSink for RdmaTransport {
             return self.tcp.frame_gather(peer, parts);
         }
         let len = parts.iter().map(|p| p.len()).sum();
-        let buf = self.frame(peer, len)?;
-        let mut at = 0;
-        for p in parts {
-            buf[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
+        ps_core::transport::gather_into(self.frame(peer, len)?, parts);
         Ok(())
     }
 }
@@ -1091,6 +1088,7 @@ impl Transport for RdmaTransport {
     fn release(&mut self, rx: RdmaRx) {
         match rx {
             RdmaRx::Tcp(t) => self.tcp.release(t),
+            RdmaRx::Ring { .. } => {}
             RdmaRx::Local { buf, .. } => {
                 if self.pool.len() < 64 {
                     self.pool.push(buf);
@@ -1135,5 +1133,45 @@ impl Transport for RdmaTransport {
             Some(c) => c.tx_queue.iter().map(|(_, l)| l).sum(),
             None => self.tcp.tx_pending_bytes(peer),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_request_ids_round_trip() {
+        for (c, g, t, s) in [(0, 0, TAG_WRITE, 0), (65_535, 0xfff, TAG_READ, u32::MAX), (7, 3, TAG_WRITE, 12345)] {
+            assert_eq!(wr_parts(wr_id(c, g, t, s)), (c, g, t, s));
+        }
+    }
+
+    fn pull_frame(table: u32, a: u64, b: u64) -> Vec<u8> {
+        let h = DataHeader { kind: Kind::Pull, dense: true, table, sub: 0, ts: 1, a, b };
+        let mut f = vec![0u8; h.frame_len().unwrap()];
+        h.write(&mut f);
+        f
+    }
+
+    #[test]
+    fn read_plans_cover_exactly_the_blocks_of_owned_spans() {
+        let limits = WireLimits::default();
+        let layout = DenseLayout { table_begin: 0, dim: 2, ranges: vec![(0, 1000, 0), (3000, 5000, 2000)] };
+        let mut tables = HashMap::new();
+        tables.insert(4, RemoteTable { addr: 1 << 20, rkey: 9, len: 64 * BLOCK_BYTES as u64, layout });
+        // keys 3000.. (flat 6000..) start at local float 2000: block 1, position 980
+        let p = read_plan(&pull_frame(4, 6000, 100), &tables, &limits, 5).unwrap();
+        assert_eq!((p.first_block, p.first_pos, p.blocks, p.buf_block), (1, 2000 - BLOCK_FLOATS, 2, 5));
+        // a span leaving an owned range, an unknown table, a push: sent as frames
+        assert!(read_plan(&pull_frame(4, 1990, 20), &tables, &limits, 0).is_none());
+        assert!(read_plan(&pull_frame(5, 0, 10), &tables, &limits, 0).is_none());
+        let mut push = pull_frame(4, 0, 10);
+        push[5] = Kind::Push as u8;
+        assert!(read_plan(&push, &tables, &limits, 0).is_none());
+        // beyond the registered length: never READ outside the region
+        tables.get_mut(&4).unwrap().len = 3 * BLOCK_BYTES as u64;
+        assert!(read_plan(&pull_frame(4, 6000, 100), &tables, &limits, 0).is_some(), "blocks 1-2 are inside");
+        assert!(read_plan(&pull_frame(4, 6000 + 2 * 1000, 20), &tables, &limits, 0).is_none(), "block 3 is not");
     }
 }

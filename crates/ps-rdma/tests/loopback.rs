@@ -4,7 +4,7 @@
 //! byte is checked. Skipped (with a line saying so) where no device exists,
 //! unless PS_RDMA_REQUIRE is set (scripts/rdma-test.sh sets it): then it fails.
 
-use ps_rdma::datapath::{post_read, post_write, wait};
+use ps_rdma::datapath::{post_one, wait, Op};
 use ps_rdma::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps};
 
 #[test]
@@ -42,14 +42,14 @@ fn write_and_read_between_two_connected_qps() {
         }
         wr += 1;
         // SAFETY: ma[off..off+len] is not touched until `wait` returns the completion.
-        unsafe { post_write(&a, &ma, off, len, mb.addr() + off as u64, mb.rkey(), wr).unwrap() };
+        unsafe { post_one(&a, Op::Write, &ma, off, len, mb.addr() + off as u64, mb.rkey(), wr).unwrap() };
         wait(&cq, wr, 50_000_000).unwrap();
         assert_eq!(&mb.bytes()[off..off + len], &ma.bytes()[off..off + len], "round {round}: WRITE landed");
         // read it back into another part of ma
         let back = 512 << 10;
         wr += 1;
         // SAFETY: ma[back..back+len] is not touched until the completion is polled.
-        unsafe { post_read(&a, &ma, back, len, mb.addr() + off as u64, mb.rkey(), wr).unwrap() };
+        unsafe { post_one(&a, Op::Read, &ma, back, len, mb.addr() + off as u64, mb.rkey(), wr).unwrap() };
         wait(&cq, wr, 50_000_000).unwrap();
         let (src, dst) = ma.bytes().split_at(back);
         assert_eq!(&dst[..len], &src[off..off + len], "round {round}: READ returned the written bytes");
