@@ -5,9 +5,8 @@
 
 use crate::net::{NetOpts, BUILT_WITH_RDMA};
 
-/// Memory one node registers besides its slabs: rings of 8 x 260 KiB each way
-/// per connection, for a few dozen connections.
-const RING_BYTES_PER_CONN: u64 = 2 * 8 * 266_240;
+/// Connections a node is assumed to register rings for (a few dozen workers).
+const DOCTOR_CONNECTIONS: u64 = 32;
 
 fn memlock() -> Option<(u64, u64)> {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -55,7 +54,8 @@ pub fn run(net: &NetOpts, slab_bytes: u64) -> Result<(), String> {
             .into(),
     );
 
-    let need = slab_bytes + 32 * RING_BYTES_PER_CONN;
+    let ring = ps_core::limits::WireLimits::default().rdma_conn_bytes() as u64;
+    let need = slab_bytes + DOCTOR_CONNECTIONS * ring;
     match memlock() {
         Some((cur, max)) => {
             println!(

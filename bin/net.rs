@@ -66,7 +66,7 @@ pub fn preflight(net: &NetOpts) -> Result<(), String> {
     }
     #[cfg(feature = "rdma")]
     {
-        open_device(net).map(|_| ()).map_err(|e| format!("--transport rdma: {e} (run `pslab doctor`)"))
+        node_device(net).map(drop)
     }
     #[cfg(not(feature = "rdma"))]
     {
@@ -92,27 +92,34 @@ fn open_device(net: &NetOpts) -> Result<ps_rdma::transport::Device, String> {
     ps_rdma::transport::Device::open(&choice).map_err(|e| e.to_string())
 }
 
+/// The device this node uses, as `net` says: `Ok(Ok(device))`; `Ok(Err(why))`
+/// for TCP (what a shard tells workers that ask for RDMA); `Err` when a forced
+/// `--transport rdma` cannot work.
+#[cfg(feature = "rdma")]
+fn node_device(net: &NetOpts) -> Result<Result<ps_rdma::transport::Device, String>, String> {
+    if net.transport == TransportArg::Tcp {
+        return Ok(Err("the node runs --transport tcp".into()));
+    }
+    match open_device(net) {
+        Ok(d) => Ok(Ok(d)),
+        Err(e) if net.transport == TransportArg::Rdma => Err(format!("--transport rdma: {e} (run `pslab doctor`)")),
+        Err(e) => {
+            tracing::info!("transport: TCP (no usable RDMA device: {e})");
+            Ok(Err(format!("no usable RDMA device: {e}")))
+        }
+    }
+}
+
 /// The transports of a server's shards (one per shard thread), around their listeners.
 #[cfg(feature = "rdma")]
 pub fn server_transports(tcps: Vec<TcpTransport>, net: &NetOpts) -> Result<Vec<NodeTransport>, String> {
-    use ps_rdma::transport::RdmaTransport;
-    let (dev, why_not) = match net.transport {
-        TransportArg::Tcp => (None, Some("the server runs --transport tcp".to_string())),
-        TransportArg::Auto | TransportArg::Rdma => match open_device(net) {
-            Ok(d) => {
-                tracing::info!("transport: RDMA on {} for workers that ask, TCP for the rest", d.describe());
-                (Some(d), None)
-            }
-            Err(e) if net.transport == TransportArg::Rdma => {
-                return Err(format!("--transport rdma: {e} (run `pslab doctor`)"));
-            }
-            Err(e) => {
-                tracing::info!("transport: TCP (no usable RDMA device: {e})");
-                (None, Some(format!("the server has no usable RDMA device: {e}")))
-            }
-        },
-    };
-    tcps.into_iter().map(|t| RdmaTransport::new(t, dev.clone(), why_not.clone()).map_err(|e| e.to_string())).collect()
+    let dev = node_device(net)?;
+    if let Ok(d) = &dev {
+        tracing::info!("transport: RDMA on {} for workers that ask, TCP for the rest", d.describe());
+    }
+    tcps.into_iter()
+        .map(|t| ps_rdma::transport::RdmaTransport::new(t, dev.clone()).map_err(|e| e.to_string()))
+        .collect()
 }
 
 #[cfg(not(feature = "rdma"))]
@@ -147,21 +154,7 @@ pub fn export_slabs(_t: &mut NodeTransport, _core: &ShardCore) -> Result<(), Str
 /// A worker's transport (no listener), its device opened as `net` says.
 #[cfg(feature = "rdma")]
 pub fn worker_transport(tcp: TcpTransport, net: &NetOpts) -> Result<NodeTransport, String> {
-    use ps_rdma::transport::RdmaTransport;
-    let dev = match net.transport {
-        TransportArg::Tcp => None,
-        TransportArg::Auto | TransportArg::Rdma => match open_device(net) {
-            Ok(d) => Some(d),
-            Err(e) if net.transport == TransportArg::Rdma => {
-                return Err(format!("--transport rdma: {e} (run `pslab doctor`)"));
-            }
-            Err(e) => {
-                tracing::info!("transport: TCP (no usable RDMA device: {e})");
-                None
-            }
-        },
-    };
-    RdmaTransport::new(tcp, dev, None).map_err(|e| e.to_string())
+    ps_rdma::transport::RdmaTransport::new(tcp, node_device(net)?).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "rdma"))]

@@ -25,23 +25,29 @@ fn run(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[test]
-fn invariant_1_holds_across_processes() {
-    let (ok, out) = run(&[
+/// `pslab local -v --no-pin --app APP` with `servers` x `shards`, `workers` and `params`.
+fn local_job(app: &str, servers: u32, shards: u32, workers: u32, params: &str) -> (bool, String) {
+    let (servers, shards, workers) = (servers.to_string(), shards.to_string(), workers.to_string());
+    run(&[
         "local",
         "--app",
-        "check",
+        app,
         "--servers",
-        "2",
+        &servers,
         "--shards",
-        "2",
+        &shards,
         "--workers",
-        "3",
+        &workers,
         "--no-pin",
         "-v",
         "--params",
-        r#"{"rounds": 20, "keys": 1500}"#,
-    ]);
+        params,
+    ])
+}
+
+#[test]
+fn invariant_1_holds_across_processes() {
+    let (ok, out) = local_job("check", 2, 2, 3, r#"{"rounds": 20, "keys": 1500}"#);
     assert!(ok, "job failed:\n{out}");
     assert_eq!(out.matches("finished: invariant 1 holds").count(), 3, "every worker verifies:\n{out}");
     assert!(out.matches("\"mismatches\":0").count() == 3, "{out}");
@@ -49,18 +55,7 @@ fn invariant_1_holds_across_processes() {
 
 #[test]
 fn the_check_catches_an_update_left_out_of_the_books() {
-    let (ok, out) = run(&[
-        "local",
-        "--app",
-        "check",
-        "--servers",
-        "2",
-        "--workers",
-        "2",
-        "--no-pin",
-        "--params",
-        r#"{"rounds": 3, "inject_stray_push": true}"#,
-    ]);
+    let (ok, out) = local_job("check", 2, 1, 2, r#"{"rounds": 3, "inject_stray_push": true}"#);
     assert!(!ok, "a wrong parameter must fail the job:\n{out}");
     assert!(out.contains("invariant 1 broken: 1 of"), "{out}");
 }
@@ -177,19 +172,7 @@ fn a_secret_file_others_can_read_is_refused() {
 /// are merged whole or not at all (one surplus per segment, at most one per push).
 #[test]
 fn torn_read_job_survives_a_client_killed_mid_push() {
-    let (ok, out) = run(&[
-        "local",
-        "--app",
-        "torn",
-        "--servers",
-        "2",
-        "--workers",
-        "3",
-        "--no-pin",
-        "-v",
-        "--params",
-        r#"{"keys": 16384, "rounds": 200, "reads": 400, "hammer": 20}"#,
-    ]);
+    let (ok, out) = local_job("torn", 2, 1, 3, r#"{"keys": 16384, "rounds": 200, "reads": 400, "hammer": 20}"#);
     assert!(ok, "job failed:\n{out}");
     assert!(out.contains("killed the hammer client (SIGKILL)"), "the extra client was killed mid-run:\n{out}");
     assert_eq!(out.matches("finished: torn: ").count(), 3, "every worker finished its checks:\n{out}");

@@ -26,6 +26,7 @@ use ps_core::keys::{KeyRange, TableId, TableSpec};
 use ps_core::ring::Owner;
 use ps_core::rules::RuleSpec;
 use ps_core::slab::BLOCK_FLOATS;
+use ps_core::store::DenseLayout;
 use serde_json::json;
 
 use super::param;
@@ -69,27 +70,27 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
     ))
 }
 
-/// For every key, the id of its (shard, owned range, block) segment, as the
-/// shards lay their dense slabs out (ranges in key order, back to back).
+/// For every key, the id of its (shard, owned range, block) segment, from the
+/// layout the shards give their dense slabs (`DenseLayout`).
 fn segments(ctx: &WorkerCtx, keys: u64) -> Result<Vec<u64>, String> {
     let ring = ctx.view.ring().map_err(|e| e.to_string())?;
+    let table = KeyRange::new(0, keys);
     let mut seg = vec![u64::MAX; keys as usize];
     let mut next = 0u64;
     for (s, srv) in ctx.view.servers.iter().enumerate() {
         for h in 0..srv.ports.len() {
-            let owner = Owner { server: s as u32, shard: h as u32 };
-            let mut base = 0u64;
-            for r in ring.owned_ranges(KeyRange::new(0, keys), owner) {
+            let owned = ring.owned_ranges(table, Owner { server: s as u32, shard: h as u32 });
+            let layout = DenseLayout::new(table, 1, &owned);
+            for &(begin, end, base) in &layout.ranges {
                 let mut last_block = u64::MAX;
-                for k in r.begin..r.end {
-                    let block = (base + k - r.begin) / BLOCK_FLOATS as u64;
+                for k in begin..end {
+                    let block = (base + k - begin) / BLOCK_FLOATS as u64;
                     if block != last_block {
                         next += 1;
                         last_block = block;
                     }
                     seg[k as usize] = next;
                 }
-                base += r.len();
             }
         }
     }

@@ -72,6 +72,12 @@ pub const BLOCK_BYTES: usize = 4096;
 /// memory regions, so few and big beats many and small.
 pub const SPARSE_SLAB_BLOCKS: usize = 16 * 1024;
 
+/// Receive slots of one RDMA ring (per worker-shard connection and direction):
+/// the requests a worker may have unanswered at one shard over RDMA. 8 slots of
+/// a chunk each keep a chunk pipeline full (over TCP 2-4 chunks in flight were
+/// measured enough) for 2 MiB of registered memory per ring.
+pub const RDMA_RING_SLOTS: usize = 8;
+
 /// Largest JSON control message.
 pub const CONTROL_BYTES_MAX: usize = 1 << 20;
 
@@ -111,6 +117,18 @@ impl WireLimits {
     /// this much send-queue room per request it reads ahead.
     pub fn response_bytes_max(&self) -> usize {
         self.chunk_bytes + 4096
+    }
+
+    /// Bytes of one RDMA ring slot: the largest request or response frame,
+    /// rounded to pages.
+    pub fn rdma_slot_bytes(&self) -> usize {
+        self.response_bytes_max().next_multiple_of(4096)
+    }
+
+    /// Registered bytes of one RDMA connection's two rings (ours, and our
+    /// staging slots for the other side's).
+    pub fn rdma_conn_bytes(&self) -> usize {
+        2 * RDMA_RING_SLOTS * self.rdma_slot_bytes()
     }
 
     /// The relations the constants above check at compile time, for values a user set.

@@ -97,7 +97,7 @@ impl ShardCore {
         self.tables
             .iter()
             .filter_map(|(id, (_, st))| match st {
-                TableStore::Dense(d) => Some((*id, d.layout(), d.values().slabs()[0].as_bytes())),
+                TableStore::Dense(d) => Some((*id, d.layout().clone(), d.values().slabs()[0].as_bytes())),
                 TableStore::Sparse(_) => None,
             })
             .collect()

@@ -183,6 +183,26 @@ pub struct DenseLayout {
 }
 
 impl DenseLayout {
+    /// The layout of `owned` (ascending) of a table over `table_keys`: the
+    /// ranges back to back, in key order, from flat float 0.
+    pub fn new(table_keys: KeyRange, dim: u32, owned: &[KeyRange]) -> Self {
+        let mut base = 0u64;
+        let ranges = owned
+            .iter()
+            .map(|r| {
+                let at = base;
+                base += r.len() * dim as u64;
+                (r.begin, r.end, at)
+            })
+            .collect();
+        Self { table_begin: table_keys.begin, dim, ranges }
+    }
+
+    /// Floats the layout holds.
+    pub fn floats(&self) -> u64 {
+        self.ranges.iter().map(|r| (r.1 - r.0) * self.dim as u64).sum()
+    }
+
     /// The shard-local flat float index of table-global flat span `start..start+len`,
     /// if one owned range holds all of it (what `DenseStore::pull` accepts).
     pub fn local(&self, start: u64, len: u64) -> Option<u64> {
@@ -199,10 +219,8 @@ impl DenseLayout {
 /// One shard's part of a dense table: its owned key ranges, contiguous in one slab.
 #[derive(Debug)]
 pub struct DenseStore {
-    table_begin: Key,
     dim: usize,
-    /// (owned keys, flat float base in `values`), ascending
-    ranges: Vec<(KeyRange, usize)>,
+    layout: DenseLayout,
     values: BlockStore,
     state: Vec<f32>,
     rule: Arc<dyn UpdateRule>,
@@ -210,18 +228,12 @@ pub struct DenseStore {
 
 impl DenseStore {
     pub fn new(table_keys: KeyRange, dim: u32, owned: &[KeyRange], rule: Arc<dyn UpdateRule>) -> std::io::Result<Self> {
-        let dim = dim as usize;
-        let mut ranges = Vec::with_capacity(owned.len());
-        let mut floats = 0usize;
-        for r in owned {
-            ranges.push((*r, floats));
-            floats += r.len() as usize * dim;
-        }
+        let layout = DenseLayout::new(table_keys, dim, owned);
+        let floats = layout.floats() as usize;
         let k = rule.state_per_value();
         Ok(Self {
-            table_begin: table_keys.begin,
-            dim,
-            ranges,
+            dim: dim as usize,
+            layout,
             values: BlockStore::with_floats(floats, 0)?,
             state: vec![rule.initial_state(); floats * k],
             rule,
@@ -234,26 +246,13 @@ impl DenseStore {
 
     /// Where this shard keeps the table, for one-sided readers: every owned key
     /// range with the flat float index its values start at, all in one slab.
-    pub fn layout(&self) -> DenseLayout {
-        DenseLayout {
-            table_begin: self.table_begin,
-            dim: self.dim as u32,
-            ranges: self.ranges.iter().map(|(r, base)| (r.begin, r.end, *base as u64)).collect(),
-        }
+    pub fn layout(&self) -> &DenseLayout {
+        &self.layout
     }
 
     /// Maps a table-global flat float span to this shard's flat space.
     fn local(&self, start: u64, len: u64) -> Result<usize, StoreError> {
-        let dim = self.dim as u64;
-        let key = self.table_begin.checked_add(start / dim).ok_or(StoreError::SpanNotOwned { start, len })?;
-        let i = self.ranges.partition_point(|(r, _)| r.end <= key);
-        let Some((r, base)) = self.ranges.get(i) else { return Err(StoreError::SpanNotOwned { start, len }) };
-        let r_first = (r.begin - self.table_begin) * dim;
-        let r_end = (r.end - self.table_begin) * dim;
-        if start < r_first || start.checked_add(len).is_none_or(|e| e > r_end) {
-            return Err(StoreError::SpanNotOwned { start, len });
-        }
-        Ok(base + (start - r_first) as usize)
+        self.layout.local(start, len).map(|l| l as usize).ok_or(StoreError::SpanNotOwned { start, len })
     }
 
     /// Merges `vals` into table-global flat floats `start..start+vals.len()`.
@@ -270,7 +269,7 @@ impl DenseStore {
     }
 
     fn key_start(&self, key: Key) -> Result<u64, StoreError> {
-        let rel = key.checked_sub(self.table_begin).ok_or(StoreError::NotOwned(key))?;
+        let rel = key.checked_sub(self.layout.table_begin).ok_or(StoreError::NotOwned(key))?;
         let start = rel.checked_mul(self.dim as u64).ok_or(StoreError::NotOwned(key))?;
         self.local(start, self.dim as u64).map_err(|_| StoreError::NotOwned(key))?;
         Ok(start)

@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ps_core::limits::{WireLimits, BLOCK_BYTES};
+use ps_core::limits::{WireLimits, BLOCK_BYTES, RDMA_RING_SLOTS as RING_SLOTS};
 use ps_core::slab::{check_block, BLOCK_FLOATS};
 use ps_core::store::DenseLayout;
 use ps_core::transport::{FrameSink, PeerEvent, PeerId, RxFrame, Transport, TransportError, TxError};
@@ -46,10 +46,6 @@ use crate::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps, RdmaError};
 
 // ------------------------------------------------------------------ tunables
 
-/// Receive slots per ring (per connection and direction): the requests a client
-/// may have unanswered at one shard. 8 x 260 KiB keeps a full chunk pipeline
-/// (the TCP transport measured 2-4 chunks in flight enough) at 2 MiB a ring.
-pub const RING_SLOTS: usize = 8;
 /// Work requests posted per doorbell at most, and a WRITE is signalled at least
 /// this often (the rest complete silently: an RC send queue completes in order).
 pub const SIGNAL_EVERY: usize = 4;
@@ -73,11 +69,6 @@ const _: () = {
     assert!(SIGNAL_EVERY <= BATCH_MAX && RING_SLOTS >= 2);
     assert!(SEND_WR as usize >= RING_SLOTS + BATCH_MAX, "every slot in flight plus a batch must fit the send queue");
 };
-
-/// Bytes of one ring slot for `limits`: the largest request or response frame.
-pub fn slot_bytes(limits: &WireLimits) -> usize {
-    limits.response_bytes_max().next_multiple_of(4096)
-}
 
 // ------------------------------------------------------------------ device
 
@@ -239,7 +230,8 @@ pub struct RdmaStats {
     pub read_bytes: u64,
     /// Blocks that came back torn and were read again.
     pub torn_retries: u64,
-    /// Times a client had frames ready but no credit (every ring slot unanswered).
+    /// Post attempts that found a client's frames waiting and no credit (every
+    /// ring slot unanswered): counted per attempt, not per frame.
     pub credit_waits: u64,
 }
 
@@ -281,13 +273,15 @@ struct RemoteTable {
 #[derive(Debug)]
 struct Conn {
     qp: Qp,
+    /// our first packet sequence number
+    psn: u32,
     peer: PeerId,
     gen: u16,
     /// our staging slots for outgoing frames
     tx_mr: Mr,
     tx_free: Vec<usize>,
-    /// filled, not yet posted: (slot, len)
-    tx_queue: VecDeque<(usize, usize)>,
+    /// filled, not yet posted
+    tx_queue: VecDeque<Queued>,
     /// posted, completion not yet seen: (seq, slot)
     tx_inflight: VecDeque<(u32, usize)>,
     seq: u32,
@@ -303,6 +297,17 @@ struct Conn {
     /// client side: requests are bounded by credits
     client: bool,
     tables: HashMap<u32, RemoteTable>,
+}
+
+/// A frame in a staging slot, waiting to be posted.
+#[derive(Debug)]
+struct Queued {
+    slot: usize,
+    len: usize,
+    /// looked at yet (a frame is filled only after `frame()` returns)
+    classified: bool,
+    /// a dense pull this transport serves with READs
+    read: Option<ReadPlan>,
 }
 
 /// Where a server's dense slabs are registered.
@@ -335,9 +340,8 @@ struct Verbs {
 #[derive(Debug)]
 pub struct RdmaTransport {
     tcp: TcpTransport,
-    verbs: Option<Verbs>,
-    /// why RDMA set-up requests are refused (server without a usable device)
-    refuse: Option<String>,
+    /// the device, or why there is none (the answer to clients asking for RDMA)
+    verbs: Result<Verbs, String>,
     limits: WireLimits,
     conns: Vec<Option<Conn>>,
     gens: Vec<u16>,
@@ -349,7 +353,10 @@ pub struct RdmaTransport {
     pool: Vec<Vec<u64>>,
     tcp_rx: Vec<TcpRx>,
     wc: Vec<Completion>,
+    /// RDMA peers that failed, to drop (with TCP) at the next chance
     closing: Vec<(PeerId, String)>,
+    /// connection events the set-up wait read off the TCP transport, for `events`
+    held_events: Vec<PeerEvent>,
     stats: RdmaStats,
     psn_seed: u32,
 }
@@ -359,26 +366,25 @@ fn io(e: impl std::fmt::Display) -> TransportError {
 }
 
 impl RdmaTransport {
-    /// Wraps `tcp`. With `dev`, peers may be moved to RDMA; without, this is TCP
-    /// and set-up requests are refused with `why_not`.
-    pub fn new(mut tcp: TcpTransport, dev: Option<Device>, why_not: Option<String>) -> Result<Self, RdmaError> {
+    /// Wraps `tcp`. With a device, peers may be moved to RDMA; with `Err(why)`,
+    /// this is TCP and set-up requests are refused with `why`.
+    pub fn new(mut tcp: TcpTransport, dev: Result<Device, String>) -> Result<Self, RdmaError> {
         let limits = WireLimits::default();
         let verbs = match dev {
-            Some(dev) => {
+            Ok(dev) => {
                 let send_cq = Cq::new(&dev.ctx, CQ_DEPTH, false)?;
                 let recv_cq = Cq::new(&dev.ctx, CQ_DEPTH, true)?;
                 let fd = recv_cq.fd().expect("created with a channel");
                 tcp.watch_fd(fd).map_err(|e| RdmaError::Setup(format!("cannot watch the completion channel: {e}")))?;
-                Some(Verbs { dev, send_cq, recv_cq })
+                Ok(Verbs { dev, send_cq, recv_cq })
             }
-            None => None,
+            Err(why) => Err(why),
         };
         let mut seed = [0u8; 4];
         let _ = getrandom::fill(&mut seed);
         Ok(Self {
             tcp,
             verbs,
-            refuse: why_not,
             limits,
             conns: Vec::new(),
             gens: Vec::new(),
@@ -391,6 +397,7 @@ impl RdmaTransport {
             tcp_rx: Vec::new(),
             wc: Vec::new(),
             closing: Vec::new(),
+            held_events: Vec::new(),
             stats: RdmaStats::default(),
             psn_seed: u32::from_le_bytes(seed) & 0xff_ffff,
         })
@@ -410,7 +417,7 @@ impl RdmaTransport {
     }
 
     pub fn has_device(&self) -> bool {
-        self.verbs.is_some()
+        self.verbs.is_ok()
     }
 
     /// True if `peer`'s frames travel over RDMA.
@@ -423,29 +430,27 @@ impl RdmaTransport {
     /// # Safety
     /// `slab` stays mapped and in place for as long as this transport lives.
     pub unsafe fn export_dense(&mut self, table: u32, layout: DenseLayout, slab: &[u8]) -> Result<(), RdmaError> {
-        let Some(v) = &self.verbs else { return Ok(()) };
+        let Ok(v) = &self.verbs else { return Ok(()) };
         let mr = Mr::register_external(&v.dev.pd, slab.as_ptr(), slab.len())?;
         self.exported.push(Exported { table, mr, layout });
         Ok(())
     }
 
-    fn next_psn(&mut self) -> u32 {
-        self.psn_seed = self.psn_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345) & 0xff_ffff;
-        self.psn_seed
-    }
-
-    /// A QP and both rings for `peer`, not yet connected.
+    /// A QP and both rings for `peer`, not yet connected, and what to tell the
+    /// other side about them.
     fn new_conn(&mut self, peer: PeerId, client: bool) -> Result<(usize, Conn, EndpointMsg, RingMsg), RdmaError> {
         if self.by_peer.len() >= RDMA_CONNECTIONS_MAX {
             return Err(RdmaError::Setup(format!("already {RDMA_CONNECTIONS_MAX} RDMA connections")));
         }
-        let v = self.verbs.as_ref().ok_or_else(|| RdmaError::Setup("no RDMA device".into()))?;
-        let sb = slot_bytes(&self.limits);
+        self.psn_seed = self.psn_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345) & 0xff_ffff;
+        let psn = self.psn_seed;
+        let v = self.verbs.as_ref().map_err(|why| RdmaError::Setup(why.clone()))?;
+        let sb = self.limits.rdma_slot_bytes();
         let caps = QpCaps { send_wr: SEND_WR, recv_wr: RING_SLOTS as u32, inline_bytes: INLINE_BYTES };
         let qp = Qp::new(&v.dev.pd, &v.send_cq, &v.recv_cq, caps)?;
         let tx_mr = Mr::new(&v.dev.pd, RING_SLOTS * sb)?;
         let rx_mr = Arc::new(Mr::new(&v.dev.pd, RING_SLOTS * sb)?);
-        let ep = EndpointMsg { qpn: qp.qpn(), psn: 0, lid: v.dev.lid, gid: v.dev.gid };
+        let ep = EndpointMsg { qpn: qp.qpn(), psn, lid: v.dev.lid, gid: v.dev.gid };
         let ring = RingMsg { addr: rx_mr.addr(), rkey: rx_mr.rkey(), slots: RING_SLOTS as u32, slot_bytes: sb as u32 };
         let idx = self.conns.iter().position(|c| c.is_none()).unwrap_or_else(|| {
             self.conns.push(None);
@@ -455,6 +460,7 @@ impl RdmaTransport {
         self.gens[idx] = self.gens[idx].wrapping_add(1) & 0xfff;
         let conn = Conn {
             qp,
+            psn,
             peer,
             gen: self.gens[idx],
             tx_mr,
@@ -474,10 +480,19 @@ impl RdmaTransport {
         Ok((idx, conn, ep, ring))
     }
 
-    fn connect_qp(&self, conn: &mut Conn, local_psn: u32, remote: &EndpointMsg) -> Result<(), RdmaError> {
+    /// Checks the other side's ring against ours, brings the QP to RTS towards
+    /// it and posts the receives for our ring.
+    fn connect_qp(&self, conn: &mut Conn, remote: &EndpointMsg, remote_ring: RingMsg) -> Result<(), RdmaError> {
+        if remote_ring.slots as usize != RING_SLOTS || remote_ring.slot_bytes as usize != conn.slot_bytes {
+            return Err(RdmaError::Setup(format!(
+                "the peer's ring is {} x {} B, ours {} x {} B: run one build and the same limits everywhere",
+                remote_ring.slots, remote_ring.slot_bytes, RING_SLOTS, conn.slot_bytes
+            )));
+        }
         let v = self.verbs.as_ref().expect("checked by new_conn");
         let ep = Endpoint { qpn: remote.qpn, psn: remote.psn, lid: remote.lid, gid: remote.gid };
-        conn.qp.connect(v.dev.port, v.dev.gid_index, local_psn, &ep)?;
+        conn.qp.connect(v.dev.port, v.dev.gid_index, conn.psn, &ep)?;
+        conn.remote = remote_ring;
         datapath::post_recv_imm(&conn.qp, RING_SLOTS, 0)
     }
 
@@ -490,9 +505,7 @@ impl RdmaTransport {
     /// Client: moves `peer` (a connected, authenticated TCP peer) to RDMA.
     /// `Ok(Err(reason))` when the server refused (it has no device, or runs TCP).
     pub fn connect_rdma(&mut self, peer: PeerId, timeout: Duration) -> Result<Result<(), String>, RdmaError> {
-        let (idx, mut conn, mut ep, ring) = self.new_conn(peer, true)?;
-        let psn = self.next_psn();
-        ep.psn = psn;
+        let (idx, mut conn, ep, ring) = self.new_conn(peer, true)?;
         SetupMsg::Connect { ep, ring }
             .frame_to(&mut self.tcp, peer)
             .map_err(|e| RdmaError::Setup(format!("sending the RDMA set-up request: {e}")))?;
@@ -517,37 +530,26 @@ impl RdmaTransport {
             if let Some(m) = got {
                 break 'wait m;
             }
-            let mut ev = Vec::new();
-            self.tcp.events(&mut ev);
-            for e in ev {
-                if let PeerEvent::Closed { peer: p, reason } = &e {
+            // events are the caller's: keep them for `events`, but see our peer go
+            let seen = self.held_events.len();
+            self.tcp.events(&mut self.held_events);
+            for e in &self.held_events[seen..] {
+                if let PeerEvent::Closed { peer: p, reason } = e {
                     if *p == peer {
                         return Err(RdmaError::Setup(format!("{peer:?} closed during RDMA set-up: {reason}")));
                     }
                 }
-                // not ours to consume: keep it for the caller's event loop
-                self.closing.push(match e {
-                    PeerEvent::Closed { peer, reason } => (peer, reason),
-                    PeerEvent::Opened { .. } => continue,
-                });
             }
         };
         match reply {
             SetupMsg::Accept { ep: remote, ring: remote_ring, tables } => {
-                if remote_ring.slots as usize != RING_SLOTS || remote_ring.slot_bytes as usize != conn.slot_bytes {
-                    return Err(RdmaError::Setup(format!(
-                        "server ring of {} x {} B, ours {} x {} B: run one build and the same limits everywhere",
-                        remote_ring.slots, remote_ring.slot_bytes, RING_SLOTS, conn.slot_bytes
-                    )));
-                }
-                self.connect_qp(&mut conn, psn, &remote)?;
-                conn.remote = remote_ring;
+                self.connect_qp(&mut conn, &remote, remote_ring)?;
                 for t in tables {
                     conn.tables
                         .insert(t.table, RemoteTable { addr: t.addr, rkey: t.rkey, len: t.len, layout: t.layout });
                 }
                 if self.read_mr.is_none() {
-                    let v = self.verbs.as_ref().expect("checked");
+                    let v = self.verbs.as_ref().expect("checked by new_conn");
                     let blocks = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
                     self.read_mr = Some(Mr::new(&v.dev.pd, blocks * BLOCK_BYTES)?);
                 }
@@ -569,28 +571,19 @@ impl RdmaTransport {
             }
         };
         if let Err(e) = reply.frame_to(&mut self.tcp, peer) {
-            self.closing.push((peer, format!("cannot answer the RDMA set-up: {e}")));
+            self.fail(peer, format!("cannot answer the RDMA set-up: {e}"));
         }
     }
 
     fn try_accept(&mut self, peer: PeerId, remote: &EndpointMsg, remote_ring: RingMsg) -> Result<SetupMsg, RdmaError> {
-        if let Some(why) = &self.refuse {
+        if let Err(why) = &self.verbs {
             return Ok(SetupMsg::Refuse { reason: why.clone() });
         }
         if self.by_peer.contains_key(&peer) {
             return Err(RdmaError::Setup("RDMA is already set up for this connection".into()));
         }
-        let (idx, mut conn, mut ep, ring) = self.new_conn(peer, false)?;
-        if remote_ring.slots as usize != RING_SLOTS || remote_ring.slot_bytes as usize != conn.slot_bytes {
-            return Err(RdmaError::Setup(format!(
-                "client ring of {} x {} B, ours {} x {} B",
-                remote_ring.slots, remote_ring.slot_bytes, RING_SLOTS, conn.slot_bytes
-            )));
-        }
-        let psn = self.next_psn();
-        ep.psn = psn;
-        self.connect_qp(&mut conn, psn, remote)?;
-        conn.remote = remote_ring;
+        let (idx, mut conn, ep, ring) = self.new_conn(peer, false)?;
+        self.connect_qp(&mut conn, remote, remote_ring)?;
         let tables = self
             .exported
             .iter()
@@ -614,9 +607,20 @@ impl RdmaTransport {
         }
     }
 
+    /// Marks `peer` to be dropped (its RDMA state and its TCP connection) at the
+    /// next chance: not at once, as the caller may be walking the connections.
     fn fail(&mut self, peer: PeerId, why: String) {
         if !self.closing.iter().any(|(p, _)| *p == peer) {
             self.closing.push((peer, why));
+        }
+    }
+
+    /// Drops the peers `fail` marked; each then shows up as a `Closed` event.
+    fn close_failed(&mut self) {
+        for (peer, why) in std::mem::take(&mut self.closing) {
+            tracing::warn!("dropping peer {peer:?}: {why}");
+            self.drop_conn(peer);
+            self.tcp.close(peer, &why);
         }
     }
 
@@ -625,26 +629,16 @@ impl RdmaTransport {
     /// Polls both completion queues, posts what credits allow, serves READ pulls
     /// whose turn has come. Never blocks for long (a READ's round trip at most).
     fn progress(&mut self) -> Result<(), TransportError> {
-        if self.verbs.is_none() {
-            return Ok(());
-        }
-        self.drain_cq(false)?;
-        self.drain_cq(true)?;
-        for idx in 0..self.conns.len() {
-            if self.conns[idx].is_some() {
-                self.post_queued(idx)?;
+        if self.verbs.is_ok() {
+            self.drain_cq(false)?;
+            self.drain_cq(true)?;
+            for idx in 0..self.conns.len() {
+                if self.conns[idx].is_some() {
+                    self.post_queued(idx)?;
+                }
             }
         }
-        let closing = std::mem::take(&mut self.closing);
-        for (peer, why) in closing {
-            if self.by_peer.contains_key(&peer) {
-                tracing::warn!("dropping RDMA peer {peer:?}: {why}");
-                self.drop_conn(peer);
-                self.tcp.close(peer, &why);
-            } else {
-                self.closing.push((peer, why));
-            }
-        }
+        self.close_failed();
         Ok(())
     }
 
@@ -735,57 +729,52 @@ impl RdmaTransport {
     /// Posts conn `idx`'s queued frames as far as credits go; a dense pull at the
     /// head of the queue is served by READs once everything before it is answered.
     fn post_queued(&mut self, idx: usize) -> Result<(), TransportError> {
+        let conn = self.conns[idx].as_mut().expect("caller checked");
+        if conn.client {
+            // frames filled since the last call are looked at once: READ or WRITE
+            for q in conn.tx_queue.iter_mut().filter(|q| !q.classified) {
+                let at = q.slot * conn.slot_bytes;
+                q.read = read_plan(&conn.tx_mr.bytes()[at..at + q.len], &conn.tables, &self.limits);
+                q.classified = true;
+            }
+        }
         loop {
             let conn = self.conns[idx].as_mut().expect("caller checked");
-            let Some(&(slot, len)) = conn.tx_queue.front() else { return Ok(()) };
-            if conn.client {
-                let at = slot * conn.slot_bytes;
-                if read_plan(&conn.tx_mr.bytes()[at..at + len], &conn.tables, &self.limits, 0).is_some() {
-                    if conn.sent != conn.received {
-                        return Ok(()); // wait until earlier requests are answered
-                    }
-                    // every READ-served pull at the head of the queue that fits the
-                    // landing buffer goes in one chained post
-                    let cap = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
-                    let mut plans = Vec::new();
-                    let mut used = 0;
-                    while let Some(&(slot, len)) = conn.tx_queue.front() {
-                        let at = slot * conn.slot_bytes;
-                        match read_plan(&conn.tx_mr.bytes()[at..at + len], &conn.tables, &self.limits, used) {
-                            Some(p) if used + p.blocks <= cap && plans.len() < BATCH_MAX => {
-                                used += p.blocks;
-                                plans.push(p);
-                                conn.tx_queue.pop_front();
-                                conn.tx_free.push(slot);
-                            }
-                            _ => break,
-                        }
-                    }
-                    let peer = conn.peer;
-                    match self.read_pulls(idx, &plans) {
-                        Ok(()) => {}
-                        Err(e) => self.fail(peer, e),
-                    }
-                    continue;
+            let Some(front) = conn.tx_queue.front() else { return Ok(()) };
+            if front.read.is_some() {
+                if conn.sent != conn.received {
+                    return Ok(()); // wait until earlier requests are answered
                 }
+                // every READ-served pull at the head of the queue that fits the
+                // landing buffer goes in one chained post
+                let cap = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
+                let mut plans = Vec::new();
+                let mut used = 0;
+                while let Some(q) = conn.tx_queue.front() {
+                    match &q.read {
+                        Some(p) if used + p.blocks <= cap && plans.len() < BATCH_MAX => {
+                            plans.push(ReadPlan { buf_block: used, ..p.clone() });
+                            used += p.blocks;
+                            conn.tx_free.push(q.slot);
+                            conn.tx_queue.pop_front();
+                        }
+                        _ => break,
+                    }
+                }
+                let peer = conn.peer;
+                if let Err(e) = self.read_pulls(idx, &plans) {
+                    self.fail(peer, e);
+                }
+                continue;
             }
             // a batch of plain frames, up to the next READ-served pull
             let mut batch: Vec<(usize, usize)> = Vec::with_capacity(BATCH_MAX);
-            while batch.len() < BATCH_MAX {
-                let Some(&(slot, len)) = conn.tx_queue.front() else { break };
-                if conn.client {
-                    if conn.sent + batch.len() as u64 - conn.received >= RING_SLOTS as u64 {
-                        self.stats.credit_waits += 1;
-                        break;
-                    }
-                    let at = slot * conn.slot_bytes;
-                    if !batch.is_empty()
-                        && read_plan(&conn.tx_mr.bytes()[at..at + len], &conn.tables, &self.limits, 0).is_some()
-                    {
-                        break;
-                    }
+            while let Some(q) = conn.tx_queue.front().filter(|q| q.read.is_none() && batch.len() < BATCH_MAX) {
+                if conn.client && conn.sent + batch.len() as u64 - conn.received >= RING_SLOTS as u64 {
+                    self.stats.credit_waits += 1;
+                    break;
                 }
-                batch.push((slot, len));
+                batch.push((q.slot, q.len));
                 conn.tx_queue.pop_front();
             }
             if batch.is_empty() {
@@ -962,7 +951,7 @@ fn read_blocks_max(limits: &WireLimits) -> usize {
     limits.chunk_bytes / 4 / BLOCK_FLOATS + 2
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ReadPlan {
     h: DataHeader,
     first_block: usize,
@@ -973,12 +962,7 @@ struct ReadPlan {
 }
 
 /// If `frame` is a dense range pull of a table the peer exported, where to READ it.
-fn read_plan(
-    frame: &[u8],
-    tables: &HashMap<u32, RemoteTable>,
-    limits: &WireLimits,
-    buf_block: usize,
-) -> Option<ReadPlan> {
+fn read_plan(frame: &[u8], tables: &HashMap<u32, RemoteTable>, limits: &WireLimits) -> Option<ReadPlan> {
     if frame.len() < wire::DATA_HEADER_BYTES || frame[5] != Kind::Pull as u8 {
         return None;
     }
@@ -994,7 +978,7 @@ fn read_plan(
     if blocks > read_blocks_max(limits) || ((last_block + 1) * BLOCK_BYTES) as u64 > t.len {
         return None;
     }
-    Some(ReadPlan { h, first_block, first_pos: local % BLOCK_FLOATS, blocks, buf_block })
+    Some(ReadPlan { h, first_block, first_pos: local % BLOCK_FLOATS, blocks, buf_block: 0 })
 }
 
 /// Spins on the send CQ until work request `id` completes; other completions
@@ -1032,7 +1016,7 @@ impl FrameSink for RdmaTransport {
         }
         let slot = self.wait_slot(idx, peer)?;
         let conn = self.conns[idx].as_mut().expect("wait_slot checked");
-        conn.tx_queue.push_back((slot, len));
+        conn.tx_queue.push_back(Queued { slot, len, classified: false, read: None });
         let at = slot * conn.slot_bytes;
         Ok(&mut conn.tx_mr.bytes_mut()[at..at + len])
     }
@@ -1053,16 +1037,16 @@ impl Transport for RdmaTransport {
     fn rx_burst(&mut self, out: &mut Vec<RdmaRx>, timeout: Option<Duration>) -> Result<(), TransportError> {
         self.progress()?;
         if self.ready.is_empty() {
-            if let Some(v) = &self.verbs {
+            if let Ok(v) = &self.verbs {
                 v.recv_cq.arm().map_err(io)?;
                 // a completion that came before arming raises no event: look again
                 self.progress()?;
             }
         }
-        let wait = if self.ready.is_empty() && self.closing.is_empty() { timeout } else { Some(Duration::ZERO) };
+        let wait = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
         self.tcp.rx_burst(&mut self.tcp_rx, wait)?;
         if self.tcp.take_extra_ready() {
-            if let Some(v) = &self.verbs {
+            if let Ok(v) = &self.verbs {
                 v.recv_cq.take_events();
             }
         }
@@ -1103,17 +1087,9 @@ impl Transport for RdmaTransport {
     }
 
     fn events(&mut self, out: &mut Vec<PeerEvent>) {
-        let closing = std::mem::take(&mut self.closing);
-        for (peer, why) in closing {
-            if self.by_peer.contains_key(&peer) {
-                self.drop_conn(peer);
-                self.tcp.close(peer, &why);
-            } else {
-                // closed before it was ours (seen during a set-up wait)
-                out.push(PeerEvent::Closed { peer, reason: why });
-            }
-        }
+        self.close_failed();
         let start = out.len();
+        out.append(&mut self.held_events);
         self.tcp.events(out);
         for e in &out[start..] {
             if let PeerEvent::Closed { peer, .. } = e {
@@ -1130,7 +1106,7 @@ impl Transport for RdmaTransport {
 
     fn tx_pending_bytes(&self, peer: PeerId) -> usize {
         match self.by_peer.get(&peer).and_then(|&i| self.conns[i].as_ref()) {
-            Some(c) => c.tx_queue.iter().map(|(_, l)| l).sum(),
+            Some(c) => c.tx_queue.iter().map(|q| q.len).sum(),
             None => self.tcp.tx_pending_bytes(peer),
         }
     }
@@ -1161,17 +1137,17 @@ mod tests {
         let mut tables = HashMap::new();
         tables.insert(4, RemoteTable { addr: 1 << 20, rkey: 9, len: 64 * BLOCK_BYTES as u64, layout });
         // keys 3000.. (flat 6000..) start at local float 2000: block 1, position 980
-        let p = read_plan(&pull_frame(4, 6000, 100), &tables, &limits, 5).unwrap();
-        assert_eq!((p.first_block, p.first_pos, p.blocks, p.buf_block), (1, 2000 - BLOCK_FLOATS, 2, 5));
+        let p = read_plan(&pull_frame(4, 6000, 100), &tables, &limits).unwrap();
+        assert_eq!((p.first_block, p.first_pos, p.blocks), (1, 2000 - BLOCK_FLOATS, 2));
         // a span leaving an owned range, an unknown table, a push: sent as frames
-        assert!(read_plan(&pull_frame(4, 1990, 20), &tables, &limits, 0).is_none());
-        assert!(read_plan(&pull_frame(5, 0, 10), &tables, &limits, 0).is_none());
+        assert!(read_plan(&pull_frame(4, 1990, 20), &tables, &limits).is_none());
+        assert!(read_plan(&pull_frame(5, 0, 10), &tables, &limits).is_none());
         let mut push = pull_frame(4, 0, 10);
         push[5] = Kind::Push as u8;
-        assert!(read_plan(&push, &tables, &limits, 0).is_none());
+        assert!(read_plan(&push, &tables, &limits).is_none());
         // beyond the registered length: never READ outside the region
         tables.get_mut(&4).unwrap().len = 3 * BLOCK_BYTES as u64;
-        assert!(read_plan(&pull_frame(4, 6000, 100), &tables, &limits, 0).is_some(), "blocks 1-2 are inside");
-        assert!(read_plan(&pull_frame(4, 6000 + 2 * 1000, 20), &tables, &limits, 0).is_none(), "block 3 is not");
+        assert!(read_plan(&pull_frame(4, 6000, 100), &tables, &limits).is_some(), "blocks 1-2 are inside");
+        assert!(read_plan(&pull_frame(4, 6000 + 2 * 1000, 20), &tables, &limits).is_none(), "block 3 is not");
     }
 }
