@@ -158,6 +158,10 @@ enum Cmd {
         /// (push_win, pull_win: pipelined goodput, as ib_write_bw measures).
         #[arg(long, default_value_t = 1)]
         window: usize,
+        /// Measure only push_win and pull_win (with --window > 1): the soft-RoCE
+        /// suite's runs beside perftest, which measures nothing else.
+        #[arg(long)]
+        window_only: bool,
     },
     /// Print a fresh job secret (64 hex digits) for PS_JOB_SECRET.
     Secret,
@@ -365,8 +369,13 @@ fn main() {
             no_pin,
             repeat,
             window,
+            window_only,
         } => {
-            let mut params = json!({"seconds": seconds, "window": window});
+            if window_only && window < 2 {
+                eprintln!("pslab bench: --window-only needs --window 2 or more");
+                std::process::exit(2);
+            }
+            let mut params = json!({"seconds": seconds, "window": window, "window_only": window_only});
             if !dense_sizes.is_empty() {
                 params["dense_sizes"] = json!(dense_sizes);
             }

@@ -6,7 +6,8 @@ device in the same VM boot.
 The suite runs, per round and size: perftest, pslab bench, perftest again. A
 round's ratio is pslab over the mean of the perftest runs around it (the VM's
 speed drifts over minutes); the table shows the median over rounds.
-For pslab the better of one-op-at-a-time and 8-in-flight (perftest keeps 128).
+For pslab the better of one-op-at-a-time and 8-in-flight where both ran (the
+suite runs only the windowed ops, 8 in flight; perftest keeps 128).
 
 usage: rdma-bench-table.py LOG [OUT.json]"""
 import json
@@ -33,7 +34,7 @@ for line in lines:
     elif line.startswith("@perf "):
         f = line.split()
         # @perf ROUND OP SIZE bytes iters bw_peak bw_avg msg_rate (MB/s = 10^6 B/s)
-        if len(f) >= 9:
+        if len(f) >= 9 and float(f[7]) > 0:
             perf.setdefault((f[1], f[2], int(f[3])), []).append(float(f[7]) * 1e6 / 1e9)
 if not bench or not perf:
     print("rdma-bench-table: no bench or perftest output in the log (bench skipped?)")

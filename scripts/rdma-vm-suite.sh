@@ -19,7 +19,9 @@ export PS_RDMA_REQUIRE=1 PS_LOG=${PS_LOG:-info}
 # PS_VM_ONLY=bench: only the bench (for measuring); PS_VM_SIZES: its sizes
 only=${PS_VM_ONLY:-all}
 sizes=${PS_VM_SIZES:-4096 65536 262144 1048576}
-rounds=${PS_VM_ROUNDS:-1 2 3}
+rounds=${PS_VM_ROUNDS:-1 2 3 4 5}
+# seconds pslab measures each op for
+secs=${PS_VM_SECONDS:-2}
 ulimit -l unlimited 2>/dev/null
 
 if [ "$only" = all ]; then
@@ -48,11 +50,15 @@ fi
 
 # 6. the bench beside perftest on the same device in the same boot: per size,
 #    ib_write_bw and ib_read_bw just before and just after each pslab run (the
-#    VM's speed drifts), three rounds; the host takes per-round ratios, then medians
+#    VM's speed drifts); perftest moves 64 MiB per run (about 2 s here, as long
+#    as pslab measures each op; its duration mode -D reports nothing for 1 MiB
+#    messages at these speeds); five rounds; the host takes per-round ratios,
+#    then medians
 perf() { # perf ROUND OP SIZE
-  ib_$2_bw -d rxe0 -x 1 -s $3 -n 300 -F >/tmp/perf-srv.log 2>&1 &
+  n=$((67108864 / $3))
+  ib_$2_bw -d rxe0 -x 1 -s $3 -n $n -F >/tmp/perf-srv.log 2>&1 &
   sleep 1
-  line=$(ib_$2_bw -d rxe0 -x 1 -s $3 -n 300 -F 10.77.0.1 2>&1 | awk '$1 == '"$3"' {print}')
+  line=$(ib_$2_bw -d rxe0 -x 1 -s $3 -n $n -F 10.77.0.1 2>&1 | awk '$1 == '"$3"' {print}')
   wait
   echo "@perf $1 $2 $3 $line"
 }
@@ -60,8 +66,8 @@ if [ "${PS_VM_BENCH:-1}" = 1 ]; then
   for r in $rounds; do
     for s in $sizes; do
       perf $r write $s; perf $r read $s
-      step bench-rdma-$s-round$r pslab --transport rdma bench --no-pin --no-baseline --no-sparse --seconds 1 \
-        --window 8 --dense-sizes $s --json /tmp/bench.json
+      step bench-rdma-$s-round$r pslab --transport rdma bench --no-pin --no-baseline --no-sparse --seconds $secs \
+        --window 8 --window-only --dense-sizes $s --json /tmp/bench.json
       perf $r write $s; perf $r read $s
       echo "@begin bench-json $r"; cat /tmp/bench.json; echo; echo "@end bench-json"
     done

@@ -12,20 +12,23 @@
 //! Bytes per op: the value bytes moved (push or pull: `size`; push->pull and
 //! fused: `2 x size`). Keys are not counted (the sparse line also reports keys/s).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use ps_core::keys::{KeyRange, TableId, TableSpec};
 use ps_core::ring::{Ring, RingServer};
 use ps_core::rng::SplitMix64;
 use ps_core::rules::RuleSpec;
+use ps_core::worker::Timestamp;
 use serde_json::json;
 
 use super::param;
 use crate::node::WorkerCtx;
 
 pub const OPS: [&str; 4] = ["push", "pull", "push_pull", "fused"];
-/// With `window` > 1: `window` dense pushes (or pulls) in flight, then wait for
-/// all: the goodput of a pipeline, as perftest's `ib_write_bw` measures it.
+/// With `window` > 1: dense pushes (or pulls) kept `window` in flight, a new one
+/// issued as the oldest is answered (a sliding window, as perftest's tx depth):
+/// the goodput of a full pipeline, as `ib_write_bw` measures it.
 pub const OPS_WINDOWED: [&str; 2] = ["push_win", "pull_win"];
 const SPARSE_TABLE: u32 = 1000;
 
@@ -36,6 +39,8 @@ struct Params {
     seconds: f64,
     warmup_seconds: f64,
     window: usize,
+    /// only the windowed ops
+    window_only: bool,
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -50,6 +55,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         seconds: param(p, "seconds", 2.0)?,
         warmup_seconds: param(p, "warmup_seconds", 0.5)?,
         window: param(p, "window", 1)?,
+        window_only: param(p, "window_only", false)?,
     };
     for &s in r.dense_sizes.iter().chain(&r.sparse_sizes) {
         if s < 4 || s % 4 != 0 {
@@ -97,7 +103,7 @@ pub fn tables(
         ));
     }
     tables.push(TableSpec::sparse(SPARSE_TABLE, "sparse", KeyRange::FULL, 1, RuleSpec::Sum));
-    let filled = json!({"dense_sizes": r.dense_sizes, "sparse_sizes": r.sparse_sizes, "seconds": r.seconds, "warmup_seconds": r.warmup_seconds, "window": r.window});
+    let filled = json!({"dense_sizes": r.dense_sizes, "sparse_sizes": r.sparse_sizes, "seconds": r.seconds, "warmup_seconds": r.warmup_seconds, "window": r.window, "window_only": r.window_only});
     Ok((tables, filled))
 }
 
@@ -138,25 +144,6 @@ fn dense_op(
                 bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
             }
         }
-        "push_win" | "pull_win" => {
-            let w = bufs.len() / keys.len();
-            for j in 0..w {
-                for (i, &k) in keys.iter().enumerate() {
-                    ts.push(if op == "push_win" {
-                        ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per]).map_err(e)?
-                    } else {
-                        ctx.ps.pull_range(table, k, 1, std::mem::take(&mut bufs[j * keys.len() + i])).map_err(e)?
-                    });
-                }
-            }
-            for (i, t) in ts.drain(..).enumerate() {
-                if op == "push_win" {
-                    ctx.ps.wait(t).map_err(e)?;
-                } else {
-                    bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
-                }
-            }
-        }
         "fused" => {
             for (i, &k) in keys.iter().enumerate() {
                 ts.push(
@@ -194,6 +181,75 @@ fn sparse_op(ctx: &mut WorkerCtx, op: &str, keys: &[u64], vals: &[f32], buf: &mu
             Ok(())
         }
         _ => unreachable!("op names are fixed"),
+    }
+}
+
+/// Dense ops kept `window` in flight across calls of [`Pipe::step`]; each step
+/// issues `window` ops and retires as many (once the window is full), so a step
+/// moves `window x size` bytes and the pipeline never drains between steps.
+struct Pipe {
+    /// one entry per range request: (timestamp, pull buffer)
+    inflight: VecDeque<(Timestamp, Option<usize>)>,
+    bufs: Vec<Vec<f32>>,
+    free: Vec<usize>,
+    window: usize,
+}
+
+impl Pipe {
+    fn new(window: usize, keys: usize) -> Pipe {
+        Pipe {
+            inflight: VecDeque::new(),
+            bufs: vec![Vec::new(); window * keys],
+            free: (0..window * keys).collect(),
+            window,
+        }
+    }
+
+    fn step(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        push: bool,
+        table: TableId,
+        keys: &[u64],
+        vals: &[f32],
+    ) -> Result<(), String> {
+        let per = vals.len() / keys.len();
+        for _ in 0..self.window {
+            for (i, &k) in keys.iter().enumerate() {
+                if self.inflight.len() >= self.window * keys.len() {
+                    self.retire(ctx)?;
+                }
+                let entry = if push {
+                    (ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per]).map_err(|e| e.to_string())?, None)
+                } else {
+                    let b = self.free.pop().expect("one buffer per request in flight");
+                    let out = std::mem::take(&mut self.bufs[b]);
+                    (ctx.ps.pull_range(table, k, 1, out).map_err(|e| e.to_string())?, Some(b))
+                };
+                self.inflight.push_back(entry);
+            }
+        }
+        Ok(())
+    }
+
+    fn retire(&mut self, ctx: &mut WorkerCtx) -> Result<(), String> {
+        let Some((ts, buf)) = self.inflight.pop_front() else { return Ok(()) };
+        match buf {
+            None => ctx.ps.wait(ts).map_err(|e| e.to_string()),
+            Some(b) => {
+                self.bufs[b] = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
+                self.free.push(b);
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for everything in flight (outside the timed part).
+    fn drain(&mut self, ctx: &mut WorkerCtx) -> Result<(), String> {
+        while !self.inflight.is_empty() {
+            self.retire(ctx)?;
+        }
+        Ok(())
     }
 }
 
@@ -250,17 +306,19 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         let dim = ctx.view.job.tables[i].dim as usize;
         let vals: Vec<f32> = (0..dim * keys.len()).map(|j| (j % 7) as f32).collect();
         let mut bufs = vec![Vec::new(); keys.len()];
-        for op in OPS {
+        for op in OPS.into_iter().filter(|_| !p.window_only) {
             ctx.barrier(&format!("dense-{size}-{op}"))?;
             let (mut lat, wall) = timed(&p, || dense_op(ctx, op, table, &keys, &vals, &mut bufs))?;
             report(ctx, "dense", op, size, keys.len() as u64, 1, &mut lat, wall);
             phases += 1;
         }
         if p.window > 1 {
-            let mut bufs = vec![Vec::new(); keys.len() * p.window];
             for op in OPS_WINDOWED {
                 ctx.barrier(&format!("dense-{size}-{op}"))?;
-                let (mut lat, wall) = timed(&p, || dense_op(ctx, op, table, &keys, &vals, &mut bufs))?;
+                let mut pipe = Pipe::new(p.window, keys.len());
+                let push = op == "push_win";
+                let (mut lat, wall) = timed(&p, || pipe.step(ctx, push, table, &keys, &vals))?;
+                pipe.drain(ctx)?;
                 report(ctx, "dense", op, size, keys.len() as u64, p.window, &mut lat, wall);
                 phases += 1;
             }

@@ -396,6 +396,9 @@ pub struct Endpoint {
     pub psn: u32,
     pub lid: u16,
     pub gid: [u8; 16],
+    /// Its port's active MTU (an `ibv_mtu` value; 0: unknown). The path MTU is
+    /// the smaller of both ends'.
+    pub mtu: u32,
 }
 
 /// A reliable-connected queue pair. It must be connected before it can post.
@@ -465,12 +468,19 @@ impl Qp {
     }
 
     /// INIT -> RTR -> RTS towards `remote`, over `port` with our GID `gid_index`
-    /// (`None`: InfiniBand, routed by LID). Timeouts follow the soft-RoCE notes:
-    /// ack timeout 14, READ depth 16.
+    /// (`None`: InfiniBand, routed by LID). The path MTU is the smaller of our
+    /// port's active MTU and `remote.mtu` (4096 on most HCAs; soft-RoCE derives
+    /// it from the netdev's). Timeouts follow the soft-RoCE notes: ack timeout
+    /// 14, READ depth 16.
     pub fn connect(&mut self, port: u8, gid_index: Option<i32>, local_psn: u32, remote: &Endpoint) -> Result<()> {
         use ibv_qp_attr_mask as M;
         let qp = self.qp;
         let ctx = &self.ctx;
+        let local_mtu = ctx.query_port(port)?.active_mtu;
+        let path_mtu = match remote.mtu {
+            0 => local_mtu,
+            m => m.min(local_mtu),
+        };
         let modify = |a: &mut ibv_qp_attr, mask: ibv_qp_attr_mask, what: &'static str| -> Result<()> {
             // SAFETY: `a` is fully initialised for the fields `mask` names.
             let rc = unsafe { ibv_modify_qp(qp.as_ptr(), a, mask.0 as i32) };
@@ -497,7 +507,7 @@ impl Qp {
         // SAFETY: as above.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        a.path_mtu = ibv_mtu::IBV_MTU_1024;
+        a.path_mtu = path_mtu;
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
         a.max_dest_rd_atomic = 16;

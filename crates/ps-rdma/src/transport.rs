@@ -57,16 +57,23 @@ pub const CQ_DEPTH: i32 = 8192;
 pub const RDMA_CONNECTIONS_MAX: usize = CQ_DEPTH as usize / (2 * RING_SLOTS + SEND_WR as usize);
 /// Frames up to this size go inline (acks and errors: no DMA read of our memory).
 pub const INLINE_BYTES: u32 = 128;
-/// Pull chunks one chained READ post may carry (the landing buffer holds this
-/// many chunks' blocks: 8 x 67 x 4 KiB, about 2 MiB per worker).
-pub const READ_BUFFER_CHUNKS: usize = 8;
+/// Landing slots for READ-served pulls, one pull chunk's blocks each (at 256 KiB
+/// chunks: 16 x 66 x 4 KiB, about 4.3 MiB per client). A pull chunk holds a slot
+/// from its READ's post until its completion is handled, so this is also how many
+/// pull chunks a client keeps in flight; the QP's READ depth is 16 too.
+pub const READ_SLOTS: usize = 16;
 /// A torn block is re-read at most this often before the pull fails.
 pub const TORN_RETRIES_MAX: u32 = 100_000;
+/// How long `rx_burst` spins on the CQs for landed READs before it looks at TCP.
+pub const READ_SPIN: Duration = Duration::from_micros(200);
+/// The longest sleep of a sender waiting for a credit (a response's event wakes
+/// it sooner; this bounds the cost of a missed one).
+pub const CREDIT_NAP: Duration = Duration::from_millis(1);
 /// How long a full sender waits for a slot before it gives up on the peer.
 pub const TX_STALL: Duration = Duration::from_secs(60);
 
 const _: () = {
-    assert!(SIGNAL_EVERY <= BATCH_MAX && RING_SLOTS >= 2);
+    assert!(SIGNAL_EVERY <= BATCH_MAX && RING_SLOTS >= 2 && READ_SLOTS >= 1);
     assert!(SEND_WR as usize >= RING_SLOTS + BATCH_MAX, "every slot in flight plus a batch must fit the send queue");
 };
 
@@ -91,6 +98,8 @@ pub struct Device {
     pub gid_index: Option<i32>,
     pub gid: [u8; 16],
     pub lid: u16,
+    /// the port's active MTU (an `ibv_mtu` value)
+    pub mtu: u32,
     pub roce: bool,
 }
 
@@ -137,7 +146,7 @@ impl Device {
                 (None, false) => (None, [0; 16]),
             };
             let pd = Pd::new(&ctx)?;
-            return Ok(Device { ctx, pd, port, gid_index, gid, lid: attr.lid, roce });
+            return Ok(Device { ctx, pd, port, gid_index, gid, lid: attr.lid, mtu: attr.active_mtu, roce });
         }
         Err(last_err.unwrap_or_else(|| RdmaError::NoDevice(String::new())))
     }
@@ -170,6 +179,8 @@ struct EndpointMsg {
     psn: u32,
     lid: u16,
     gid: [u8; 16],
+    /// the port's active MTU (an `ibv_mtu` value)
+    mtu: u32,
 }
 
 /// A ring the other side writes frames into.
@@ -233,6 +244,8 @@ pub struct RdmaStats {
     /// Post attempts that found a client's frames waiting and no credit (every
     /// ring slot unanswered): counted per attempt, not per frame.
     pub credit_waits: u64,
+    /// Chained READ posts (each carries up to `READ_SLOTS` pull chunks).
+    pub read_posts: u64,
 }
 
 /// A received frame: from TCP; in place in a server's RDMA ring; or copied out
@@ -297,6 +310,19 @@ struct Conn {
     /// client side: requests are bounded by credits
     client: bool,
     tables: HashMap<u32, RemoteTable>,
+    /// READ batches posted on this QP whose completion is not handled yet
+    reads: usize,
+}
+
+/// One chained READ post: pull chunks landing in `read_mr` slots.
+#[derive(Debug)]
+struct ReadBatch {
+    conn: usize,
+    gen: u16,
+    seq: u32,
+    plans: Vec<ReadPlan>,
+    /// its last (signalled) READ completed: an RC send queue completes in order
+    done: bool,
 }
 
 /// A frame in a staging slot, waiting to be posted.
@@ -320,6 +346,7 @@ struct Exported {
 
 const TAG_WRITE: u64 = 1;
 const TAG_READ: u64 = 2;
+const TAG_REREAD: u64 = 3;
 
 fn wr_id(conn: usize, gen: u16, tag: u64, seq: u32) -> u64 {
     ((conn as u64) << 48) | ((gen as u64 & 0xfff) << 36) | (tag << 32) | seq as u64
@@ -348,7 +375,12 @@ pub struct RdmaTransport {
     by_peer: HashMap<PeerId, usize>,
     by_qpn: HashMap<u32, usize>,
     exported: Vec<Exported>,
+    /// landing slots of READ-served pulls (a client's, made at its first connect)
     read_mr: Option<Mr>,
+    read_free: Vec<usize>,
+    /// posted READ batches, oldest first
+    reads: Vec<ReadBatch>,
+    read_seq: u32,
     ready: VecDeque<RdmaRx>,
     pool: Vec<Vec<u64>>,
     tcp_rx: Vec<TcpRx>,
@@ -392,6 +424,9 @@ impl RdmaTransport {
             by_qpn: HashMap::new(),
             exported: Vec::new(),
             read_mr: None,
+            read_free: Vec::new(),
+            reads: Vec::new(),
+            read_seq: 0,
             ready: VecDeque::new(),
             pool: Vec::new(),
             tcp_rx: Vec::new(),
@@ -450,7 +485,7 @@ impl RdmaTransport {
         let qp = Qp::new(&v.dev.pd, &v.send_cq, &v.recv_cq, caps)?;
         let tx_mr = Mr::new(&v.dev.pd, RING_SLOTS * sb)?;
         let rx_mr = Arc::new(Mr::new(&v.dev.pd, RING_SLOTS * sb)?);
-        let ep = EndpointMsg { qpn: qp.qpn(), psn, lid: v.dev.lid, gid: v.dev.gid };
+        let ep = EndpointMsg { qpn: qp.qpn(), psn, lid: v.dev.lid, gid: v.dev.gid, mtu: v.dev.mtu };
         let ring = RingMsg { addr: rx_mr.addr(), rkey: rx_mr.rkey(), slots: RING_SLOTS as u32, slot_bytes: sb as u32 };
         let idx = self.conns.iter().position(|c| c.is_none()).unwrap_or_else(|| {
             self.conns.push(None);
@@ -476,6 +511,7 @@ impl RdmaTransport {
             slot_bytes: sb,
             client,
             tables: HashMap::new(),
+            reads: 0,
         };
         Ok((idx, conn, ep, ring))
     }
@@ -490,7 +526,7 @@ impl RdmaTransport {
             )));
         }
         let v = self.verbs.as_ref().expect("checked by new_conn");
-        let ep = Endpoint { qpn: remote.qpn, psn: remote.psn, lid: remote.lid, gid: remote.gid };
+        let ep = Endpoint { qpn: remote.qpn, psn: remote.psn, lid: remote.lid, gid: remote.gid, mtu: remote.mtu };
         conn.qp.connect(v.dev.port, v.dev.gid_index, conn.psn, &ep)?;
         conn.remote = remote_ring;
         datapath::post_recv_imm(&conn.qp, RING_SLOTS, 0)
@@ -550,8 +586,9 @@ impl RdmaTransport {
                 }
                 if self.read_mr.is_none() {
                     let v = self.verbs.as_ref().expect("checked by new_conn");
-                    let blocks = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
+                    let blocks = READ_SLOTS * read_blocks_max(&self.limits);
                     self.read_mr = Some(Mr::new(&v.dev.pd, blocks * BLOCK_BYTES)?);
+                    self.read_free = (0..READ_SLOTS).rev().collect();
                 }
                 self.install(idx, conn);
                 Ok(Ok(()))
@@ -603,6 +640,17 @@ impl RdmaTransport {
         if let Some(idx) = self.by_peer.remove(&peer) {
             if let Some(c) = self.conns[idx].take() {
                 self.by_qpn.remove(&c.qp.qpn());
+                // the QP is destroyed here: no READ of its lands after this, so
+                // the landing slots of its unfinished batches are free again
+                drop(c);
+                let rbm = read_blocks_max(&self.limits);
+                let free = &mut self.read_free;
+                self.reads.retain(|b| {
+                    if b.conn == idx {
+                        free.extend(b.plans.iter().map(|p| p.buf_block / rbm));
+                    }
+                    b.conn != idx
+                });
             }
         }
     }
@@ -632,6 +680,7 @@ impl RdmaTransport {
         if self.verbs.is_ok() {
             self.drain_cq(false)?;
             self.drain_cq(true)?;
+            self.finish_reads();
             for idx in 0..self.conns.len() {
                 if self.conns[idx].is_some() {
                     self.post_queued(idx)?;
@@ -679,6 +728,10 @@ impl RdmaTransport {
                 if s == seq {
                     break;
                 }
+            }
+        } else if tag == TAG_READ {
+            if let Some(b) = self.reads.iter_mut().find(|b| b.conn == idx && b.gen == gen && b.seq == seq) {
+                b.done = true;
             }
         }
     }
@@ -745,27 +798,33 @@ impl RdmaTransport {
                 if conn.sent != conn.received {
                     return Ok(()); // wait until earlier requests are answered
                 }
-                // every READ-served pull at the head of the queue that fits the
-                // landing buffer goes in one chained post
-                let cap = READ_BUFFER_CHUNKS * read_blocks_max(&self.limits);
+                // every READ-served pull at the head of the queue that finds a
+                // free landing slot goes in one chained post
+                let rbm = read_blocks_max(&self.limits);
                 let mut plans = Vec::new();
-                let mut used = 0;
-                while let Some(q) = conn.tx_queue.front() {
-                    match &q.read {
-                        Some(p) if used + p.blocks <= cap && plans.len() < BATCH_MAX => {
-                            plans.push(ReadPlan { buf_block: used, ..p.clone() });
-                            used += p.blocks;
-                            conn.tx_free.push(q.slot);
-                            conn.tx_queue.pop_front();
-                        }
-                        _ => break,
+                while let Some(p) = conn.tx_queue.front().and_then(|q| q.read.as_ref()) {
+                    if plans.len() == BATCH_MAX {
+                        break;
                     }
+                    let Some(slot) = self.read_free.pop() else { break };
+                    plans.push(ReadPlan { buf_block: slot * rbm, ..p.clone() });
+                    let q = conn.tx_queue.pop_front().expect("looked at");
+                    conn.tx_free.push(q.slot);
+                }
+                if plans.is_empty() {
+                    return Ok(()); // every landing slot is in use: wait for a READ to land
                 }
                 let peer = conn.peer;
-                if let Err(e) = self.read_pulls(idx, &plans) {
+                if let Err(e) = self.post_reads(idx, plans) {
                     self.fail(peer, e);
+                    return Ok(());
                 }
                 continue;
+            }
+            if conn.reads > 0 {
+                // a frame after a READ-served pull goes once the READ has landed:
+                // requests take effect in the order they were made
+                return Ok(());
             }
             // a batch of plain frames, up to the next READ-served pull
             let mut batch: Vec<(usize, usize)> = Vec::with_capacity(BATCH_MAX);
@@ -820,55 +879,13 @@ impl RdmaTransport {
         }
     }
 
-    /// Serves dense range pulls with READs of whole blocks (one chained post),
-    /// re-reading torn blocks, and queues the `PullResp` frames the shard would
-    /// have sent.
-    fn read_pulls(&mut self, idx: usize, plans: &[ReadPlan]) -> Result<(), String> {
-        let mut stash = Vec::new();
-        let r = self.read_blocks(idx, plans, &mut stash);
-        // WRITE completions polled while waiting for the READs free their slots now
-        for c in &stash {
-            self.on_send_completion(c);
-        }
-        let torn = r?;
-        let peer = self.conns[idx].as_ref().expect("caller checked").peer;
+    /// Posts one chain of READs of whole slab blocks for `plans` (each into its
+    /// landing slot), the last one signalled; `finish_reads` takes it from there.
+    fn post_reads(&mut self, idx: usize, plans: Vec<ReadPlan>) -> Result<(), String> {
+        let conn = self.conns[idx].as_mut().expect("caller checked");
         let mr = self.read_mr.as_ref().expect("made at connect");
-        for p in plans {
-            let resp = DataHeader { kind: Kind::PullResp, ..p.h };
-            let len = resp.frame_len().ok_or("pull too large")?;
-            let mut buf = self.pool.pop().unwrap_or_default();
-            buf.clear();
-            buf.resize(len / 8, 0);
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
-            resp.write(bytes);
-            let n = p.h.b as usize;
-            let (mut done, mut pos, mut b) = (0, p.first_pos, p.buf_block);
-            while done < n {
-                let take = (BLOCK_FLOATS - pos).min(n - done);
-                let src = &mr.bytes()[b * BLOCK_BYTES + 8 + pos * 4..b * BLOCK_BYTES + 8 + (pos + take) * 4];
-                bytes[wire::DATA_HEADER_BYTES + done * 4..wire::DATA_HEADER_BYTES + (done + take) * 4]
-                    .copy_from_slice(src);
-                done += take;
-                pos = 0;
-                b += 1;
-            }
-            self.stats.read_pulls += 1;
-            self.stats.read_bytes += p.blocks as u64 * BLOCK_BYTES as u64;
-            self.ready.push_back(RdmaRx::Local { peer, buf, len });
-        }
-        self.stats.read_bytes += torn * BLOCK_BYTES as u64;
-        self.stats.torn_retries += torn;
-        Ok(())
-    }
-
-    /// READs every plan's blocks into `read_mr` (one chain, the last signalled:
-    /// an RC send queue completes in order), then re-reads each torn block until
-    /// it is whole; returns how many re-reads that took.
-    fn read_blocks(&mut self, idx: usize, plans: &[ReadPlan], stash: &mut Vec<Completion>) -> Result<u64, String> {
-        let conn = self.conns[idx].as_ref().expect("caller checked");
-        let mr = self.read_mr.as_ref().expect("made at connect");
-        let cq = &self.verbs.as_ref().expect("rdma").send_cq;
-        let id = wr_id(idx, conn.gen, TAG_READ, 0);
+        self.read_seq = self.read_seq.wrapping_add(1);
+        let id = wr_id(idx, conn.gen, TAG_READ, self.read_seq);
         let wrs: Vec<Wr<'_>> = plans
             .iter()
             .enumerate()
@@ -886,49 +903,128 @@ impl RdmaTransport {
                 }
             })
             .collect();
-        // SAFETY: the landing buffer's bytes are not touched until the last
-        // (signalled) READ's completion is polled in `wait_wr`.
-        unsafe { datapath::post_batch(&conn.qp, &wrs) }.map_err(|e| e.to_string())?;
-        wait_wr(cq, id, stash)?;
+        // SAFETY: each plan's landing slot stays out of `read_free` (nobody else
+        // READs into it, nobody reads it) until this batch's completion is
+        // handled in `finish_reads`, or until the QP is destroyed with its conn
+        // (`drop_conn`); `read_mr` lives as long as the transport, which drops
+        // every conn (and QP) first.
+        let r = unsafe { datapath::post_batch(&conn.qp, &wrs) };
+        drop(wrs);
+        conn.reads += 1;
+        self.stats.read_posts += 1;
+        self.reads.push(ReadBatch { conn: idx, gen: conn.gen, seq: self.read_seq, plans, done: false });
+        r.map_err(|e| e.to_string())
+    }
+
+    /// Handles every READ batch that has landed: re-reads its torn blocks, queues
+    /// the `PullResp` frames the shard would have sent, frees its landing slots.
+    fn finish_reads(&mut self) {
+        while let Some(i) = self.reads.iter().position(|b| b.done) {
+            let b = self.reads.remove(i);
+            let mut stash = Vec::new();
+            let r = self.land(&b, &mut stash);
+            // completions polled while re-reading: WRITEs free their slots, other
+            // batches are marked done (and handled in this loop)
+            for c in &stash {
+                self.on_send_completion(c);
+            }
+            match r {
+                Ok(()) => {
+                    let rbm = read_blocks_max(&self.limits);
+                    self.read_free.extend(b.plans.iter().map(|p| p.buf_block / rbm));
+                    if let Some(c) = self.conns[b.conn].as_mut().filter(|c| c.gen == b.gen) {
+                        c.reads -= 1;
+                    }
+                }
+                Err(e) => {
+                    // a re-read may still be in flight: its slots come back when
+                    // the failed conn's QP is destroyed (`drop_conn`)
+                    let peer = self.conns[b.conn].as_ref().map(|c| c.peer);
+                    self.reads.push(ReadBatch { done: false, ..b });
+                    if let Some(peer) = peer {
+                        self.fail(peer, e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks every block of a landed batch, re-reading each torn one until it is
+    /// whole, and builds the batch's `PullResp` frames from the landing slots.
+    fn land(&mut self, b: &ReadBatch, stash: &mut Vec<Completion>) -> Result<(), String> {
+        let conn = self.conns[b.conn].as_ref().filter(|c| c.gen == b.gen).ok_or("connection gone")?;
+        let mr = self.read_mr.as_ref().expect("made at connect");
+        let cq = &self.verbs.as_ref().expect("rdma").send_cq;
+        let id = wr_id(b.conn, conn.gen, TAG_REREAD, 0);
         let mut torn = 0u64;
-        for p in plans {
+        for p in &b.plans {
             let t = &conn.tables[&p.h.table];
-            for b in 0..p.blocks {
-                let at = (p.buf_block + b) * BLOCK_BYTES;
+            for k in 0..p.blocks {
+                let at = (p.buf_block + k) * BLOCK_BYTES;
                 let mut tries = 0;
                 while check_block(&mr.bytes()[at..at + BLOCK_BYTES]).is_err() {
                     tries += 1;
                     if tries > TORN_RETRIES_MAX {
                         return Err(format!(
                             "block {} of table {} stayed torn over {tries} READs",
-                            p.first_block + b,
+                            p.first_block + k,
                             p.h.table
                         ));
                     }
                     torn += 1;
-                    let remote = t.addr + ((p.first_block + b) * BLOCK_BYTES) as u64;
                     let wr = Wr {
                         op: Op::Read,
                         mr,
                         local_off: at,
                         len: BLOCK_BYTES,
-                        remote_addr: remote,
+                        remote_addr: t.addr + ((p.first_block + k) * BLOCK_BYTES) as u64,
                         rkey: t.rkey,
                         wr_id: id,
                         signaled: true,
                     };
-                    // SAFETY: as above, for this one block.
+                    // SAFETY: as in `post_reads`, for this one block of the
+                    // batch's own slot; its completion is polled in `wait_wr`.
                     unsafe { datapath::post_batch(&conn.qp, &[wr]) }.map_err(|e| e.to_string())?;
                     wait_wr(cq, id, stash)?;
                 }
             }
         }
-        Ok(torn)
+        let peer = conn.peer;
+        for p in &b.plans {
+            let resp = DataHeader { kind: Kind::PullResp, ..p.h };
+            let len = resp.frame_len().ok_or("pull too large")?;
+            let mut buf = self.pool.pop().unwrap_or_default();
+            buf.clear();
+            buf.resize(len / 8, 0);
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
+            resp.write(bytes);
+            let n = p.h.b as usize;
+            let (mut done, mut pos, mut blk) = (0, p.first_pos, p.buf_block);
+            while done < n {
+                let take = (BLOCK_FLOATS - pos).min(n - done);
+                let src = &mr.bytes()[blk * BLOCK_BYTES + 8 + pos * 4..blk * BLOCK_BYTES + 8 + (pos + take) * 4];
+                bytes[wire::DATA_HEADER_BYTES + done * 4..wire::DATA_HEADER_BYTES + (done + take) * 4]
+                    .copy_from_slice(src);
+                done += take;
+                pos = 0;
+                blk += 1;
+            }
+            self.stats.read_pulls += 1;
+            self.stats.read_bytes += p.blocks as u64 * BLOCK_BYTES as u64;
+            self.ready.push_back(RdmaRx::Local { peer, buf, len });
+        }
+        self.stats.read_bytes += torn * BLOCK_BYTES as u64;
+        self.stats.torn_retries += torn;
+        Ok(())
     }
 
-    /// Waits (spinning) for a free staging slot on conn `idx`.
+    /// Waits for a free staging slot on conn `idx`. A slot frees when a WRITE
+    /// from it completes: while some are in flight this spins (the send CQ raises
+    /// no event); when every slot holds a frame waiting for a credit, only a
+    /// response can help, and this sleeps in the poller until one comes.
     fn wait_slot(&mut self, idx: usize, peer: PeerId) -> Result<usize, TxError> {
         let start = Instant::now();
+        let closed = |_| TxError::Closed(peer);
         loop {
             let conn = self.conns[idx].as_mut().ok_or(TxError::Closed(peer))?;
             if let Some(s) = conn.tx_free.pop() {
@@ -940,8 +1036,43 @@ impl RdmaTransport {
             if start.elapsed() > TX_STALL {
                 return Err(TxError::Full(peer));
             }
-            std::thread::yield_now();
+            if self.credit_bound(idx) {
+                self.arm_recv().map_err(closed)?;
+                if self.credit_bound(idx) {
+                    self.poll_tcp(Some(CREDIT_NAP)).map_err(closed)?;
+                }
+            } else {
+                std::thread::yield_now();
+            }
         }
+    }
+
+    /// Conn `idx` has no free staging slot and none will free without a
+    /// response: no WRITE and no READ of ours in flight.
+    fn credit_bound(&self, idx: usize) -> bool {
+        let Some(c) = self.conns[idx].as_ref() else { return false };
+        c.tx_free.is_empty() && c.tx_inflight.is_empty() && self.reads.is_empty()
+    }
+
+    /// Asks for an event at the next receive completion, then looks once more
+    /// (a completion that came before arming raises none).
+    fn arm_recv(&mut self) -> Result<(), TransportError> {
+        if let Ok(v) = &self.verbs {
+            v.recv_cq.arm().map_err(io)?;
+        }
+        self.progress()
+    }
+
+    /// Waits in the poller for TCP traffic or a receive completion's event
+    /// (`arm_recv` first), `wait` at most; TCP frames go to `tcp_rx`.
+    fn poll_tcp(&mut self, wait: Option<Duration>) -> Result<(), TransportError> {
+        self.tcp.rx_burst(&mut self.tcp_rx, wait)?;
+        if self.tcp.take_extra_ready() {
+            if let Ok(v) = &self.verbs {
+                v.recv_cq.take_events();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -981,7 +1112,8 @@ fn read_plan(frame: &[u8], tables: &HashMap<u32, RemoteTable>, limits: &WireLimi
     Some(ReadPlan { h, first_block, first_pos: local % BLOCK_FLOATS, blocks, buf_block: 0 })
 }
 
-/// Spins on the send CQ until work request `id` completes; other completions
+/// Spins on the send CQ until work request `id` completes (a torn block's
+/// re-read: rare, and the caller needs it before it can go on); other completions
 /// polled meanwhile go to `stash` for the caller to handle.
 fn wait_wr(cq: &Cq, id: u64, stash: &mut Vec<Completion>) -> Result<(), String> {
     let start = Instant::now();
@@ -1036,20 +1168,18 @@ impl Transport for RdmaTransport {
 
     fn rx_burst(&mut self, out: &mut Vec<RdmaRx>, timeout: Option<Duration>) -> Result<(), TransportError> {
         self.progress()?;
-        if self.ready.is_empty() {
-            if let Ok(v) = &self.verbs {
-                v.recv_cq.arm().map_err(io)?;
-                // a completion that came before arming raises no event: look again
-                self.progress()?;
-            }
+        // READ completions raise no event (the send CQ has no channel): while
+        // READs are in flight, spin on the CQs a little, then only peek at TCP
+        let spin = Instant::now();
+        while self.ready.is_empty() && !self.reads.is_empty() && spin.elapsed() < READ_SPIN {
+            std::hint::spin_loop();
+            self.progress()?;
         }
-        let wait = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
-        self.tcp.rx_burst(&mut self.tcp_rx, wait)?;
-        if self.tcp.take_extra_ready() {
-            if let Ok(v) = &self.verbs {
-                v.recv_cq.take_events();
-            }
+        if self.ready.is_empty() && self.reads.is_empty() {
+            self.arm_recv()?;
         }
+        let wait = if self.ready.is_empty() && self.reads.is_empty() { timeout } else { Some(Duration::ZERO) };
+        self.poll_tcp(wait)?;
         for f in std::mem::take(&mut self.tcp_rx) {
             let peer = f.peer();
             if f.bytes().get(5) == Some(&(Kind::Control as u8)) {

@@ -28,7 +28,8 @@ fn write_and_read_between_two_connected_qps() {
     let caps = QpCaps { send_wr: 64, recv_wr: 64, inline_bytes: 0 };
     let mut a = Qp::new(&pd, &cq, &cq, caps).unwrap();
     let mut b = Qp::new(&pd, &cq, &cq, caps).unwrap();
-    let (ea, eb) = (Endpoint { qpn: a.qpn(), psn: 100, lid, gid }, Endpoint { qpn: b.qpn(), psn: 200, lid, gid });
+    let (ea, eb) =
+        (Endpoint { qpn: a.qpn(), psn: 100, lid, gid, mtu: 0 }, Endpoint { qpn: b.qpn(), psn: 200, lid, gid, mtu: 0 });
     a.connect(port, Some(gid_index), ea.psn, &eb).unwrap();
     b.connect(port, Some(gid_index), eb.psn, &ea).unwrap();
     let mut ma = Mr::new(&pd, 1 << 20).unwrap();
