@@ -26,6 +26,8 @@
 //! - [`shard`], [`worker`], [`manager`]: the three state machines.
 //! - [`client`]: the blocking worker API (`push`, `pull`, `wait`, ...) over any
 //!   transport.
+//! - [`clock`]: worker clocks over key ranges (range vector clocks) and the
+//!   consistency models (sequential, SSP, ESSP, eventual) a read is held to.
 //! - [`limits`]: every tunable and bound, in one place, with its reason.
 //!
 //! This crate never opens a socket, never reads the wall clock and never spawns a
@@ -38,6 +40,7 @@ compile_error!("the wire format and slab layout assume a little-endian host");
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod control;
 pub mod error;
 pub mod kernels;
