@@ -437,6 +437,10 @@ fn shard_loop(mut core: ShardCore, mut t: NodeTransport, stop: &AtomicBool) -> p
             if let Err(e) = r {
                 t.close(peer, &e.to_string());
             }
+            // a clock frame may have released parked pulls whose peers are gone
+            for (p, e) in core.take_failed() {
+                t.close(p, &e.to_string());
+            }
         }
         let _ = t.flush();
         t.events(&mut events);
@@ -446,7 +450,8 @@ fn shard_loop(mut core: ShardCore, mut t: NodeTransport, stop: &AtomicBool) -> p
                     tracing::debug!("shard {}: {peer:?} joined as {hello:?}", core.owner().shard)
                 }
                 PeerEvent::Closed { peer, reason } => {
-                    tracing::debug!("shard {}: {peer:?} left: {reason}", core.owner().shard)
+                    tracing::debug!("shard {}: {peer:?} left: {reason}", core.owner().shard);
+                    core.on_closed(peer);
                 }
             }
         }
@@ -523,7 +528,8 @@ pub fn run_worker(
 ) -> Result<String, String> {
     let (rank, view, link) =
         ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
-    let ps = connect_client(secret, &view, rank, netopts)?;
+    let mut ps = connect_client(secret, &view, rank, netopts)?;
+    ps.core_mut().set_rank(rank);
     let app = view.job.app.clone();
     let mut ctx = WorkerCtx { rank, view, ps, link };
     let result = crate::apps::run(&app, &mut ctx);

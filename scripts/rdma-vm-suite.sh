@@ -46,9 +46,14 @@ step torn-reads-rdma pslab --transport rdma local --servers 2 --workers 3 --no-p
 step slow-shard-rdma env PS_TEST_SHARD_DELAY_US=3000 pslab --transport rdma local --servers 2 --workers 2 \
   --no-pin --app check --params '{"rounds": 6, "keys": 400, "window": 32}'
 
+# 6. invariant 2 over RDMA: worker 0 straggles; reads of bounded tables go to
+#    the shard as frames (a one-sided READ cannot wait for clocks) and wait there
+step ssp-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --app ssp \
+  --params '{"clocks": 10, "keys": 2000, "model": "bounded:1", "slow_ms": 30}'
+
 fi
 
-# 6. the bench beside perftest on the same device in the same boot: per size,
+# 7. the bench beside perftest on the same device in the same boot: per size,
 #    ib_write_bw and ib_read_bw just before and just after each pslab run (the
 #    VM's speed drifts); perftest moves 64 MiB per run (about 2 s here, as long
 #    as pslab measures each op; its duration mode -D reports nothing for 1 MiB

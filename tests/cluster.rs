@@ -60,6 +60,44 @@ fn the_check_catches_an_update_left_out_of_the_books() {
     assert!(out.contains("invariant 1 broken: 1 of"), "{out}");
 }
 
+/// Invariant 2 across processes over TCP: worker 0 straggles; every read of
+/// the others waits on the shards until the bound holds, and no read sees fewer
+/// than c - s clocks of any worker.
+#[test]
+fn ssp_reads_keep_their_bound_with_a_slow_worker() {
+    for (model, s) in [("bounded:2", 2usize), ("sequential", 0)] {
+        let params = format!(r#"{{"clocks": 12, "keys": 3000, "model": "{model}", "slow_ms": 25}}"#);
+        let (ok, out) = local_job("ssp", 2, 2, 3, &params);
+        assert!(ok, "job failed:\n{out}");
+        assert_eq!(
+            out.matches("finished: ssp: the reads of all 12 clocks kept").count(),
+            3,
+            "every worker checks:\n{out}"
+        );
+        // the fast workers ran into the bound: some read saw exactly s clocks of lag
+        let key = "\"staleness_seen\":[";
+        let hit = out.lines().filter_map(|l| l.find(key).map(|at| &l[at + key.len()..])).any(|rest| {
+            let counts: Vec<u64> =
+                rest.split(']').next().unwrap_or("").split(',').filter_map(|x| x.parse().ok()).collect();
+            counts.get(s).is_some_and(|&n| n > 0)
+        });
+        assert!(hit, "no read ran at the bound {s}: the straggler did not hold anyone back?\n{out}");
+    }
+}
+
+#[test]
+fn without_the_bound_the_ssp_check_fails() {
+    let (ok, out) = local_job(
+        "ssp",
+        2,
+        1,
+        3,
+        r#"{"clocks": 10, "keys": 500, "model": "eventual", "check": "bounded:1", "slow_ms": 40}"#,
+    );
+    assert!(!ok, "eventual reads held to bounded:1 must fail the job:\n{out}");
+    assert!(out.contains("needs 1 of each"), "{out}");
+}
+
 #[test]
 fn the_main_job_learns_the_planted_model() {
     let (ok, out) = run(&["local", "--no-pin", "--params", r#"{"examples": 80000, "epochs": 3}"#]);

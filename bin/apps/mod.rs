@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod ssp;
 pub mod torn;
 pub mod train_lr;
 
@@ -11,7 +12,7 @@ use ps_core::control::JobSpec;
 
 use crate::node::WorkerCtx;
 
-pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn"];
+pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp"];
 
 /// The job spec for `app` with `params` (a JSON object; missing fields take defaults).
 pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<JobSpec, String> {
@@ -21,6 +22,7 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<J
         "check" => check::tables(params)?,
         "bench" => bench::tables(params, servers, partitions)?,
         "torn" => torn::tables(params)?,
+        "ssp" => ssp::tables(params)?,
         other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
     };
     let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions };
@@ -34,6 +36,7 @@ pub fn run(app: &str, ctx: &mut WorkerCtx) -> Result<String, String> {
         "check" => check::run(ctx),
         "bench" => bench::run(ctx),
         "torn" => torn::run(ctx),
+        "ssp" => ssp::run(ctx),
         other => Err(format!("unknown app {other:?}")),
     }
 }

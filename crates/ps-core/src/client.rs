@@ -54,6 +54,20 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         &mut self.transport
     }
 
+    pub fn core_mut(&mut self) -> &mut WorkerCore {
+        &mut self.core
+    }
+
+    /// Ends this worker's current clock (iteration): every shard is told, after
+    /// everything this worker sent it before. Returns once the frames are
+    /// queued; `wait` on the timestamp to know every shard has it. Reads of
+    /// tables with a staleness bound wait for the slowest worker's clock.
+    pub fn clock(&mut self) -> Result<Timestamp, PsError> {
+        let ts = self.core.clock(&mut self.transport)?;
+        self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
+        Ok(ts)
+    }
+
     fn issue(
         &mut self,
         kind: Kind,

@@ -37,6 +37,35 @@ pub enum Consistency {
     Eventual,
 }
 
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    /// `sequential`, `bounded:S` (or `ssp:S`), `essp:S`, `eventual`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("consistency {s:?}: expected sequential, bounded:S, essp:S or eventual (S: staleness)");
+        let (name, arg) = s.split_once(':').map_or((s, None), |(n, a)| (n, Some(a)));
+        let staleness = || arg.and_then(|a| a.parse::<u32>().ok()).ok_or_else(bad);
+        match (name, arg) {
+            ("sequential", None) => Ok(Consistency::Sequential),
+            ("eventual", None) => Ok(Consistency::Eventual),
+            ("bounded" | "ssp", Some(_)) => Ok(Consistency::Bounded { staleness: staleness()? }),
+            ("essp", Some(_)) => Ok(Consistency::Essp { staleness: staleness()? }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Consistency::Sequential => write!(f, "sequential"),
+            Consistency::Bounded { staleness } => write!(f, "bounded:{staleness}"),
+            Consistency::Essp { staleness } => write!(f, "essp:{staleness}"),
+            Consistency::Eventual => write!(f, "eventual"),
+        }
+    }
+}
+
 impl Consistency {
     /// The staleness bound (`None` under eventual consistency).
     pub fn staleness(&self) -> Option<u64> {
@@ -217,6 +246,18 @@ mod tests {
         assert!(m.allows(4, 3) && !m.allows(4, 2));
         let j: Consistency = serde_json::from_str(r#"{"model":"bounded","staleness":3}"#).unwrap();
         assert_eq!(j, Consistency::Bounded { staleness: 3 });
+        for m in [
+            Consistency::Sequential,
+            Consistency::Eventual,
+            Consistency::Bounded { staleness: 2 },
+            Consistency::Essp { staleness: 0 },
+        ] {
+            assert_eq!(m.to_string().parse::<Consistency>(), Ok(m));
+        }
+        assert_eq!("ssp:4".parse::<Consistency>(), Ok(Consistency::Bounded { staleness: 4 }));
+        for bad in ["bounded", "essp:x", "eventual:1", "strict", ""] {
+            assert!(bad.parse::<Consistency>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum PsError {
     ServerLost { server: u32, shard: u32, reason: String },
     #[error("transport: {0}")]
     Transport(String),
+    #[error("clock() needs this worker's rank: call WorkerCore::set_rank first (the node runtime does)")]
+    NoRank,
     #[error("timed out after {0:?} waiting for the servers")]
     Timeout(std::time::Duration),
 }

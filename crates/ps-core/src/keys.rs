@@ -91,15 +91,39 @@ pub struct TableSpec {
     pub layout: Layout,
     /// The server-side update rule that merges pushes into this table.
     pub rule: RuleSpec,
+    /// What a read waits for (worker clocks; `clock::Consistency`). Default:
+    /// eventual, no waiting.
+    #[serde(default)]
+    pub consistency: crate::clock::Consistency,
 }
 
 impl TableSpec {
     pub fn dense(id: u32, name: &str, keys: KeyRange, dim: u32, rule: RuleSpec) -> Self {
-        Self { id: TableId(id), name: name.into(), dim, layout: Layout::Dense { keys }, rule }
+        Self {
+            id: TableId(id),
+            name: name.into(),
+            dim,
+            layout: Layout::Dense { keys },
+            rule,
+            consistency: Default::default(),
+        }
     }
 
     pub fn sparse(id: u32, name: &str, keys: KeyRange, dim: u32, rule: RuleSpec) -> Self {
-        Self { id: TableId(id), name: name.into(), dim, layout: Layout::Sparse { keys }, rule }
+        Self {
+            id: TableId(id),
+            name: name.into(),
+            dim,
+            layout: Layout::Sparse { keys },
+            rule,
+            consistency: Default::default(),
+        }
+    }
+
+    /// The same table under another consistency model.
+    pub fn with_consistency(mut self, c: crate::clock::Consistency) -> Self {
+        self.consistency = c;
+        self
     }
 
     pub fn keys(&self) -> KeyRange {

@@ -52,6 +52,12 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// briefly descheduled process (2 cores, many processes) is not declared dead.
 pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_INTERVAL_MS;
 
+/// Bytes of pull frames a shard holds back for the clock bound (SSP) at most;
+/// a pull beyond it is refused with an error frame, so a flood of early reads
+/// cannot grow a shard's memory. A worker waits for its reads before it moves
+/// to the next clock, so honest jobs hold a few frames per worker.
+pub const PARKED_PULL_BYTES_MAX: usize = 64 << 20;
+
 /// Operations a worker may have in flight before `push`/`pull` refuse.
 pub const OPS_IN_FLIGHT_MAX: usize = 1024;
 

@@ -4,8 +4,19 @@
 //! and never trusts a frame: a malformed one is an `Err` (the caller drops the
 //! peer), a well-formed but wrong request (unknown table, key not owned, counts
 //! that disagree with the table's dim) gets an `Error` frame back.
+//!
+//! Clocks: a worker's `Clock` frame says how many clocks it has finished; on a
+//! table with a staleness bound (`clock::Consistency`), a pull whose reader is
+//! ahead of what the slowest worker has finished is parked (copied, up to
+//! `PARKED_PULL_BYTES_MAX`) and served, in arrival order, by the `Clock` frame
+//! that makes the bound hold. Frames of one connection arrive in order, so a
+//! worker's pushes of clock k are merged before its clock frame is seen, and the
+//! shard knows each reader's clock from the clock frames before its pull.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::clock::{ClockBoard, Consistency};
+use crate::keys::KeyRange;
 
 use crate::control::ClusterView;
 use crate::kernels::Kernels;
@@ -50,6 +61,25 @@ pub struct ShardCore {
     keys_scratch: Vec<u64>,
     vals_scratch: Vec<f32>,
     stats: ShardStats,
+    /// tables with a staleness bound: the model, the keys, every worker's clocks
+    boards: BTreeMap<TableId, (Consistency, KeyRange, ClockBoard)>,
+    /// clocks each worker rank has finished (what its pulls are read at)
+    clocks: Vec<u64>,
+    /// the rank each peer's clock frames named
+    peer_rank: HashMap<PeerId, usize>,
+    parked: VecDeque<Parked>,
+    parked_bytes: usize,
+    /// peers whose released pull could not be answered (their sends failed)
+    failed: Vec<(PeerId, ShardError)>,
+}
+
+/// A pull held back until the slowest worker has finished `needed` clocks.
+#[derive(Debug)]
+struct Parked {
+    peer: PeerId,
+    table: TableId,
+    needed: u64,
+    frame: Vec<u8>,
 }
 
 impl ShardCore {
@@ -62,7 +92,12 @@ impl ShardCore {
     ) -> Result<Self, String> {
         let ring = view.ring().map_err(|e| e.to_string())?;
         let mut tables = BTreeMap::new();
+        let mut boards = BTreeMap::new();
+        let workers = view.workers as usize;
         for t in &view.job.tables {
+            if t.consistency.staleness().is_some() {
+                boards.insert(t.id, (t.consistency, t.keys(), ClockBoard::new(t.keys(), workers)));
+            }
             let rule = rules.build(&t.rule).map_err(|e| format!("table {}: {e}", t.name))?;
             let owned = ring.owned_ranges(t.keys(), owner);
             let store = match t.layout {
@@ -84,7 +119,36 @@ impl ShardCore {
             keys_scratch: Vec::new(),
             vals_scratch: Vec::new(),
             stats: ShardStats::default(),
+            boards,
+            clocks: vec![0; workers],
+            peer_rank: HashMap::new(),
+            parked: VecDeque::new(),
+            parked_bytes: 0,
+            failed: Vec::new(),
         })
+    }
+
+    /// Pulls waiting for the clock bound: (frames, bytes).
+    pub fn parked(&self) -> (usize, usize) {
+        (self.parked.len(), self.parked_bytes)
+    }
+
+    /// Peers whose parked pull, once released, could not be answered: drop them.
+    pub fn take_failed(&mut self) -> Vec<(PeerId, ShardError)> {
+        std::mem::take(&mut self.failed)
+    }
+
+    /// `peer` is gone: its parked pulls go too.
+    pub fn on_closed(&mut self, peer: PeerId) {
+        let mut freed = 0;
+        self.parked.retain(|p| {
+            if p.peer == peer {
+                freed += p.frame.len();
+            }
+            p.peer != peer
+        });
+        self.parked_bytes -= freed;
+        self.peer_rank.remove(&peer);
     }
 
     pub fn owner(&self) -> Owner {
@@ -93,9 +157,12 @@ impl ShardCore {
 
     /// Every dense table's layout and slab bytes, for registering with a
     /// one-sided transport. A dense table is one slab that never moves or grows.
+    /// Tables with a staleness bound are left out: their reads must wait for
+    /// worker clocks here, which a one-sided READ cannot.
     pub fn dense_slabs(&self) -> Vec<(TableId, crate::store::DenseLayout, &[u8])> {
         self.tables
             .iter()
+            .filter(|(id, _)| !self.boards.contains_key(id))
             .filter_map(|(id, (_, st))| match st {
                 TableStore::Dense(d) => Some((*id, d.layout().clone(), d.values().slabs()[0].as_bytes())),
                 TableStore::Sparse(_) => None,
@@ -111,7 +178,9 @@ impl ShardCore {
     pub fn handle(&mut self, peer: PeerId, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
         self.stats.bytes_in += frame.len() as u64;
         let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
-            Frame::Data { h, keys, vals } if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull) => {
+            Frame::Data { h, keys, vals }
+                if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock) =>
+            {
                 (h, keys, vals)
             }
             Frame::Data { h, .. } => return Err(WireError::Unexpected(h.kind).into()),
@@ -121,13 +190,113 @@ impl ShardCore {
             Frame::Welcome { .. } => return Err(WireError::Unexpected(Kind::Welcome).into()),
             Frame::Control(_) => return Err(WireError::Unexpected(Kind::Control).into()),
         };
-        match self.apply(&h, keys_b, vals_b, peer, tx) {
+        let r = if h.kind == Kind::Clock {
+            self.on_clock(peer, &h, tx)
+        } else if let Some(wait) = self.must_wait(peer, &h) {
+            self.park(peer, &h, wait, frame)
+        } else {
+            self.apply(&h, keys_b, vals_b, peer, tx)
+        };
+        self.answer(r, peer, &h, tx)
+    }
+
+    /// A refusal becomes an error frame to the requester.
+    fn answer(
+        &mut self,
+        r: Result<(), Refusal>,
+        peer: PeerId,
+        h: &DataHeader,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), ShardError> {
+        match r {
             Ok(()) => Ok(()),
             Err(Refusal(msg)) => {
                 self.stats.errors_sent += 1;
                 let buf = tx.frame(peer, wire::error_len(&msg))?;
-                wire::write_error(buf, &h, &msg);
+                wire::write_error(buf, h, &msg);
                 Ok(())
+            }
+        }
+    }
+
+    /// How many clocks every worker must have finished before this pull may be
+    /// answered, if that is more than they have (`None`: answer it now).
+    fn must_wait(&self, peer: PeerId, h: &DataHeader) -> Option<u64> {
+        if !matches!(h.kind, Kind::Pull | Kind::PushPull) {
+            return None;
+        }
+        let (model, space, board) = self.boards.get(&TableId(h.table))?;
+        let reader = self.peer_rank.get(&peer).map_or(0, |&r| self.clocks[r]);
+        let needed = model.needed(reader)?;
+        (board.min_over(*space).unwrap_or(u64::MAX) < needed).then_some(needed)
+    }
+
+    fn park(&mut self, peer: PeerId, h: &DataHeader, needed: u64, frame: &[u8]) -> Result<(), Refusal> {
+        if self.parked_bytes + frame.len() > crate::limits::PARKED_PULL_BYTES_MAX {
+            return Err(Refusal(format!(
+                "{} bytes of reads already wait for the clock bound on server {} shard {}: \
+                 is a worker not calling clock()?",
+                self.parked_bytes, self.owner.server, self.owner.shard
+            )));
+        }
+        self.parked_bytes += frame.len();
+        self.parked.push_back(Parked { peer, table: TableId(h.table), needed, frame: frame.to_vec() });
+        Ok(())
+    }
+
+    /// A worker finished `h.a` clocks: record it, acknowledge, and serve every
+    /// parked pull whose bound now holds.
+    fn on_clock(&mut self, peer: PeerId, h: &DataHeader, tx: &mut dyn FrameSink) -> Result<(), Refusal> {
+        let rank = usize::try_from(h.b).ok().filter(|&r| r < self.clocks.len()).ok_or_else(|| {
+            Refusal(format!("a clock from worker rank {}, but the job has {} workers", h.b, self.clocks.len()))
+        })?;
+        match self.peer_rank.get(&peer) {
+            Some(&r) if r != rank => {
+                return Err(Refusal(format!("this connection sent clocks as worker {r}, now as {rank}")));
+            }
+            _ => {
+                self.peer_rank.insert(peer, rank);
+            }
+        }
+        if h.a > self.clocks[rank] {
+            self.clocks[rank] = h.a;
+            for (_, space, board) in self.boards.values_mut() {
+                board.finish(rank, *space, h.a);
+            }
+        }
+        let ack = DataHeader { kind: Kind::Ack, dense: false, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+        let len = ack.frame_len().expect("ack is small");
+        ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
+        self.stats.bytes_out += len as u64;
+        self.release(tx);
+        Ok(())
+    }
+
+    /// Serves, in arrival order, every parked pull whose bound holds now.
+    fn release(&mut self, tx: &mut dyn FrameSink) {
+        let mut i = 0;
+        while i < self.parked.len() {
+            let p = &self.parked[i];
+            let ready = self
+                .boards
+                .get(&p.table)
+                .is_none_or(|(_, space, b)| b.min_over(*space).unwrap_or(u64::MAX) >= p.needed);
+            if !ready {
+                i += 1;
+                continue;
+            }
+            let p = self.parked.remove(i).expect("looked at");
+            self.parked_bytes -= p.frame.len();
+            let r = match wire::decode(&p.frame, self.body_max) {
+                Ok(Frame::Data { h, keys, vals }) => {
+                    let r = self.apply(&h, keys, vals, p.peer, tx);
+                    self.answer(r, p.peer, &h, tx)
+                }
+                // cannot happen: the same bytes decoded as a data frame before
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                self.failed.push((p.peer, e));
             }
         }
     }
@@ -269,3 +438,122 @@ const ZEROS: [u8; 8] = [0; 8];
 
 /// A request the shard refuses while keeping the connection.
 struct Refusal(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Consistency;
+    use crate::control::{ClusterView, JobSpec, ServerInfo};
+    use crate::keys::{KeyRange, TableSpec};
+    use crate::limits::{WireLimits, PARKED_PULL_BYTES_MAX};
+    use crate::rules::RuleSpec;
+    use crate::sim::SimSink;
+
+    const A: PeerId = PeerId { index: 1, generation: 0 };
+    const B: PeerId = PeerId { index: 2, generation: 0 };
+
+    fn shard(model: Consistency) -> ShardCore {
+        let view = ClusterView {
+            job: JobSpec {
+                tables: vec![
+                    TableSpec::dense(0, "d", KeyRange::new(0, 1000), 1, RuleSpec::Sum).with_consistency(model),
+                    TableSpec::sparse(1, "s", KeyRange::FULL, 1, RuleSpec::Sum).with_consistency(model),
+                ],
+                app: "test".into(),
+                params: serde_json::Value::Null,
+                limits: WireLimits::default(),
+                partitions: 64,
+            },
+            servers: vec![ServerInfo { rank: 0, host: "t".into(), ports: vec![0], pid: 0 }],
+            workers: 2,
+        };
+        ShardCore::new(&view, Owner { server: 0, shard: 0 }, &RuleRegistry::default(), Kernels::best()).unwrap()
+    }
+
+    fn frame(h: DataHeader, keys: &[u64]) -> Vec<u8> {
+        let mut f = vec![0u8; h.frame_len().unwrap()];
+        h.write(&mut f);
+        let k: &[u8] = bytemuck::cast_slice(keys);
+        f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + k.len()].copy_from_slice(k);
+        f
+    }
+
+    fn clock(rank: u64, clocks: u64) -> Vec<u8> {
+        frame(DataHeader { kind: Kind::Clock, dense: false, table: 0, sub: 0, ts: 1, a: clocks, b: rank }, &[])
+    }
+
+    fn dense_pull(ts: u64) -> Vec<u8> {
+        frame(DataHeader { kind: Kind::Pull, dense: true, table: 0, sub: 0, ts, a: 0, b: 10 }, &[])
+    }
+
+    fn kinds(sink: &mut SimSink) -> Vec<(PeerId, Kind)> {
+        let k = sink
+            .frames
+            .iter()
+            .map(|(p, f)| (*p, wire::parse_prefix(f[..8].try_into().unwrap(), 1 << 30).unwrap().kind));
+        let out = k.collect();
+        sink.frames.clear();
+        out
+    }
+
+    #[test]
+    fn a_pull_ahead_of_the_slowest_worker_waits_for_its_clock() {
+        let mut s = shard(Consistency::Bounded { staleness: 1 });
+        let mut sink = SimSink::default();
+        s.handle(A, &clock(0, 3), &mut sink).unwrap();
+        s.handle(A, &dense_pull(7), &mut sink).unwrap();
+        // worker 0 reads at clock 3: bounded(1) needs 2 clocks of everyone; worker 1 has 0
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack)]);
+        assert_eq!(s.parked().0, 1);
+        s.handle(B, &clock(1, 1), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(B, Kind::Ack)]);
+        s.handle(B, &clock(1, 2), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(B, Kind::Ack), (A, Kind::PullResp)]);
+        assert_eq!(s.parked(), (0, 0));
+        // a reader that never clocked reads at clock 0 and never waits
+        s.handle(PeerId { index: 9, generation: 0 }, &dense_pull(8), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink).len(), 1);
+        // and under eventual consistency nothing waits
+        let mut e = shard(Consistency::Eventual);
+        e.handle(A, &clock(0, 50), &mut sink).unwrap();
+        e.handle(A, &dense_pull(9), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack), (A, Kind::PullResp)]);
+        // eventual tables can be read one-sided; bounded ones cannot
+        assert_eq!(e.dense_slabs().len(), 1);
+        assert_eq!(s.dense_slabs().len(), 0);
+    }
+
+    #[test]
+    fn parked_reads_are_bounded_and_go_with_their_reader() {
+        let mut s = shard(Consistency::Sequential);
+        let mut sink = SimSink::default();
+        s.handle(A, &clock(0, 1_000), &mut sink).unwrap();
+        let keys: Vec<u64> = (0..20_000).collect();
+        let pull =
+            frame(DataHeader { kind: Kind::Pull, dense: false, table: 1, sub: 0, ts: 2, a: 20_000, b: 20_000 }, &keys);
+        let mut errors = 0;
+        for _ in 0..(PARKED_PULL_BYTES_MAX / pull.len() + 10) {
+            s.handle(A, &pull, &mut sink).unwrap();
+            errors += kinds(&mut sink).iter().filter(|(_, k)| *k == Kind::Error).count();
+        }
+        let (n, bytes) = s.parked();
+        assert!(bytes <= PARKED_PULL_BYTES_MAX && n > 0, "{n} parked, {bytes} bytes");
+        assert!(errors >= 10, "reads beyond the bound are refused: {errors}");
+        s.on_closed(A);
+        assert_eq!(s.parked(), (0, 0));
+    }
+
+    #[test]
+    fn a_clock_from_outside_the_job_is_refused_and_changes_nothing() {
+        let mut s = shard(Consistency::Sequential);
+        let mut sink = SimSink::default();
+        s.handle(A, &clock(5, 3), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Error)]);
+        s.handle(A, &clock(0, 3), &mut sink).unwrap();
+        s.handle(A, &clock(1, 3), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack), (A, Kind::Error)]);
+        // rank 1 has finished nothing: a read at clock 3 by rank 0 waits
+        s.handle(A, &dense_pull(4), &mut sink).unwrap();
+        assert_eq!(s.parked().0, 1);
+    }
+}

@@ -71,6 +71,7 @@ impl SimNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Consistency;
     use crate::control::{ClusterView, JobSpec, ServerInfo};
     use crate::kernels::Kernels;
     use crate::keys::{KeyRange, TableId, TableSpec};
@@ -112,23 +113,35 @@ mod tests {
         o.server as usize * SHARDS + o.shard as usize
     }
 
-    /// One seed: every worker runs rounds of push -> (wait) -> pull and checks
-    /// read-your-writes; at the end every value equals the sum of all acknowledged pushes.
-    fn run(seed: u64) {
-        let view = view();
+    /// Every shard of `view`, the workers' connections to them
+    /// (`peers[server][shard]`, numbered as the endpoints) and the workers, ranked.
+    fn cluster(view: &ClusterView) -> (Vec<ShardCore>, Vec<Vec<PeerId>>, Vec<WorkerCore>) {
         let ring = view.ring().unwrap();
-        let mut shards: Vec<ShardCore> = (0..SERVERS * SHARDS)
+        let shards = (0..SERVERS * SHARDS)
             .map(|i| {
                 let o = Owner { server: (i / SHARDS) as u32, shard: (i % SHARDS) as u32 };
-                ShardCore::new(&view, o, &RuleRegistry::default(), Kernels::best()).unwrap()
+                ShardCore::new(view, o, &RuleRegistry::default(), Kernels::best()).unwrap()
             })
             .collect();
         let peers: Vec<Vec<PeerId>> = (0..SERVERS)
             .map(|s| (0..SHARDS).map(|h| PeerId { index: (s * SHARDS + h) as u32, generation: 0 }).collect())
             .collect();
-        let mut workers: Vec<WorkerCore> = (0..WORKERS)
-            .map(|_| WorkerCore::new(&view.job.tables, ring.clone(), peers.clone(), view.job.limits))
+        let workers = (0..WORKERS)
+            .map(|w| {
+                let mut c = WorkerCore::new(&view.job.tables, ring.clone(), peers.clone(), view.job.limits);
+                c.set_rank(w as u32);
+                c
+            })
             .collect();
+        (shards, peers, workers)
+    }
+
+    /// One seed: every worker runs rounds of push -> (wait) -> pull and checks
+    /// read-your-writes; at the end every value equals the sum of all acknowledged pushes.
+    fn run(seed: u64) {
+        let view = view();
+        let ring = view.ring().unwrap();
+        let (mut shards, peers, mut workers) = cluster(&view);
         let mut net = SimNet::new(seed);
         // acknowledged sums per (table, key, j)
         let mut acked: BTreeMap<(u32, u64, usize), f64> = BTreeMap::new();
@@ -255,10 +268,154 @@ mod tests {
 
     #[test]
     fn invariant_1_and_read_your_writes_over_many_seeds() {
-        let seeds: u64 = std::env::var("PS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-        for seed in 0..seeds {
+        for seed in 0..sim_seeds(200) {
             run(seed);
         }
+    }
+
+    /// One seed of invariant 2: 3 workers run `CLOCKS` iterations of push (+1 on
+    /// every key) -> pull (check) -> clock; worker 0 is slow (it starts its next
+    /// op only now and then). Returns the first read that broke the bound of
+    /// `check` (reader clock c: every worker's first c - s pushes must show).
+    fn run_clocks(seed: u64, model: Consistency, check: Consistency) -> Result<u64, String> {
+        const CLOCKS: u64 = 6;
+        let mut view = view();
+        view.job.tables = vec![
+            TableSpec::dense(0, "dense", KeyRange::new(0, 2000), 1, RuleSpec::Sum).with_consistency(model),
+            TableSpec::sparse(1, "sparse", KeyRange::FULL, 2, RuleSpec::Sum).with_consistency(model),
+        ];
+        let (mut shards, peers, mut workers) = cluster(&view);
+        let dense_keys: Vec<u64> = (0..2000).step_by(37).collect();
+        let sparse_keys: Vec<u64> = (0..40u64).map(|i| i * 0x0123_4567_89ab_cdef % (u64::MAX - 1)).collect();
+        let mut sparse_keys = sparse_keys;
+        sparse_keys.sort_unstable();
+        sparse_keys.dedup();
+        let mut net = SimNet::new(seed);
+        #[derive(Clone, Copy, PartialEq)]
+        enum Phase {
+            Idle,
+            Push(u64, u64),
+            Pull(u64, u64),
+            Clock(u64),
+        }
+        let mut phase = [Phase::Idle; WORKERS];
+        let mut sink = SimSink::default();
+        let worker_ep = |w: usize| SERVERS * SHARDS + w;
+        let mut reads = 0u64;
+        let mut steps = 0;
+        loop {
+            for w in 0..WORKERS {
+                if phase[w] != Phase::Idle || workers[w].clocks() == CLOCKS {
+                    continue;
+                }
+                if w == 0 && net.in_flight() > 0 && net.rng().below(8) != 0 {
+                    continue; // the slow worker
+                }
+                let ones_d = vec![1.0f32; dense_keys.len()];
+                let ones_s = vec![1.0f32; sparse_keys.len() * 2];
+                let a = workers[w]
+                    .issue(&mut sink, Kind::Push, TableId(0), Keys::List(&dense_keys), Some(&ones_d), None)
+                    .unwrap();
+                let b = workers[w]
+                    .issue(&mut sink, Kind::Push, TableId(1), Keys::List(&sparse_keys), Some(&ones_s), None)
+                    .unwrap();
+                for (p, f) in sink.frames.drain(..) {
+                    net.send(worker_ep(w), p.index as usize, f);
+                }
+                phase[w] = Phase::Push(a, b);
+            }
+            let Some((from, to, frame)) = net.step() else { break };
+            steps += 1;
+            if steps > 2_000_000 {
+                return Err(format!("seed {seed}: no progress"));
+            }
+            if to < SERVERS * SHARDS {
+                let w = from - SERVERS * SHARDS;
+                shards[to].handle(PeerId { index: w as u32, generation: 0 }, &frame, &mut sink).unwrap();
+                for (p, f) in sink.frames.drain(..) {
+                    net.send(to, worker_ep(p.index as usize), f);
+                }
+                continue;
+            }
+            let w = to - SERVERS * SHARDS;
+            let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
+            workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
+            let done = |c: &WorkerCore, ts| c.is_done(ts).unwrap();
+            match phase[w] {
+                Phase::Push(a, b) if done(&workers[w], a) && done(&workers[w], b) => {
+                    workers[w].finish(a).unwrap();
+                    workers[w].finish(b).unwrap();
+                    let a = workers[w]
+                        .issue(&mut sink, Kind::Pull, TableId(0), Keys::List(&dense_keys), None, Some(Vec::new()))
+                        .unwrap();
+                    let b = workers[w]
+                        .issue(&mut sink, Kind::Pull, TableId(1), Keys::List(&sparse_keys), None, Some(Vec::new()))
+                        .unwrap();
+                    phase[w] = Phase::Pull(a, b);
+                }
+                Phase::Pull(a, b) if done(&workers[w], a) && done(&workers[w], b) => {
+                    let c = workers[w].clocks();
+                    // every worker's pushes of its first `needed` clocks must show,
+                    // and my own of this clock too
+                    let needed = check.needed(c).unwrap_or(0);
+                    let floor = (WORKERS as u64 * needed).max(c + 1) as f32;
+                    for ts in [a, b] {
+                        let got = workers[w].finish(ts).unwrap().unwrap();
+                        reads += 1;
+                        if let Some(v) = got.iter().find(|&&v| v < floor) {
+                            return Err(format!(
+                                "seed {seed}: worker {w} at clock {c} read {v} < {floor} under {check:?}"
+                            ));
+                        }
+                    }
+                    let t = workers[w].clock(&mut sink).unwrap();
+                    phase[w] = Phase::Clock(t);
+                }
+                Phase::Clock(t) if done(&workers[w], t) => {
+                    workers[w].finish(t).unwrap();
+                    phase[w] = Phase::Idle;
+                }
+                _ => {}
+            }
+            for (p, f) in sink.frames.drain(..) {
+                net.send(worker_ep(w), p.index as usize, f);
+            }
+        }
+        if workers.iter().any(|c| c.clocks() != CLOCKS) || phase.iter().any(|p| *p != Phase::Idle) {
+            return Err(format!("seed {seed}: the job did not finish (a read waits forever?)"));
+        }
+        if shards.iter().any(|s| s.parked().0 != 0) {
+            return Err(format!("seed {seed}: pulls left parked"));
+        }
+        Ok(reads)
+    }
+
+    fn sim_seeds(default: u64) -> u64 {
+        std::env::var("PS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    }
+
+    #[test]
+    fn invariant_2_holds_for_every_bounded_model_over_many_seeds() {
+        let models = [
+            Consistency::Sequential,
+            Consistency::Bounded { staleness: 1 },
+            Consistency::Bounded { staleness: 3 },
+            Consistency::Essp { staleness: 2 },
+        ];
+        for m in models {
+            let mut reads = 0;
+            for seed in 0..sim_seeds(1000) {
+                reads += run_clocks(seed, m, m).unwrap_or_else(|e| panic!("{e} (replay: this seed, model {m:?})"));
+            }
+            assert!(reads > 0);
+        }
+    }
+
+    #[test]
+    fn without_the_bound_a_fast_worker_reads_stale_values() {
+        // the check has teeth: eventual consistency, held to sequential's bound, fails
+        let broken = (0..200).filter(|&seed| run_clocks(seed, Consistency::Eventual, Consistency::Sequential).is_err());
+        assert!(broken.count() > 0, "no seed caught a stale read: the check could not fail");
     }
 
     #[test]

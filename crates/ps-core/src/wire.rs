@@ -6,7 +6,7 @@
 //!   4 u8  version    WIRE_VERSION
 //!   5 u8  kind       see `Kind`
 //!   6 u16 flags      bit 0: dense (data frames)
-//! data frames (push, pull, push-pull, ack, pull-response, error): 32 more bytes
+//! data frames (push, pull, push-pull, ack, pull-response, error, clock): 32 more bytes
 //!   8 u32 table    12 u32 sub (chunk number within the request)
 //!  16 u64 ts (the worker's timestamp)
 //!  24 u64 a        dense: first flat float (key offset * dim + j); sparse: number of keys
@@ -46,6 +46,9 @@ pub enum Kind {
     Ack = 13,
     PullResp = 14,
     Error = 15,
+    /// worker -> shard: "I have finished `a` clocks" (`b`: my worker rank);
+    /// answered with an `Ack`
+    Clock = 16,
     /// a JSON control message (manager traffic)
     Control = 20,
 }
@@ -62,13 +65,17 @@ impl Kind {
             13 => Kind::Ack,
             14 => Kind::PullResp,
             15 => Kind::Error,
+            16 => Kind::Clock,
             20 => Kind::Control,
             _ => return None,
         })
     }
 
     pub fn is_data(self) -> bool {
-        matches!(self, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Ack | Kind::PullResp | Kind::Error)
+        matches!(
+            self,
+            Kind::Push | Kind::Pull | Kind::PushPull | Kind::Ack | Kind::PullResp | Kind::Error | Kind::Clock
+        )
     }
 }
 

@@ -76,6 +76,9 @@ pub struct WorkerCore {
     pending: HashMap<Timestamp, Pending>,
     in_flight_max: usize,
     broken: Option<PsError>,
+    /// this worker's rank (clock frames name it) and the clocks it has finished
+    rank: Option<u32>,
+    clocks: u64,
     // scratch reused across calls
     groups: Vec<Vec<Range<usize>>>,
     chunks: Vec<Vec<Chunk>>,
@@ -103,6 +106,8 @@ impl WorkerCore {
             pending: HashMap::new(),
             in_flight_max: crate::limits::OPS_IN_FLIGHT_MAX,
             broken: None,
+            rank: None,
+            clocks: 0,
             groups: vec![Vec::new(); owners],
             chunks: vec![Vec::new(); owners],
             chunk_ranges: Vec::new(),
@@ -115,6 +120,55 @@ impl WorkerCore {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// This worker's rank among the job's workers: its clock frames carry it.
+    pub fn set_rank(&mut self, rank: u32) {
+        self.rank = Some(rank);
+    }
+
+    /// Clocks this worker has finished (`clock` calls made).
+    pub fn clocks(&self) -> u64 {
+        self.clocks
+    }
+
+    /// Ends this worker's current clock: every shard is told (after everything
+    /// this worker sent it before, as frames of a connection stay in order), and
+    /// the timestamp completes once every shard has recorded it. Reads of tables
+    /// with a staleness bound wait, on the shards, for the slowest worker.
+    pub fn clock(&mut self, tx: &mut dyn FrameSink) -> Result<Timestamp, PsError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let rank = self.rank.ok_or(PsError::NoRank)?;
+        if self.pending.len() >= self.in_flight_max {
+            return Err(PsError::TooManyInFlight(self.pending.len()));
+        }
+        self.clocks += 1;
+        let ts = self.next_ts;
+        self.next_ts += 1;
+        let mut sent = 0u32;
+        for row in &self.peers {
+            for &peer in row {
+                let h = DataHeader {
+                    kind: Kind::Clock,
+                    dense: false,
+                    table: 0,
+                    sub: sent,
+                    ts,
+                    a: self.clocks,
+                    b: rank as u64,
+                };
+                let len = h.frame_len().expect("a clock frame is small");
+                if let Err(e) = tx.frame(peer, len).map(|buf| h.write(buf)) {
+                    self.pending.insert(ts, Pending { frames_left: sent, error: Some(tx_error(e)), pull: None });
+                    return Err(PsError::Transport("send queue refused a clock frame".into()));
+                }
+                sent += 1;
+            }
+        }
+        self.pending.insert(ts, Pending { frames_left: sent, error: None, pull: None });
+        Ok(ts)
     }
 
     pub fn in_flight(&self) -> usize {
