@@ -210,7 +210,7 @@ pub fn stats_line(t: &NodeTransport) -> Option<String> {
     if t.has_device() {
         let s = t.stats();
         return Some(format!(
-            "rdma: {} frames out ({:.1} MB, {} doorbells, {} credit waits), {} in ({:.1} MB); {} pulls by READ ({:.1} MB), {} torn blocks re-read",
+            "rdma: {} frames out ({:.1} MB, {} doorbells, {} credit waits), {} in ({:.1} MB); {} pulls by READ ({:.1} MB in {} chained posts), {} torn blocks re-read",
             s.frames_out,
             s.bytes_out as f64 / 1e6,
             s.doorbells,
@@ -219,6 +219,7 @@ pub fn stats_line(t: &NodeTransport) -> Option<String> {
             s.bytes_in as f64 / 1e6,
             s.read_pulls,
             s.read_bytes as f64 / 1e6,
+            s.read_posts,
             s.torn_retries
         ));
     }

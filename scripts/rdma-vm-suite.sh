@@ -16,7 +16,8 @@ step() { # step NAME COMMAND...
   fi
 }
 export PS_RDMA_REQUIRE=1 PS_LOG=${PS_LOG:-info}
-# PS_VM_ONLY=bench: only the bench (for measuring); PS_VM_SIZES: its sizes
+# PS_VM_ONLY=bench: only the bench (for measuring); PS_VM_SIZES: its sizes;
+# PS_VM_WINDOW: pslab's ops in flight (8)
 only=${PS_VM_ONLY:-all}
 sizes=${PS_VM_SIZES:-4096 65536 262144 1048576}
 rounds=${PS_VM_ROUNDS:-1 2 3 4 5}
@@ -72,7 +73,7 @@ if [ "${PS_VM_BENCH:-1}" = 1 ]; then
     for s in $sizes; do
       perf $r write $s; perf $r read $s
       step bench-rdma-$s-round$r pslab --transport rdma bench --no-pin --no-baseline --no-sparse --seconds $secs \
-        --window 8 --window-only --dense-sizes $s --json /tmp/bench.json
+        --window ${PS_VM_WINDOW:-8} --window-only --dense-sizes $s --json /tmp/bench.json
       perf $r write $s; perf $r read $s
       echo "@begin bench-json $r"; cat /tmp/bench.json; echo; echo "@end bench-json"
     done

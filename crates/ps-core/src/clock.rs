@@ -81,12 +81,6 @@ impl Consistency {
     pub fn needed(&self, reader_clock: u64) -> Option<u64> {
         self.staleness().map(|s| reader_clock.saturating_sub(s))
     }
-
-    /// Whether a read at `reader_clock` that saw `finished` (the least number of
-    /// clocks any worker had finished on its keys) kept the bound.
-    pub fn allows(&self, reader_clock: u64, finished: u64) -> bool {
-        self.needed(reader_clock).is_none_or(|n| finished >= n)
-    }
 }
 
 /// One worker's finished clocks over a key space: non-overlapping segments
@@ -104,10 +98,6 @@ impl RangeClock {
     pub fn new(space: KeyRange, clock: u64) -> Self {
         assert!(!space.is_empty(), "a range clock needs a non-empty key space");
         Self { segs: vec![(space.begin, clock)], space }
-    }
-
-    pub fn space(&self) -> KeyRange {
-        self.space
     }
 
     /// Segments, for tests and reports: `(range, clock)`.
@@ -174,13 +164,19 @@ impl RangeClock {
 /// Every worker's [`RangeClock`] for one table on one shard.
 #[derive(Clone, Debug)]
 pub struct ClockBoard {
+    space: KeyRange,
     workers: Vec<RangeClock>,
 }
 
 impl ClockBoard {
     /// `workers` workers, each at clock 0 on all of `space`.
     pub fn new(space: KeyRange, workers: usize) -> Self {
-        Self { workers: vec![RangeClock::new(space, 0); workers] }
+        Self { space, workers: vec![RangeClock::new(space, 0); workers] }
+    }
+
+    /// The keys the board covers (a table's key space).
+    pub fn space(&self) -> KeyRange {
+        self.space
     }
 
     /// Worker `w` finished `clock` clocks on `range`. Clocks only go forward: an
@@ -200,16 +196,10 @@ impl ClockBoard {
         self.workers.iter().filter_map(|rc| rc.min_over(range)).min()
     }
 
-    /// Whether a read of `range` at `reader_clock` may be answered under `model`.
-    pub fn ready(&self, model: Consistency, range: KeyRange, reader_clock: u64) -> bool {
-        match model.needed(reader_clock) {
-            None => true,
-            Some(n) => self.min_over(range).is_none_or(|m| m >= n),
-        }
-    }
-
-    pub fn worker(&self, w: usize) -> &RangeClock {
-        &self.workers[w]
+    /// Whether every worker has finished `needed` clocks on `range` (a read
+    /// that needs them may be answered; see [`Consistency::needed`]).
+    pub fn reached(&self, range: KeyRange, needed: u64) -> bool {
+        self.min_over(range).is_none_or(|m| m >= needed)
     }
 }
 
@@ -243,7 +233,7 @@ mod tests {
         assert_eq!(Consistency::Eventual.needed(5), None);
         // SSP s=1 at clock 4 needs clocks <= 2 from everyone: 3 finished clocks
         let m = Consistency::Bounded { staleness: 1 };
-        assert!(m.allows(4, 3) && !m.allows(4, 2));
+        assert_eq!(m.needed(4), Some(3));
         let j: Consistency = serde_json::from_str(r#"{"model":"bounded","staleness":3}"#).unwrap();
         assert_eq!(j, Consistency::Bounded { staleness: 3 });
         for m in [
@@ -260,6 +250,11 @@ mod tests {
         }
     }
 
+    /// May a read of `range` at `reader_clock` be answered under `model`?
+    fn ready(b: &ClockBoard, model: Consistency, range: KeyRange, reader_clock: u64) -> bool {
+        model.needed(reader_clock).is_none_or(|n| b.reached(range, n))
+    }
+
     #[test]
     fn a_board_waits_for_the_slowest_worker_on_the_keys_read() {
         let mut b = ClockBoard::new(kr(0, 1000), 3);
@@ -271,13 +266,13 @@ mod tests {
         b.finish(1, kr(0, 1000), 3);
         // worker 2 finished clock 3 only on the first half
         b.finish(2, kr(0, 500), 3);
-        assert!(b.ready(m, kr(0, 500), 4));
-        assert!(!b.ready(m, kr(400, 600), 4));
-        assert!(b.ready(m, kr(400, 600), 3));
+        assert!(ready(&b, m, kr(0, 500), 4));
+        assert!(!ready(&b, m, kr(400, 600), 4));
+        assert!(ready(&b, m, kr(400, 600), 3));
         // an old report changes nothing
         b.finish(2, kr(0, 1000), 1);
         assert_eq!(b.min_over(kr(0, 500)), Some(3));
-        assert!(b.ready(Consistency::Eventual, kr(0, 1000), 99));
+        assert!(ready(&b, Consistency::Eventual, kr(0, 1000), 99));
     }
 
     proptest! {

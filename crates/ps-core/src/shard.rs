@@ -16,7 +16,6 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::clock::{ClockBoard, Consistency};
-use crate::keys::KeyRange;
 
 use crate::control::ClusterView;
 use crate::kernels::Kernels;
@@ -61,8 +60,8 @@ pub struct ShardCore {
     keys_scratch: Vec<u64>,
     vals_scratch: Vec<f32>,
     stats: ShardStats,
-    /// tables with a staleness bound: the model, the keys, every worker's clocks
-    boards: BTreeMap<TableId, (Consistency, KeyRange, ClockBoard)>,
+    /// tables with a staleness bound: the model and every worker's clocks
+    boards: BTreeMap<TableId, (Consistency, ClockBoard)>,
     /// clocks each worker rank has finished (what its pulls are read at)
     clocks: Vec<u64>,
     /// the rank each peer's clock frames named
@@ -96,7 +95,7 @@ impl ShardCore {
         let workers = view.workers as usize;
         for t in &view.job.tables {
             if t.consistency.staleness().is_some() {
-                boards.insert(t.id, (t.consistency, t.keys(), ClockBoard::new(t.keys(), workers)));
+                boards.insert(t.id, (t.consistency, ClockBoard::new(t.keys(), workers)));
             }
             let rule = rules.build(&t.rule).map_err(|e| format!("table {}: {e}", t.name))?;
             let owned = ring.owned_ranges(t.keys(), owner);
@@ -225,10 +224,10 @@ impl ShardCore {
         if !matches!(h.kind, Kind::Pull | Kind::PushPull) {
             return None;
         }
-        let (model, space, board) = self.boards.get(&TableId(h.table))?;
+        let (model, board) = self.boards.get(&TableId(h.table))?;
         let reader = self.peer_rank.get(&peer).map_or(0, |&r| self.clocks[r]);
         let needed = model.needed(reader)?;
-        (board.min_over(*space).unwrap_or(u64::MAX) < needed).then_some(needed)
+        (!board.reached(board.space(), needed)).then_some(needed)
     }
 
     fn park(&mut self, peer: PeerId, h: &DataHeader, needed: u64, frame: &[u8]) -> Result<(), Refusal> {
@@ -260,8 +259,8 @@ impl ShardCore {
         }
         if h.a > self.clocks[rank] {
             self.clocks[rank] = h.a;
-            for (_, space, board) in self.boards.values_mut() {
-                board.finish(rank, *space, h.a);
+            for (_, board) in self.boards.values_mut() {
+                board.finish(rank, board.space(), h.a);
             }
         }
         let ack = DataHeader { kind: Kind::Ack, dense: false, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
@@ -277,10 +276,7 @@ impl ShardCore {
         let mut i = 0;
         while i < self.parked.len() {
             let p = &self.parked[i];
-            let ready = self
-                .boards
-                .get(&p.table)
-                .is_none_or(|(_, space, b)| b.min_over(*space).unwrap_or(u64::MAX) >= p.needed);
+            let ready = self.boards.get(&p.table).is_none_or(|(_, b)| b.reached(b.space(), p.needed));
             if !ready {
                 i += 1;
                 continue;

@@ -286,10 +286,11 @@ mod tests {
         ];
         let (mut shards, peers, mut workers) = cluster(&view);
         let dense_keys: Vec<u64> = (0..2000).step_by(37).collect();
-        let sparse_keys: Vec<u64> = (0..40u64).map(|i| i * 0x0123_4567_89ab_cdef % (u64::MAX - 1)).collect();
-        let mut sparse_keys = sparse_keys;
+        let mut sparse_keys: Vec<u64> = (0..40u64).map(|i| i * 0x0123_4567_89ab_cdef % (u64::MAX - 1)).collect();
         sparse_keys.sort_unstable();
         sparse_keys.dedup();
+        let ones_d = vec![1.0f32; dense_keys.len()];
+        let ones_s = vec![1.0f32; sparse_keys.len() * 2];
         let mut net = SimNet::new(seed);
         #[derive(Clone, Copy, PartialEq)]
         enum Phase {
@@ -311,8 +312,6 @@ mod tests {
                 if w == 0 && net.in_flight() > 0 && net.rng().below(8) != 0 {
                     continue; // the slow worker
                 }
-                let ones_d = vec![1.0f32; dense_keys.len()];
-                let ones_s = vec![1.0f32; sparse_keys.len() * 2];
                 let a = workers[w]
                     .issue(&mut sink, Kind::Push, TableId(0), Keys::List(&dense_keys), Some(&ones_d), None)
                     .unwrap();

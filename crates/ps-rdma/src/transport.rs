@@ -455,11 +455,6 @@ impl RdmaTransport {
         self.verbs.is_ok()
     }
 
-    /// True if `peer`'s frames travel over RDMA.
-    pub fn is_rdma(&self, peer: PeerId) -> bool {
-        self.by_peer.contains_key(&peer)
-    }
-
     /// Server: registers a dense table's slab for remote READ by clients.
     ///
     /// # Safety
