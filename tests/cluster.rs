@@ -95,7 +95,8 @@ fn without_the_bound_the_ssp_check_fails() {
         r#"{"clocks": 10, "keys": 500, "model": "eventual", "check": "bounded:1", "slow_ms": 40}"#,
     );
     assert!(!ok, "eventual reads held to bounded:1 must fail the job:\n{out}");
-    assert!(out.contains("needs 1 of each"), "{out}");
+    // which clock trips first depends on timing; the message names the bound
+    assert!(out.contains("of the workers: bounded:1 needs"), "{out}");
 }
 
 #[test]
