@@ -13,6 +13,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --locked --release --workspace --all-targets -- -D warnings
+echo "== MovieLens 100k for the mf test (scripts/fetch-movielens.sh)"
+scripts/fetch-movielens.sh
 echo "== cargo test"
 log=$(mktemp)
 cargo test --locked --release --workspace 2>&1 | tee "$log"

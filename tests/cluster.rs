@@ -65,7 +65,7 @@ fn the_check_catches_an_update_left_out_of_the_books() {
 /// than c - s clocks of any worker.
 #[test]
 fn ssp_reads_keep_their_bound_with_a_slow_worker() {
-    for (model, s) in [("bounded:2", 2usize), ("sequential", 0)] {
+    for (model, s) in [("bounded:2", 2usize), ("essp:2", 2), ("sequential", 0)] {
         let params = format!(r#"{{"clocks": 12, "keys": 3000, "model": "{model}", "slow_ms": 25}}"#);
         let (ok, out) = local_job("ssp", 2, 2, 3, &params);
         assert!(ok, "job failed:\n{out}");
@@ -230,4 +230,30 @@ fn forced_rdma_without_rdma_is_a_clear_error_and_doctor_explains() {
     assert!(ok, "{out}");
     assert!(out.contains("problem"), "{out}");
     assert!(out.contains("locked-memory limit"), "{out}");
+}
+
+/// Matrix factorisation on MovieLens 100k (fetched by scripts/fetch-movielens.sh,
+/// which the test command runs first) as 2 servers and 4 worker processes under
+/// SSP with the process cache: the test RMSE lands where the datasets note says
+/// a correct MF does (ALS-WR rank 10, lambda 0.1: 0.937-0.941).
+#[test]
+fn mf_on_movielens_reaches_the_reference_rmse() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/data/movielens/MovieLens100k_data.parquet.brotli");
+    assert!(
+        std::path::Path::new(data).is_file(),
+        "MovieLens 100k is missing: run scripts/fetch-movielens.sh (the test command does)"
+    );
+    let params = format!(r#"{{"data": "{data}", "clocks": 400, "model": "bounded:1"}}"#);
+    let (ok, out) = local_job("mf", 2, 1, 4, &params);
+    assert!(ok, "job failed:\n{out}");
+    let key = "\"test_rmse\":";
+    let rmse: f64 = out
+        .lines()
+        .find_map(|l| l.find(key).map(|at| &l[at + key.len()..]))
+        .and_then(|rest| rest.split([',', '}']).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no test RMSE in the output:\n{out}"));
+    assert!((0.935..=0.950).contains(&rmse), "test RMSE {rmse} is outside 0.935-0.950:\n{out}");
+    // every worker's reads were counted, and some were answered by the cache
+    assert_eq!(out.matches("mf-reads: ").count(), 4, "{out}");
+    assert!(!out.contains("\"hits\":0,"), "a worker's cache answered no read:\n{out}");
 }

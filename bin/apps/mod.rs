@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod mf;
 pub mod ssp;
 pub mod torn;
 pub mod train_lr;
@@ -12,7 +13,7 @@ use ps_core::control::JobSpec;
 
 use crate::node::WorkerCtx;
 
-pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp"];
+pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp", "mf"];
 
 /// The job spec for `app` with `params` (a JSON object; missing fields take defaults).
 pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<JobSpec, String> {
@@ -23,6 +24,7 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<J
         "bench" => bench::tables(params, servers, partitions)?,
         "torn" => torn::tables(params)?,
         "ssp" => ssp::tables(params)?,
+        "mf" => mf::tables(params)?,
         other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
     };
     let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions };
@@ -37,6 +39,7 @@ pub fn run(app: &str, ctx: &mut WorkerCtx) -> Result<String, String> {
         "bench" => bench::run(ctx),
         "torn" => torn::run(ctx),
         "ssp" => ssp::run(ctx),
+        "mf" => mf::run(ctx),
         other => Err(format!("unknown app {other:?}")),
     }
 }

@@ -137,6 +137,10 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         ctx.ps.wait(t).map_err(e)?;
     }
     ctx.barrier("ssp-done")?;
+    // the exact check wants every push: read the shards, not the process cache
+    for t in [TableId(DENSE), TableId(SPARSE)] {
+        ctx.ps.core_mut().set_cache(t, false).map_err(e)?;
+    }
     let want = (w * p.clocks) as f32;
     let ts = ctx.ps.pull_range(TableId(DENSE), 0, p.keys, dense_buf).map_err(e)?;
     let dense_buf = ctx.ps.wait_pull(ts).map_err(e)?;

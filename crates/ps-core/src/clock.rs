@@ -14,8 +14,11 @@
 //! worker, i.e. every worker must have finished `c - s` clocks on the keys read.
 //! Sequential is staleness 0; eventual never waits.
 //!
-//! Not wired into the shard and worker state machines yet (the consistency
-//! issue's next step): this is the bookkeeping they will share.
+//! The shard (`shard.rs`) parks reads until the bound holds and stamps what it
+//! serves with the clocks every worker has finished; the worker (`worker.rs`)
+//! caches rows with their stamps and answers a read from its cache while the
+//! stamp is new enough. Under `essp` the shard also pushes rows that changed to
+//! the workers that read them each time the slowest worker finishes a clock.
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +70,11 @@ impl std::fmt::Display for Consistency {
 }
 
 impl Consistency {
+    /// Whether shards push fresh rows to their readers as clocks advance.
+    pub fn is_eager(&self) -> bool {
+        matches!(self, Consistency::Essp { .. })
+    }
+
     /// The staleness bound (`None` under eventual consistency).
     pub fn staleness(&self) -> Option<u64> {
         match *self {

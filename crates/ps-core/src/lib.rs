@@ -39,6 +39,7 @@
 compile_error!("the wire format and slab layout assume a little-endian host");
 
 pub mod auth;
+pub mod cache;
 pub mod client;
 pub mod clock;
 pub mod control;

@@ -58,6 +58,13 @@ pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_INTERVAL_MS;
 /// to the next clock, so honest jobs hold a few frames per worker.
 pub const PARKED_PULL_BYTES_MAX: usize = 64 << 20;
 
+/// Keys one worker connection may subscribe to on one shard and table for
+/// eager (ESSP) refreshes. Past it a pull is still answered but subscribes
+/// nothing more: refreshes only make reads fresher, the bound holds without
+/// them, and a worker pulling ever-new sparse keys cannot grow a shard's
+/// memory without end. 4 M keys is 32 MiB of key set per connection.
+pub const ESSP_SUBSCRIBED_KEYS_MAX: usize = 4 << 20;
+
 /// Operations a worker may have in flight before `push`/`pull` refuse.
 pub const OPS_IN_FLIGHT_MAX: usize = 1024;
 

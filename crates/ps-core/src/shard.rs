@@ -12,14 +12,21 @@
 //! that makes the bound hold. Frames of one connection arrive in order, so a
 //! worker's pushes of clock k are merged before its clock frame is seen, and the
 //! shard knows each reader's clock from the clock frames before its pull.
+//!
+//! Every pull response of such a table carries a stamp (`wire::stamp_of`): the
+//! clocks every worker had finished when it was read, which the worker's cache
+//! keeps with the rows. Under `essp` the shard remembers which rows each
+//! connection read (its subscriptions, capped by `ESSP_SUBSCRIBED_KEYS_MAX`) and
+//! which rows pushes changed; when the slowest worker finishes a clock it sends
+//! every subscriber a `Refresh` of its changed rows with the new stamp.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::clock::{ClockBoard, Consistency};
 
 use crate::control::ClusterView;
 use crate::kernels::Kernels;
-use crate::keys::{check_sorted, Layout, TableId};
+use crate::keys::{check_sorted, Key, Layout, TableId};
 use crate::ring::Owner;
 use crate::rules::RuleRegistry;
 use crate::store::{DenseStore, SparseStore};
@@ -70,6 +77,32 @@ pub struct ShardCore {
     parked_bytes: usize,
     /// peers whose released pull could not be answered (their sends failed)
     failed: Vec<(PeerId, ShardError)>,
+    /// eager (ESSP) tables: who read which rows, and which rows changed
+    eager: BTreeMap<TableId, Eager>,
+    /// clocks every worker has finished (the least of `clocks`): the stamp
+    min_clock: u64,
+}
+
+/// An eager table's subscriptions and the rows pushed since the last refresh.
+#[derive(Debug)]
+struct Eager {
+    /// the table's first key (dense frames address floats from it)
+    begin: Key,
+    dim: u64,
+    readers: HashMap<PeerId, HashSet<Key>>,
+    /// readers that passed the subscription cap: refreshed no more, since a
+    /// refresh tells a worker all its rows of this shard are that fresh
+    overflowed: HashSet<PeerId>,
+    dirty: HashSet<Key>,
+}
+
+impl Eager {
+    /// The keys a dense frame's span `a .. a + b` (floats) covers.
+    fn span(&self, a: u64, b: u64) -> std::ops::Range<Key> {
+        let first = a / self.dim;
+        let end = (a + b).div_ceil(self.dim);
+        self.begin + first..self.begin + end
+    }
 }
 
 /// A pull held back until the slowest worker has finished `needed` clocks.
@@ -92,10 +125,23 @@ impl ShardCore {
         let ring = view.ring().map_err(|e| e.to_string())?;
         let mut tables = BTreeMap::new();
         let mut boards = BTreeMap::new();
+        let mut eager = BTreeMap::new();
         let workers = view.workers as usize;
         for t in &view.job.tables {
             if t.consistency.staleness().is_some() {
                 boards.insert(t.id, (t.consistency, ClockBoard::new(t.keys(), workers)));
+            }
+            if t.consistency.is_eager() {
+                eager.insert(
+                    t.id,
+                    Eager {
+                        begin: t.keys().begin,
+                        dim: t.dim as u64,
+                        readers: HashMap::new(),
+                        overflowed: HashSet::new(),
+                        dirty: HashSet::new(),
+                    },
+                );
             }
             let rule = rules.build(&t.rule).map_err(|e| format!("table {}: {e}", t.name))?;
             let owned = ring.owned_ranges(t.keys(), owner);
@@ -124,6 +170,8 @@ impl ShardCore {
             parked: VecDeque::new(),
             parked_bytes: 0,
             failed: Vec::new(),
+            eager,
+            min_clock: 0,
         })
     }
 
@@ -148,6 +196,15 @@ impl ShardCore {
         });
         self.parked_bytes -= freed;
         self.peer_rank.remove(&peer);
+        for e in self.eager.values_mut() {
+            e.readers.remove(&peer);
+            e.overflowed.remove(&peer);
+        }
+    }
+
+    /// Keys `peer` is subscribed to for refreshes of `table` (eager tables).
+    pub fn subscribed(&self, table: TableId, peer: PeerId) -> usize {
+        self.eager.get(&table).and_then(|e| e.readers.get(&peer)).map_or(0, |k| k.len())
     }
 
     pub fn owner(&self) -> Owner {
@@ -267,7 +324,84 @@ impl ShardCore {
         let len = ack.frame_len().expect("ack is small");
         ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
         self.stats.bytes_out += len as u64;
+        let least = self.clocks.iter().copied().min().unwrap_or(0);
+        if least > self.min_clock {
+            self.min_clock = least;
+            self.refresh(tx);
+        }
         self.release(tx);
+        Ok(())
+    }
+
+    /// The slowest worker finished a clock: every subscriber of an eager table
+    /// gets the rows pushed since the last refresh that it read before, stamped
+    /// with the new clock, in frames of at most half a frame of values (an
+    /// empty one when none of its rows changed: its other rows are that fresh).
+    fn refresh(&mut self, tx: &mut dyn FrameSink) {
+        let stamp = self.min_clock;
+        let chunk = self.body_max / 2;
+        let mut eager = std::mem::take(&mut self.eager);
+        for (&table, e) in eager.iter_mut() {
+            let mut dirty: Vec<Key> = e.dirty.drain().collect();
+            dirty.sort_unstable();
+            let per_frame = (chunk / (8 + 4 * e.dim as usize)).max(1);
+            let mut keys: Vec<Key> = Vec::new();
+            for (&peer, subscribed) in &e.readers {
+                keys.clear();
+                keys.extend(dirty.iter().copied().filter(|k| subscribed.contains(k)));
+                // an empty refresh still says the reader's unchanged rows are this fresh
+                let parts = keys.chunks(per_frame).chain((keys.is_empty()).then_some(&[][..]));
+                for part in parts {
+                    if let Err(err) = self.send_refresh(peer, table, part, stamp, tx) {
+                        self.failed.push((peer, err));
+                        break;
+                    }
+                }
+            }
+        }
+        self.eager = eager;
+    }
+
+    fn send_refresh(
+        &mut self,
+        peer: PeerId,
+        table: TableId,
+        keys: &[Key],
+        stamp: u64,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), ShardError> {
+        let Some((dim, store)) = self.tables.get_mut(&table) else { return Ok(()) };
+        let n = keys.len() * *dim as usize;
+        self.vals_scratch.clear();
+        self.vals_scratch.resize(n, 0.0);
+        let read = match store {
+            TableStore::Dense(d) => d.pull_keys(keys, &mut self.vals_scratch).map_err(|e| e.to_string()),
+            TableStore::Sparse(s) => {
+                s.prepare_pull(keys).map(|_| s.pull_prepared(&mut self.vals_scratch)).map_err(|e| e.to_string())
+            }
+        };
+        if read.is_err() {
+            // a subscribed key this shard cannot read: nothing to refresh it with
+            return Ok(());
+        }
+        let h = DataHeader {
+            kind: Kind::Refresh,
+            dense: false,
+            table: table.0,
+            sub: 0,
+            ts: stamp,
+            a: keys.len() as u64,
+            b: n as u64,
+        };
+        let len = h.frame_len().expect("a refresh is at most half a frame");
+        let buf = tx.frame(peer, len)?;
+        h.write(buf);
+        let kb = keys.len() * 8;
+        buf[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + kb].copy_from_slice(bytemuck::cast_slice(keys));
+        buf[wire::DATA_HEADER_BYTES + kb..wire::DATA_HEADER_BYTES + kb + n * 4]
+            .copy_from_slice(bytemuck::cast_slice(&self.vals_scratch));
+        buf[wire::DATA_HEADER_BYTES + kb + n * 4..].fill(0);
+        self.stats.bytes_out += len as u64;
         Ok(())
     }
 
@@ -306,6 +440,10 @@ impl ShardCore {
         tx: &mut dyn FrameSink,
     ) -> Result<(), Refusal> {
         let owner = self.owner;
+        let stamp = self.boards.contains_key(&TableId(h.table)).then_some(self.min_clock);
+        if let Some(e) = self.eager.get_mut(&TableId(h.table)) {
+            Self::track(e, h, keys_b, peer);
+        }
         let Some((dim, store)) = self.tables.get_mut(&TableId(h.table)) else {
             return Err(Refusal(format!(
                 "table {} does not exist on server {} shard {}",
@@ -352,8 +490,11 @@ impl ShardCore {
         }
         // Pull or PushPull: answer with the values
         self.stats.pull_frames += 1;
-        let resp =
+        let mut resp =
             DataHeader { kind: Kind::PullResp, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: h.b };
+        if let Some(stamp) = stamp {
+            wire::set_stamp(&mut resp, stamp);
+        }
         let len = resp.frame_len().ok_or_else(|| Refusal("pull too large".into()))?;
         if len > self.body_max + wire::PREFIX_BYTES {
             return Err(Refusal(format!(
@@ -427,6 +568,45 @@ impl ShardCore {
         }
         self.stats.bytes_out += len as u64;
         Ok(())
+    }
+}
+
+impl ShardCore {
+    /// An eager table's bookkeeping for one request: a push marks its rows
+    /// changed, a pull subscribes its reader to them (up to the cap). Runs
+    /// before the request is checked: a refused one only costs a refresh of
+    /// rows the shard cannot read, which `send_refresh` skips.
+    fn track(e: &mut Eager, h: &DataHeader, keys_b: &[u8], peer: PeerId) {
+        let pushes = matches!(h.kind, Kind::Push | Kind::PushPull);
+        let pulls = matches!(h.kind, Kind::Pull | Kind::PushPull);
+        let span = h.dense.then(|| e.span(h.a, h.b));
+        let each = |f: &mut dyn FnMut(Key)| {
+            if let Some(span) = span.clone() {
+                span.for_each(&mut *f);
+            } else {
+                keys_b.chunks_exact(8).for_each(|k| f(u64::from_le_bytes(k.try_into().expect("8 bytes"))));
+            }
+        };
+        if pushes {
+            each(&mut |k| {
+                e.dirty.insert(k);
+            });
+        }
+        if pulls && !e.overflowed.contains(&peer) {
+            let subs = e.readers.entry(peer).or_default();
+            let mut over = false;
+            each(&mut |k| {
+                if subs.len() < crate::limits::ESSP_SUBSCRIBED_KEYS_MAX {
+                    subs.insert(k);
+                } else {
+                    over |= !subs.contains(&k);
+                }
+            });
+            if over {
+                e.readers.remove(&peer);
+                e.overflowed.insert(peer);
+            }
+        }
     }
 }
 
@@ -551,5 +731,39 @@ mod tests {
         // rank 1 has finished nothing: a read at clock 3 by rank 0 waits
         s.handle(A, &dense_pull(4), &mut sink).unwrap();
         assert_eq!(s.parked().0, 1);
+    }
+
+    #[test]
+    fn eager_tables_refresh_their_readers_when_the_slowest_worker_clocks() {
+        let mut s = shard(Consistency::Essp { staleness: 1 });
+        let mut sink = SimSink::default();
+        // A reads keys 0..10 (subscribes), then B pushes key 3
+        s.handle(A, &dense_pull(1), &mut sink).unwrap();
+        let (_, resp) = sink.frames.pop().unwrap();
+        let Frame::Data { h, .. } = wire::decode(&resp, 1 << 30).unwrap() else { panic!() };
+        assert_eq!((h.kind, wire::stamp_of(&h)), (Kind::PullResp, 0));
+        let push = frame(DataHeader { kind: Kind::Push, dense: false, table: 0, sub: 0, ts: 2, a: 1, b: 1 }, &[3]);
+        s.handle(B, &push, &mut sink).unwrap();
+        sink.frames.clear();
+        assert_eq!(s.subscribed(TableId(0), A), 10);
+        // the minimum clock moves only when both have finished clock 0
+        s.handle(A, &clock(0, 1), &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack)]);
+        s.handle(B, &clock(1, 1), &mut sink).unwrap();
+        let refresh = sink.frames.iter().find(|(p, f)| *p == A && f[5] == Kind::Refresh as u8).expect("a refresh");
+        let Frame::Data { h, keys, vals } = wire::decode(&refresh.1, 1 << 30).unwrap() else { panic!() };
+        assert_eq!((wire::stamp_of(&h), h.a), (1, 1));
+        assert_eq!(keys, 3u64.to_le_bytes());
+        assert_eq!(vals, 0f32.to_le_bytes());
+        // B read nothing: no refresh for it; A's next refresh, with nothing changed, is empty
+        assert!(!sink.frames.iter().any(|(p, f)| *p == B && f[5] == Kind::Refresh as u8));
+        sink.frames.clear();
+        s.handle(A, &clock(0, 2), &mut sink).unwrap();
+        s.handle(B, &clock(1, 2), &mut sink).unwrap();
+        let empty = sink.frames.iter().find(|(_, f)| f[5] == Kind::Refresh as u8).expect("an empty refresh");
+        let Frame::Data { h, .. } = wire::decode(&empty.1, 1 << 30).unwrap() else { panic!() };
+        assert_eq!((wire::stamp_of(&h), h.a), (2, 0));
+        s.on_closed(A);
+        assert_eq!(s.subscribed(TableId(0), A), 0);
     }
 }

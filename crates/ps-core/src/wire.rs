@@ -49,6 +49,10 @@ pub enum Kind {
     /// worker -> shard: "I have finished `a` clocks" (`b`: my worker rank);
     /// answered with an `Ack`
     Clock = 16,
+    /// shard -> worker, unasked (eager SSP): fresh values of rows the worker
+    /// read before, laid out as a sparse push (`a` keys, `b` values); `ts` is
+    /// the clock stamp (see [`stamp_of`]) the values have
+    Refresh = 17,
     /// a JSON control message (manager traffic)
     Control = 20,
 }
@@ -66,6 +70,7 @@ impl Kind {
             14 => Kind::PullResp,
             15 => Kind::Error,
             16 => Kind::Clock,
+            17 => Kind::Refresh,
             20 => Kind::Control,
             _ => return None,
         })
@@ -74,7 +79,14 @@ impl Kind {
     pub fn is_data(self) -> bool {
         matches!(
             self,
-            Kind::Push | Kind::Pull | Kind::PushPull | Kind::Ack | Kind::PullResp | Kind::Error | Kind::Clock
+            Kind::Push
+                | Kind::Pull
+                | Kind::PushPull
+                | Kind::Ack
+                | Kind::PullResp
+                | Kind::Error
+                | Kind::Clock
+                | Kind::Refresh
         )
     }
 }
@@ -164,7 +176,7 @@ impl DataHeader {
         let keys = if self.dense { 0 } else { usize::try_from(self.a).ok()?.checked_mul(8)? };
         let vals = usize::try_from(self.b).ok()?.checked_mul(4)?;
         Some(match self.kind {
-            Kind::Push | Kind::PushPull => (keys, vals),
+            Kind::Push | Kind::PushPull | Kind::Refresh => (keys, vals),
             Kind::Pull => (keys, 0),
             Kind::PullResp => (0, vals),
             Kind::Ack => (0, 0),
@@ -201,6 +213,30 @@ impl DataHeader {
         buf[16..24].copy_from_slice(&self.ts.to_le_bytes());
         buf[24..32].copy_from_slice(&self.a.to_le_bytes());
         buf[32..40].copy_from_slice(&self.b.to_le_bytes());
+    }
+}
+
+/// The clock stamp of a pull response (or refresh) of a table with a
+/// staleness bound: the number of clocks every worker had finished when the
+/// shard read the values, so they hold every update of the clocks before it.
+/// A response has no spare field, so the stamp rides in one its layout leaves
+/// unused: `sub` of a dense response (the worker places it by `a`), `a` of a
+/// sparse one (the worker counts it by `b`), `ts` of a refresh.
+pub fn stamp_of(h: &DataHeader) -> u64 {
+    match (h.kind, h.dense) {
+        (Kind::Refresh, _) => h.ts,
+        (_, true) => h.sub as u64,
+        (_, false) => h.a,
+    }
+}
+
+/// Sets the stamp of a pull response (see [`stamp_of`]); a dense one
+/// saturates at `u32::MAX` clocks.
+pub fn set_stamp(h: &mut DataHeader, stamp: u64) {
+    match (h.kind, h.dense) {
+        (Kind::Refresh, _) => h.ts = stamp,
+        (_, true) => h.sub = u32::try_from(stamp).unwrap_or(u32::MAX),
+        (_, false) => h.a = stamp,
     }
 }
 

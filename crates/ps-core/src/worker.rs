@@ -14,9 +14,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
+use crate::cache::{Cache, CacheStats, Lookup};
 use crate::error::PsError;
 use crate::keys::{check_sorted, Key, KeyRange, TableId, TableSpec};
 use crate::ring::{position, Owner, Ring};
+use crate::rules::RuleSpec;
 use crate::transport::{FrameSink, PeerId, TxError, GATHER_PARTS_MAX};
 use crate::wire::{self, DataHeader, Frame, Kind};
 
@@ -41,6 +43,58 @@ struct Pending {
     frames_left: u32,
     error: Option<PsError>,
     pull: Option<PullOut>,
+    /// a read of a cached table: fills the cache when it completes
+    read: Option<CachedRead>,
+    /// a push into a cached table: released in the cache when it completes
+    pushed: Option<(TableId, OwnedKeys)>,
+}
+
+impl Pending {
+    fn new(frames_left: u32, error: Option<PsError>, pull: Option<PullOut>) -> Self {
+        Self { frames_left, error, pull, read: None, pushed: None }
+    }
+}
+
+#[derive(Debug)]
+struct CachedRead {
+    table: TableId,
+    keys: OwnedKeys,
+    /// the reader's clock when it asked
+    clock: u64,
+    /// the least stamp of the responses so far
+    stamp: u64,
+}
+
+/// The keys of an operation, kept past the call for the cache.
+#[derive(Clone, Debug)]
+enum OwnedKeys {
+    List(Vec<Key>),
+    Range { first: Key, count: u64 },
+}
+
+impl OwnedKeys {
+    fn of(k: &Keys<'_>) -> Self {
+        match *k {
+            Keys::List(k) => OwnedKeys::List(k.to_vec()),
+            Keys::Range { first, count } => OwnedKeys::Range { first, count },
+        }
+    }
+}
+
+fn key_iter<'a>(k: &'a Keys<'a>) -> impl Iterator<Item = Key> + Clone + 'a {
+    let (list, range) = match *k {
+        Keys::List(l) => (l, 0..0),
+        Keys::Range { first, count } => (&[][..], first..first + count),
+    };
+    list.iter().copied().chain(range)
+}
+
+fn owned_iter(k: &OwnedKeys) -> impl Iterator<Item = Key> + Clone + '_ {
+    let (list, range) = match k {
+        OwnedKeys::List(l) => (&l[..], 0..0),
+        OwnedKeys::Range { first, count } => (&[][..], *first..*first + *count),
+    };
+    list.iter().copied().chain(range)
 }
 
 /// Which keys an operation touches.
@@ -79,6 +133,10 @@ pub struct WorkerCore {
     /// this worker's rank (clock frames name it) and the clocks it has finished
     rank: Option<u32>,
     clocks: u64,
+    /// process caches of tables with a staleness bound (`cache.rs`)
+    caches: HashMap<TableId, Cache>,
+    /// flat owner index of the first shard of each server
+    owner_base: Vec<u32>,
     // scratch reused across calls
     groups: Vec<Vec<Range<usize>>>,
     chunks: Vec<Vec<Chunk>>,
@@ -94,7 +152,20 @@ impl WorkerCore {
                 peer_owner.insert(*p, Owner { server: s as u32, shard: h as u32 });
             }
         }
-        let owners = peers.iter().map(|r| r.len()).sum();
+        let owners: usize = peers.iter().map(|r| r.len()).sum();
+        let owner_base = peers
+            .iter()
+            .scan(0u32, |at, r| {
+                let b = *at;
+                *at += r.len() as u32;
+                Some(b)
+            })
+            .collect();
+        let caches = tables
+            .iter()
+            .filter(|t| Self::cacheable(t))
+            .map(|t| (t.id, Cache::new(t.dim as usize, t.consistency.is_eager(), owners)))
+            .collect();
         Self {
             tables: tables.iter().map(|t| (t.id, t.clone())).collect(),
             ring,
@@ -108,6 +179,8 @@ impl WorkerCore {
             broken: None,
             rank: None,
             clocks: 0,
+            caches,
+            owner_base,
             groups: vec![Vec::new(); owners],
             chunks: vec![Vec::new(); owners],
             chunk_ranges: Vec::new(),
@@ -125,6 +198,37 @@ impl WorkerCore {
     /// This worker's rank among the job's workers: its clock frames carry it.
     pub fn set_rank(&mut self, rank: u32) {
         self.rank = Some(rank);
+    }
+
+    /// Tables whose reads a process cache may answer: a staleness bound to
+    /// allow it, and the `Sum` rule so my own pushes can be added in locally.
+    fn cacheable(t: &TableSpec) -> bool {
+        t.consistency.staleness().is_some() && t.rule == RuleSpec::Sum
+    }
+
+    /// Turns the process cache of a table on (the default for `Sum` tables
+    /// with a staleness bound) or off (every read goes to the shards, for the
+    /// freshest values the bound allows; the cached rows are dropped).
+    pub fn set_cache(&mut self, table: TableId, on: bool) -> Result<(), PsError> {
+        let t = self.table(table)?.clone();
+        if !on {
+            self.caches.remove(&table);
+        } else if Self::cacheable(&t) {
+            let owners = self.peers.iter().map(|r| r.len()).sum();
+            self.caches.entry(table).or_insert_with(|| Cache::new(t.dim as usize, t.consistency.is_eager(), owners));
+        } else {
+            return Err(PsError::Rejected {
+                server: u32::MAX,
+                shard: u32::MAX,
+                reason: format!("table {} cannot be cached: it needs a staleness bound and the sum rule", t.name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Hits, misses and the staleness of reads of a cached table.
+    pub fn cache_stats(&self, table: TableId) -> Option<CacheStats> {
+        self.caches.get(&table).map(|c| c.stats())
     }
 
     /// Clocks this worker has finished (`clock` calls made).
@@ -161,13 +265,13 @@ impl WorkerCore {
                 };
                 let len = h.frame_len().expect("a clock frame is small");
                 if let Err(e) = tx.frame(peer, len).map(|buf| h.write(buf)) {
-                    self.pending.insert(ts, Pending { frames_left: sent, error: Some(tx_error(e)), pull: None });
+                    self.pending.insert(ts, Pending::new(sent, Some(tx_error(e)), None));
                     return Err(PsError::Transport("send queue refused a clock frame".into()));
                 }
                 sent += 1;
             }
         }
-        self.pending.insert(ts, Pending { frames_left: sent, error: None, pull: None });
+        self.pending.insert(ts, Pending::new(sent, None, None));
         Ok(ts)
     }
 
@@ -355,6 +459,26 @@ impl WorkerCore {
                 ranges: Vec::new(),
             }
         });
+        let mut read = None;
+        let mut pushed = None;
+        if let Some(cache) = self.caches.get_mut(&table) {
+            let needed = t.consistency.needed(self.clocks).unwrap_or(0);
+            if kind == Kind::Pull {
+                let out = pull.as_mut().expect("a pull has its buffer");
+                if let Lookup::Hit { stamp } = cache.lookup(key_iter(&keys), needed, &mut out.vals) {
+                    cache.record(self.clocks, stamp);
+                    self.pending.insert(ts, Pending::new(0, None, pull));
+                    return Ok(ts);
+                }
+            }
+            if kind != Kind::Pull {
+                cache.push(key_iter(&keys), vals.expect("a push has values"));
+                pushed = Some((table, OwnedKeys::of(&keys)));
+            }
+            if kind != Kind::Push {
+                read = Some(CachedRead { table, keys: OwnedKeys::of(&keys), clock: self.clocks, stamp: u64::MAX });
+            }
+        }
         let base_float = pull.as_ref().map(|p| p.base).unwrap_or(match keys {
             Keys::Range { first, .. } => (first - t.keys().begin) * dim as u64,
             Keys::List(_) => 0,
@@ -428,7 +552,12 @@ impl WorkerCore {
                 };
                 if let Err(e) = r {
                     // frames already queued for this ts will be answered; account for them
-                    self.pending.insert(ts, Pending { frames_left: sent, error: Some(tx_error(e)), pull: None });
+                    let mut p = Pending::new(sent, Some(tx_error(e)), None);
+                    p.pushed = pushed;
+                    self.pending.insert(ts, p);
+                    if sent == 0 {
+                        self.settle(ts);
+                    }
                     return Err(PsError::Transport("send queue refused a frame mid-request".into()));
                 }
                 if let (Some(p), false) = (pull.as_mut(), dense) {
@@ -440,8 +569,62 @@ impl WorkerCore {
                 sent += 1;
             }
         }
-        self.pending.insert(ts, Pending { frames_left: sent, error: None, pull });
+        self.pending.insert(ts, Pending { frames_left: sent, error: None, pull, read, pushed });
+        if sent == 0 {
+            self.settle(ts);
+        }
         Ok(ts)
+    }
+
+    /// The flat owner index of `key` of a table spanning `range`.
+    fn owner_index(ring: &Ring, base: &[u32], range: KeyRange, key: Key) -> u32 {
+        let o = ring.owner_of_partition(ring.partition_of(position(range, key)));
+        base[o.server as usize] + o.shard
+    }
+
+    /// An operation has all its answers: its cache bookkeeping is done now, so
+    /// a later read sees what it brought.
+    fn settle(&mut self, ts: Timestamp) {
+        let Some(p) = self.pending.get_mut(&ts) else { return };
+        let ok = p.error.is_none();
+        let (read, pushed) = (p.read.take(), p.pushed.take());
+        if let Some((table, keys)) = pushed {
+            if let Some(c) = self.caches.get_mut(&table) {
+                c.pushed(owned_iter(&keys), ok);
+            }
+        }
+        let Some(r) = read else { return };
+        let (Some(c), Some(out), true) = (self.caches.get_mut(&r.table), p.pull.as_ref(), ok) else { return };
+        let Some(t) = self.tables.get(&r.table) else { return };
+        let stamp = if r.stamp == u64::MAX { 0 } else { r.stamp };
+        let (ring, base, range) = (&self.ring, &self.owner_base, t.keys());
+        c.fill(owned_iter(&r.keys), &out.vals, stamp, |k| Self::owner_index(ring, base, range, k));
+        c.record(r.clock, stamp);
+    }
+
+    /// A shard's eager refresh of rows this worker read.
+    fn on_refresh(&mut self, peer: PeerId, h: &DataHeader, keys_b: &[u8], vals_b: &[u8]) -> Result<(), String> {
+        let Some(t) = self.tables.get(&TableId(h.table)) else {
+            return Err(format!("a refresh of unknown table {}", h.table));
+        };
+        let Some(c) = self.caches.get_mut(&TableId(h.table)) else { return Ok(()) };
+        if h.b != h.a.saturating_mul(t.dim as u64) {
+            return Err(format!("a refresh of {} keys with {} values (dim {})", h.a, h.b, t.dim));
+        }
+        let keys: Vec<Key> = keys_b.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8"))).collect();
+        let range = t.keys();
+        if keys.iter().any(|&k| !range.contains(k)) {
+            return Err(format!("a refresh of keys outside table {}", h.table));
+        }
+        let mut vals = vec![0.0f32; h.b as usize];
+        wire::copy_vals(&mut vals, vals_b);
+        let stamp = wire::stamp_of(h);
+        let (ring, base) = (&self.ring, &self.owner_base);
+        c.fill(keys.iter().copied(), &vals, stamp, |k| Self::owner_index(ring, base, range, k));
+        if let Some(o) = self.peer_owner.get(&peer) {
+            c.owner_advanced((base[o.server as usize] + o.shard) as usize, stamp);
+        }
+        Ok(())
     }
 
     /// Handles one response frame. An `Err` means the frame broke the protocol:
@@ -450,6 +633,9 @@ impl WorkerCore {
         let bad = |what: String| PsError::Transport(format!("protocol violation from {peer:?}: {what}"));
         let owner = self.peer_owner.get(&peer).copied().unwrap_or(Owner { server: u32::MAX, shard: u32::MAX });
         match wire::decode(frame, self.body_max).map_err(|e| bad(e.to_string()))? {
+            Frame::Data { h, keys, vals } if h.kind == Kind::Refresh => {
+                self.on_refresh(peer, &h, keys, vals).map_err(bad)
+            }
             Frame::Data { h, vals, .. } if matches!(h.kind, Kind::Ack | Kind::PullResp) => {
                 let p = self
                     .pending
@@ -485,8 +671,14 @@ impl WorkerCore {
                             at += n * 4;
                         }
                     }
+                    if let Some(r) = p.read.as_mut() {
+                        r.stamp = r.stamp.min(wire::stamp_of(&h));
+                    }
                 }
                 p.frames_left -= 1;
+                if p.frames_left == 0 {
+                    self.settle(h.ts);
+                }
                 Ok(())
             }
             Frame::Error { h, message } => {
@@ -501,6 +693,9 @@ impl WorkerCore {
                     shard: owner.shard,
                     reason: message.to_string(),
                 });
+                if p.frames_left == 0 {
+                    self.settle(h.ts);
+                }
                 Ok(())
             }
             other => Err(bad(format!("unexpected frame {other:?}"))),
@@ -516,6 +711,10 @@ impl WorkerCore {
         for p in self.pending.values_mut() {
             p.frames_left = 0;
             p.error.get_or_insert(err.clone());
+        }
+        let all: Vec<Timestamp> = self.pending.keys().copied().collect();
+        for ts in all {
+            self.settle(ts);
         }
         self.broken.get_or_insert(err);
     }
