@@ -398,14 +398,23 @@ pub fn run_server(
     let mut lines = Vec::new();
     for (h, th) in threads.into_iter().enumerate() {
         match th.join() {
-            Ok(s) => lines.push(format!(
-                "shard {h}: {} push frames, {} pull frames, {:.1} MB in, {:.1} MB out, {} refused",
-                s.push_frames,
-                s.pull_frames,
-                s.bytes_in as f64 / 1e6,
-                s.bytes_out as f64 / 1e6,
-                s.errors_sent
-            )),
+            Ok(s) => {
+                if s.held_refused > 0 {
+                    tracing::error!(
+                        "server {rank} shard {h}: {} acknowledged pushes to sequential tables could not be merged \
+                         at the end of their clock (a sparse slab is full: give the table more room)",
+                        s.held_refused
+                    );
+                }
+                lines.push(format!(
+                    "shard {h}: {} push frames, {} pull frames, {:.1} MB in, {:.1} MB out, {} refused",
+                    s.push_frames,
+                    s.pull_frames,
+                    s.bytes_in as f64 / 1e6,
+                    s.bytes_out as f64 / 1e6,
+                    s.errors_sent
+                ))
+            }
             Err(_) => lines.push(format!("shard {h}: thread panicked")),
         }
     }

@@ -2,8 +2,9 @@
 //! `clocks` iterations of push (+1 on every key of a dense and a sparse table)
 //! -> pull -> `clock()`, while worker 0 sleeps `slow_ms` at the start of each
 //! iteration (a straggler). A read at clock c must show every worker's pushes
-//! of its first c - s clocks (s: the staleness) and this worker's own c + 1, so
-//! every value must be at least max(W (c - s), c + 1). Any read below that fails
+//! of its first c - s clocks (s: the staleness) and this worker's own c + 1
+//! (c under `sequential`, where a push shows from the next clock), so every
+//! value must be at least max(W (c - s), c + 1). Any read below that fails
 //! the job. Each worker also adds 1 per clock to a witness key of its own, so a
 //! read of the witnesses says exactly how many clocks of each worker it saw:
 //! each must be at least c - s. At the end every value must equal W x clocks
@@ -110,7 +111,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         wit_buf = ctx.ps.wait_pull(ts).map_err(e)?;
         waited += t.elapsed();
         let needed = p.check.needed(c).unwrap_or(0);
-        let floor = (w * needed).max(c + 1) as f32;
+        // a sequential table shows my own pushes of this clock from the next one
+        let mine = if p.model == Consistency::Sequential { c } else { c + 1 };
+        let floor = (w * needed).max(mine) as f32;
         let least = dense_buf.iter().chain(&sparse_buf).copied().fold(f32::INFINITY, f32::min);
         if least < floor {
             return Err(format!(
@@ -121,13 +124,11 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         }
         // the witnesses: how many clocks of each worker this read saw
         let fewest = wit_buf.iter().copied().fold(f32::INFINITY, f32::min) as u64;
-        if fewest < needed || wit_buf[ctx.rank as usize] as u64 != c + 1 {
+        if fewest < needed || wit_buf[ctx.rank as usize] as u64 != mine {
             return Err(format!(
                 "worker {} at clock {c} saw clocks {wit_buf:?} of the workers: {} needs {needed} of each and \
-                 {} of mine",
-                ctx.rank,
-                p.check,
-                c + 1
+                 {mine} of mine",
+                ctx.rank, p.check,
             ));
         }
         let seen = c.saturating_sub(fewest) as usize;

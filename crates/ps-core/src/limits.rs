@@ -58,6 +58,12 @@ pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_INTERVAL_MS;
 /// to the next clock, so honest jobs hold a few frames per worker.
 pub const PARKED_PULL_BYTES_MAX: usize = 64 << 20;
 
+/// Bytes of pushes a shard holds for `sequential` tables until every worker has
+/// finished the clock they were made in; a push beyond it is refused with an
+/// error frame. Honest jobs hold one clock's pushes of every worker: 256 MiB
+/// covers 4 workers pushing 64 MiB per clock to one shard.
+pub const HELD_PUSH_BYTES_MAX: usize = 256 << 20;
+
 /// Keys one worker connection may subscribe to on one shard and table for
 /// eager (ESSP) refreshes. Past it a pull is still answered but subscribes
 /// nothing more: refreshes only make reads fresher, the bound holds without

@@ -13,6 +13,14 @@
 //! worker's pushes of clock k are merged before its clock frame is seen, and the
 //! shard knows each reader's clock from the clock frames before its pull.
 //!
+//! Under `sequential` the shard also holds each push (acknowledged at once,
+//! copied, up to `HELD_PUSH_BYTES_MAX`) until every worker has finished the
+//! clock it was made in, then merges the held pushes in arrival order before
+//! it serves the reads that were waiting for that clock: a read at clock c sees
+//! exactly the updates of clocks < c, so a job's result is that of a serial run
+//! of its clocks, whatever the timing (the pusher's own pushes of clock c too
+//! show only from clock c + 1).
+//!
 //! Every pull response of such a table carries a stamp (`wire::stamp_of`): the
 //! clocks every worker had finished when it was read, which the worker's cache
 //! keeps with the rows. Under `essp` the shard remembers which rows each
@@ -47,6 +55,9 @@ pub struct ShardStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub errors_sent: u64,
+    /// held pushes (sequential tables) that could not be merged when their
+    /// clock ended, though acknowledged: only a full sparse slab does this
+    pub held_refused: u64,
 }
 
 /// Why a frame makes the shard drop its sender.
@@ -75,6 +86,9 @@ pub struct ShardCore {
     peer_rank: HashMap<PeerId, usize>,
     parked: VecDeque<Parked>,
     parked_bytes: usize,
+    /// pushes to sequential tables waiting for the end of their clock
+    held: VecDeque<Held>,
+    held_bytes: usize,
     /// peers whose released pull could not be answered (their sends failed)
     failed: Vec<(PeerId, ShardError)>,
     /// eager (ESSP) tables: who read which rows, and which rows changed
@@ -103,6 +117,14 @@ impl Eager {
         let end = (a + b).div_ceil(self.dim);
         self.begin + first..self.begin + end
     }
+}
+
+/// A push to a sequential table, merged once every worker has finished `clock`.
+#[derive(Debug)]
+struct Held {
+    peer: PeerId,
+    clock: u64,
+    frame: Vec<u8>,
 }
 
 /// A pull held back until the slowest worker has finished `needed` clocks.
@@ -169,10 +191,17 @@ impl ShardCore {
             peer_rank: HashMap::new(),
             parked: VecDeque::new(),
             parked_bytes: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
             failed: Vec::new(),
             eager,
             min_clock: 0,
         })
+    }
+
+    /// Pushes to sequential tables waiting for the end of their clock: (frames, bytes).
+    pub fn held(&self) -> (usize, usize) {
+        (self.held.len(), self.held_bytes)
     }
 
     /// Pulls waiting for the clock bound: (frames, bytes).
@@ -250,8 +279,10 @@ impl ShardCore {
             self.on_clock(peer, &h, tx)
         } else if let Some(wait) = self.must_wait(peer, &h) {
             self.park(peer, &h, wait, frame)
+        } else if let Some(clock) = self.must_hold(peer, &h) {
+            self.hold(peer, &h, clock, keys_b, frame, tx)
         } else {
-            self.apply(&h, keys_b, vals_b, peer, tx)
+            self.apply(&h, keys_b, vals_b, peer, tx, true)
         };
         self.answer(r, peer, &h, tx)
     }
@@ -285,6 +316,103 @@ impl ShardCore {
         let reader = self.peer_rank.get(&peer).map_or(0, |&r| self.clocks[r]);
         let needed = model.needed(reader)?;
         (!board.reached(board.space(), needed)).then_some(needed)
+    }
+
+    /// The clock a push to a sequential table belongs to, if it must wait for
+    /// every worker to finish it (`None`: merge it now).
+    fn must_hold(&self, peer: PeerId, h: &DataHeader) -> Option<u64> {
+        if !matches!(h.kind, Kind::Push | Kind::PushPull) {
+            return None;
+        }
+        let (model, _) = self.boards.get(&TableId(h.table))?;
+        if *model != Consistency::Sequential {
+            return None;
+        }
+        let clock = self.peer_rank.get(&peer).map_or(0, |&r| self.clocks[r]);
+        (clock >= self.min_clock).then_some(clock)
+    }
+
+    /// Checks a push to a sequential table as a merge would, acknowledges it,
+    /// and keeps a copy to merge when its clock ends.
+    fn hold(
+        &mut self,
+        peer: PeerId,
+        h: &DataHeader,
+        clock: u64,
+        keys_b: &[u8],
+        frame: &[u8],
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), Refusal> {
+        if h.kind == Kind::PushPull {
+            return Err(Refusal(format!(
+                "table {} is sequential: its pushes show from the next clock, so push and pull separately",
+                h.table
+            )));
+        }
+        if self.held_bytes + frame.len() > crate::limits::HELD_PUSH_BYTES_MAX {
+            return Err(Refusal(format!(
+                "{} bytes of pushes to sequential tables already wait for the end of a clock on server {} shard {}: \
+                 is a worker not calling clock()?",
+                self.held_bytes, self.owner.server, self.owner.shard
+            )));
+        }
+        self.check_push(h, keys_b)?;
+        self.held_bytes += frame.len();
+        self.held.push_back(Held { peer, clock, frame: frame.to_vec() });
+        let ack = DataHeader { kind: Kind::Ack, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+        let len = ack.frame_len().expect("ack is small");
+        ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
+        self.stats.bytes_out += len as u64;
+        Ok(())
+    }
+
+    /// What `apply` would refuse a push for, without merging it.
+    fn check_push(&mut self, h: &DataHeader, keys_b: &[u8]) -> Result<(), Refusal> {
+        let owner = self.owner;
+        let Some((dim, store)) = self.tables.get(&TableId(h.table)) else {
+            return Err(Refusal(format!(
+                "table {} does not exist on server {} shard {}",
+                h.table, owner.server, owner.shard
+            )));
+        };
+        let keys = wire::keys_of(keys_b, &mut self.keys_scratch);
+        let bad = |e: crate::store::StoreError| Refusal(format!("server {} shard {}: {e}", owner.server, owner.shard));
+        match store {
+            TableStore::Dense(d) if h.dense => d.check_span(h.a, h.b).map_err(bad),
+            _ if h.dense => Err(Refusal(format!("table {} is sparse: range operations need a dense table", h.table))),
+            _ if h.b != h.a.saturating_mul(*dim as u64) => Err(Refusal(format!(
+                "{} keys of table {} (dim {dim}) need {} values, frame says {}",
+                h.a,
+                h.table,
+                h.a.saturating_mul(*dim as u64),
+                h.b
+            ))),
+            TableStore::Dense(d) => {
+                check_sorted(keys).map_err(|e| Refusal(e.to_string()))?;
+                d.check_keys(keys).map_err(bad)
+            }
+            TableStore::Sparse(_) => check_sorted(keys).map_err(|e| Refusal(e.to_string())),
+        }
+    }
+
+    /// Merges, in arrival order, the held pushes of every clock all workers
+    /// have finished.
+    fn merge_held(&mut self, tx: &mut dyn FrameSink) {
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].clock >= self.min_clock {
+                i += 1;
+                continue;
+            }
+            let p = self.held.remove(i).expect("looked at");
+            self.held_bytes -= p.frame.len();
+            if let Ok(Frame::Data { h, keys, vals }) = wire::decode(&p.frame, self.body_max) {
+                // checked when it was held; a refusal now could only be a full sparse slab
+                if self.apply(&h, keys, vals, p.peer, tx, false).is_err() {
+                    self.stats.held_refused += 1;
+                }
+            }
+        }
     }
 
     fn park(&mut self, peer: PeerId, h: &DataHeader, needed: u64, frame: &[u8]) -> Result<(), Refusal> {
@@ -327,6 +455,7 @@ impl ShardCore {
         let least = self.clocks.iter().copied().min().unwrap_or(0);
         if least > self.min_clock {
             self.min_clock = least;
+            self.merge_held(tx);
             self.refresh(tx);
         }
         self.release(tx);
@@ -419,7 +548,7 @@ impl ShardCore {
             self.parked_bytes -= p.frame.len();
             let r = match wire::decode(&p.frame, self.body_max) {
                 Ok(Frame::Data { h, keys, vals }) => {
-                    let r = self.apply(&h, keys, vals, p.peer, tx);
+                    let r = self.apply(&h, keys, vals, p.peer, tx, true);
                     self.answer(r, p.peer, &h, tx)
                 }
                 // cannot happen: the same bytes decoded as a data frame before
@@ -438,6 +567,7 @@ impl ShardCore {
         vals_b: &[u8],
         peer: PeerId,
         tx: &mut dyn FrameSink,
+        ack: bool,
     ) -> Result<(), Refusal> {
         let owner = self.owner;
         let stamp = self.boards.contains_key(&TableId(h.table)).then_some(self.min_clock);
@@ -481,6 +611,9 @@ impl ShardCore {
             r.map_err(|e| Refusal(format!("server {} shard {}: {e}", owner.server, owner.shard)))?;
         }
         if h.kind == Kind::Push {
+            if !ack {
+                return Ok(());
+            }
             let ack =
                 DataHeader { kind: Kind::Ack, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
             let len = ack.frame_len().expect("ack is small");

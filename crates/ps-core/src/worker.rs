@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use crate::cache::{Cache, CacheStats, Lookup};
+use crate::clock::Consistency;
 use crate::error::PsError;
 use crate::keys::{check_sorted, Key, KeyRange, TableId, TableSpec};
 use crate::ring::{position, Owner, Ring};
@@ -202,8 +203,9 @@ impl WorkerCore {
 
     /// Tables whose reads a process cache may answer: a staleness bound to
     /// allow it, and the `Sum` rule so my own pushes can be added in locally.
+    /// Not sequential tables: there my pushes show only from the next clock.
     fn cacheable(t: &TableSpec) -> bool {
-        t.consistency.staleness().is_some() && t.rule == RuleSpec::Sum
+        t.consistency.staleness().is_some() && t.consistency != Consistency::Sequential && t.rule == RuleSpec::Sum
     }
 
     /// Turns the process cache of a table on (the default for `Sum` tables
@@ -220,7 +222,10 @@ impl WorkerCore {
             return Err(PsError::Rejected {
                 server: u32::MAX,
                 shard: u32::MAX,
-                reason: format!("table {} cannot be cached: it needs a staleness bound and the sum rule", t.name),
+                reason: format!(
+                    "table {} cannot be cached: it needs a staleness bound (not sequential) and the sum rule",
+                    t.name
+                ),
             });
         }
         Ok(())
