@@ -7,6 +7,7 @@
 //! let tp = w.pull(table, &keys, buf)?;         // buf: a Vec<f32> handed over, reused
 //! w.wait(ts)?;                                 // acknowledged: merged on every shard
 //! let weights = w.wait_pull(tp)?;              // the Vec back, filled
+//! let tq = w.pull_after(&[ts], table, &keys, buf2)?; // sent once ts has finished
 //! ```
 //! Keys are strictly ascending (`keys::sort_merge` makes them so). A pull issued
 //! after a push of mine sees that push. A transport's sink must make room by
@@ -112,6 +113,30 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         self.issue(Kind::Pull, table, Keys::Range { first, count }, None, Some(out))
     }
 
+    /// Pushes once every timestamp in `deps` has finished (execute-after-finished;
+    /// `WorkerCore::issue_after`). Returns at once; the push goes out as the
+    /// worker is driven (`wait`, `poll_once`).
+    pub fn push_after(
+        &mut self,
+        deps: &[Timestamp],
+        table: TableId,
+        keys: &[Key],
+        vals: &[f32],
+    ) -> Result<Timestamp, PsError> {
+        self.core.issue_after(&mut self.transport, deps, Kind::Push, table, Keys::List(keys), Some(vals), None)
+    }
+
+    /// Pulls once every timestamp in `deps` has finished; `wait_pull` on it.
+    pub fn pull_after(
+        &mut self,
+        deps: &[Timestamp],
+        table: TableId,
+        keys: &[Key],
+        out: Vec<f32>,
+    ) -> Result<Timestamp, PsError> {
+        self.core.issue_after(&mut self.transport, deps, Kind::Pull, table, Keys::List(keys), None, Some(out))
+    }
+
     /// Pushes, then pulls the same keys, in one round trip per chunk.
     pub fn push_pull(
         &mut self,
@@ -152,6 +177,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
 
     /// Handles whatever the transport has now (or within `timeout`).
     pub fn poll_once(&mut self, timeout: Option<Duration>) -> Result<(), PsError> {
+        self.core.pump(&mut self.transport);
         self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
         self.transport.rx_burst(&mut self.rx, timeout).map_err(|e| PsError::Transport(e.to_string()))?;
         for f in std::mem::take(&mut self.rx) {
@@ -168,6 +194,9 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 self.core.on_closed(peer, &reason);
             }
         }
+        // operations waiting on what just finished go out now
+        self.core.pump(&mut self.transport);
+        self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
         Ok(())
     }
 

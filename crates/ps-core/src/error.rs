@@ -29,6 +29,10 @@ pub enum PsError {
     Transport(String),
     #[error("clock() needs this worker's rank: call WorkerCore::set_rank first (the node runtime does)")]
     NoRank,
+    #[error("timestamp {dep} this operation was to run after failed: {reason}")]
+    DependencyFailed { dep: u64, reason: String },
+    #[error("timestamp {0} is not issued yet, so nothing can run after it")]
+    FutureTimestamp(u64),
     #[error("timed out after {0:?} waiting for the servers")]
     Timeout(std::time::Duration),
 }

@@ -81,6 +81,7 @@ mod tests {
     use crate::shard::ShardCore;
     use crate::wire::Kind;
     use crate::worker::{Keys, WorkerCore};
+    use crate::PsError;
     use std::collections::BTreeMap;
 
     const SERVERS: usize = 2;
@@ -571,6 +572,65 @@ mod tests {
         // updates of its own clock, which a serial run does not
         let differ = (0..200).filter(|&seed| run_serial(seed, Consistency::Bounded { staleness: 0 }).is_err());
         assert!(differ.count() > 0, "bounded(0) matched the serial run on every seed: the check could not fail");
+    }
+
+    #[test]
+    fn an_operation_issued_after_others_runs_only_once_they_finish() {
+        let view = view();
+        let (mut shards, peers, mut workers) = cluster(&view);
+        let mut sink = SimSink::default();
+        let keys: Vec<u64> = (0..50).map(|i| i * 977).collect();
+        let ones = vec![1.0f32; keys.len()];
+        let w = &mut workers[0];
+        let push = w.issue(&mut sink, Kind::Push, TableId(0), Keys::List(&keys), Some(&ones), None).unwrap();
+        let sent_push = sink.frames.len();
+        let pull = w
+            .issue_after(&mut sink, &[push], Kind::Pull, TableId(0), Keys::List(&keys), None, Some(Vec::new()))
+            .unwrap();
+        let again =
+            w.issue_after(&mut sink, &[pull], Kind::Push, TableId(0), Keys::List(&keys), Some(&ones), None).unwrap();
+        assert_eq!(sink.frames.len(), sent_push, "nothing goes out before the push finishes");
+        assert!(!w.is_done(pull).unwrap() && w.is_pull(pull) && !w.is_done(again).unwrap());
+        assert_eq!(
+            w.issue_after(&mut sink, &[again + 5], Kind::Push, TableId(0), Keys::List(&keys), Some(&ones), None),
+            Err(PsError::FutureTimestamp(again + 5))
+        );
+        // deliver everything, in order, pumping the worker after each answer
+        let mut net = SimNet::new(7);
+        let mut pulls_seen = 0;
+        loop {
+            for (p, f) in sink.frames.drain(..) {
+                net.send(SERVERS * SHARDS, p.index as usize, f);
+            }
+            let Some((from, to, frame)) = net.step() else { break };
+            if to < SERVERS * SHARDS {
+                if frame[5] == Kind::Pull as u8 {
+                    pulls_seen += 1;
+                    assert!(w.is_done(push).unwrap(), "the pull went out before the push finished");
+                }
+                shards[to].handle(PeerId { index: 0, generation: 0 }, &frame, &mut sink).unwrap();
+                for (_, f) in sink.frames.drain(..) {
+                    net.send(to, SERVERS * SHARDS, f);
+                }
+            } else {
+                let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
+                w.on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
+                w.pump(&mut sink);
+            }
+        }
+        assert!(pulls_seen > 0);
+        w.finish(push).unwrap();
+        assert_eq!(w.finish(pull).unwrap().unwrap(), ones, "the pull ran after the push");
+        w.finish(again).unwrap();
+        // a dependency that failed fails what waits on it
+        let lost = w.issue(&mut sink, Kind::Push, TableId(0), Keys::List(&keys), Some(&ones), None).unwrap();
+        let after = w
+            .issue_after(&mut sink, &[lost], Kind::Pull, TableId(0), Keys::List(&keys), None, Some(Vec::new()))
+            .unwrap();
+        w.on_closed(peers[0][0], "gone");
+        w.pump(&mut sink);
+        assert!(w.is_done(after).unwrap());
+        assert!(w.finish(after).is_err());
     }
 
     fn sim_seeds(default: u64) -> u64 {

@@ -56,6 +56,18 @@ impl Pending {
     }
 }
 
+/// An operation waiting for the timestamps it was issued after.
+#[derive(Debug)]
+struct Deferred {
+    ts: Timestamp,
+    deps: Vec<Timestamp>,
+    kind: Kind,
+    table: TableId,
+    keys: OwnedKeys,
+    vals: Option<Vec<f32>>,
+    out: Option<Vec<f32>>,
+}
+
 #[derive(Debug)]
 struct CachedRead {
     table: TableId,
@@ -134,6 +146,9 @@ pub struct WorkerCore {
     /// this worker's rank (clock frames name it) and the clocks it has finished
     rank: Option<u32>,
     clocks: u64,
+    /// operations issued to run after others finish (execute-after-finished),
+    /// in issue order; their timestamps are taken when they are issued
+    deferred: Vec<Deferred>,
     /// process caches of tables with a staleness bound (`cache.rs`)
     caches: HashMap<TableId, Cache>,
     /// flat owner index of the first shard of each server
@@ -180,6 +195,7 @@ impl WorkerCore {
             broken: None,
             rank: None,
             clocks: 0,
+            deferred: Vec::new(),
             caches,
             owner_base,
             groups: vec![Vec::new(); owners],
@@ -436,14 +452,123 @@ impl WorkerCore {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        if self.pending.len() >= self.in_flight_max {
-            return Err(PsError::TooManyInFlight(self.pending.len()));
+        if self.pending.len() + self.deferred.len() >= self.in_flight_max {
+            return Err(PsError::TooManyInFlight(self.pending.len() + self.deferred.len()));
         }
         let t = self.table(table)?.clone();
-        let n = Self::check_keys(&t, &keys, vals)?;
-        self.plan(&t, &keys);
+        Self::check_keys(&t, &keys, vals)?;
         let ts = self.next_ts;
         self.next_ts += 1;
+        self.issue_at(tx, ts, kind, &t, keys, vals, out)
+    }
+
+    /// Issues an operation to run only once every timestamp in `deps` has all
+    /// its answers (OSDI's execute-after-finished): it is checked now and gets
+    /// its timestamp now, and its frames go out from [`WorkerCore::pump`]. If a
+    /// dependency failed, so does it. A dependency already waited on counts as
+    /// finished. Under a staleness bound it reads at the clock it runs at.
+    #[allow(clippy::too_many_arguments)]
+    pub fn issue_after(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        deps: &[Timestamp],
+        kind: Kind,
+        table: TableId,
+        keys: Keys<'_>,
+        vals: Option<&[f32]>,
+        out: Option<Vec<f32>>,
+    ) -> Result<Timestamp, PsError> {
+        if let Some(&d) = deps.iter().find(|&&d| d >= self.next_ts) {
+            return Err(PsError::FutureTimestamp(d));
+        }
+        if deps.iter().all(|&d| self.finished(d)) {
+            return self.issue(tx, kind, table, keys, vals, out);
+        }
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.pending.len() + self.deferred.len() >= self.in_flight_max {
+            return Err(PsError::TooManyInFlight(self.pending.len() + self.deferred.len()));
+        }
+        let t = self.table(table)?;
+        Self::check_keys(t, &keys, vals)?;
+        let ts = self.next_ts;
+        self.next_ts += 1;
+        self.deferred.push(Deferred {
+            ts,
+            deps: deps.to_vec(),
+            kind,
+            table,
+            keys: OwnedKeys::of(&keys),
+            vals: vals.map(|v| v.to_vec()),
+            out,
+        });
+        Ok(ts)
+    }
+
+    /// Whether `ts` has all its answers (or was waited on already).
+    fn finished(&self, ts: Timestamp) -> bool {
+        match self.pending.get(&ts) {
+            Some(p) => p.frames_left == 0,
+            None => !self.deferred.iter().any(|d| d.ts == ts),
+        }
+    }
+
+    /// Sends every deferred operation whose dependencies have finished, in
+    /// issue order; the caller flushes. Call it after handling responses.
+    pub fn pump(&mut self, tx: &mut dyn FrameSink) {
+        if let Some(e) = self.broken.clone() {
+            for d in std::mem::take(&mut self.deferred) {
+                self.pending.insert(d.ts, Pending::new(0, Some(e.clone()), None));
+            }
+            return;
+        }
+        let mut i = 0;
+        while i < self.deferred.len() {
+            if !self.deferred[i].deps.iter().all(|&d| self.finished(d)) {
+                i += 1;
+                continue;
+            }
+            let d = self.deferred.remove(i);
+            let failed = d.deps.iter().find_map(|&dep| {
+                let e = self.pending.get(&dep)?.error.as_ref()?;
+                Some(PsError::DependencyFailed { dep, reason: e.to_string() })
+            });
+            let r = match (failed, self.table(d.table).cloned()) {
+                (Some(e), _) | (None, Err(e)) => Err(e),
+                (None, Ok(t)) => {
+                    let keys = match &d.keys {
+                        OwnedKeys::List(k) => Keys::List(k),
+                        OwnedKeys::Range { first, count } => Keys::Range { first: *first, count: *count },
+                    };
+                    self.issue_at(tx, d.ts, d.kind, &t, keys, d.vals.as_deref(), d.out)
+                }
+            };
+            if let Err(e) = r {
+                // issue_at leaves a pending entry when frames went out; otherwise record the failure
+                self.pending.entry(d.ts).or_insert_with(|| Pending::new(0, Some(e), None));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue_at(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        ts: Timestamp,
+        kind: Kind,
+        t: &TableSpec,
+        keys: Keys<'_>,
+        vals: Option<&[f32]>,
+        out: Option<Vec<f32>>,
+    ) -> Result<Timestamp, PsError> {
+        let t = t.clone();
+        let table = t.id;
+        let n = match keys {
+            Keys::List(k) => k.len() as u64,
+            Keys::Range { count, .. } => count,
+        };
+        self.plan(&t, &keys);
         let dim = t.dim as usize;
         let dense = matches!(keys, Keys::Range { .. });
         let mut pull = out.map(|mut v| {
@@ -726,6 +851,9 @@ impl WorkerCore {
 
     /// True once every frame of `ts` has been answered.
     pub fn is_done(&self, ts: Timestamp) -> Result<bool, PsError> {
+        if self.deferred.iter().any(|d| d.ts == ts) {
+            return Ok(false);
+        }
         self.pending.get(&ts).map(|p| p.frames_left == 0).ok_or(PsError::UnknownTimestamp(ts))
     }
 
@@ -741,6 +869,7 @@ impl WorkerCore {
 
     pub fn is_pull(&self, ts: Timestamp) -> bool {
         self.pending.get(&ts).is_some_and(|p| p.pull.is_some())
+            || self.deferred.iter().any(|d| d.ts == ts && d.out.is_some())
     }
 }
 
