@@ -52,9 +52,17 @@ step slow-shard-rdma env PS_TEST_SHARD_DELAY_US=3000 pslab --transport rdma loca
 step ssp-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --app ssp \
   --params '{"clocks": 10, "keys": 2000, "model": "bounded:1", "slow_ms": 30}'
 
+# 7. the same under eager SSP and sequential: shards send Refresh frames through
+#    the rings to the workers' process caches, and hold sequential pushes to
+#    the end of their clock
+step essp-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --app ssp \
+  --params '{"clocks": 10, "keys": 2000, "model": "essp:1", "slow_ms": 30}'
+step sequential-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --app ssp \
+  --params '{"clocks": 8, "keys": 2000, "model": "sequential", "slow_ms": 30}'
+
 fi
 
-# 7. the bench beside perftest on the same device in the same boot: per size,
+# 8. the bench beside perftest on the same device in the same boot: per size,
 #    ib_write_bw and ib_read_bw just before and just after each pslab run (the
 #    VM's speed drifts); perftest moves 64 MiB per run (about 2 s here, as long
 #    as pslab measures each op; its duration mode -D reports nothing for 1 MiB

@@ -137,6 +137,8 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         let t = ctx.ps.clock().map_err(e)?;
         ctx.ps.wait(t).map_err(e)?;
     }
+    // reads the process cache answered (before it is turned off below)
+    let hits: u64 = [DENSE, SPARSE].iter().filter_map(|&t| ctx.ps.core().cache_stats(TableId(t))).map(|c| c.hits).sum();
     ctx.barrier("ssp-done")?;
     // the exact check wants every push: read the shards, not the process cache
     for t in [TableId(DENSE), TableId(SPARSE)] {
@@ -150,6 +152,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         return Err(format!("after the job a value is {v}, want {want} (= {w} workers x {} clocks)", p.clocks));
     }
     let report = json!({"rank": ctx.rank, "clocks": p.clocks, "model": p.model.to_string(), "check": p.check.to_string(),
+        "cache_hits": hits,
         "staleness_seen": staleness_seen, "read_wait_ms": waited.as_secs_f64() * 1e3,
         "seconds": started.elapsed().as_secs_f64()});
     ctx.emit("ssp", report.clone());

@@ -11,10 +11,10 @@
 //! response or refresh overwrites that row, since it may have been read before
 //! the push was merged. A push that fails drops its rows from the cache.
 //!
-//! Under `essp` the shards send `Refresh` frames when the slowest worker
-//! finishes a clock: the changed rows a worker read, with the new stamp. Every
-//! subscribed row of that shard that did not change is as fresh as the stamp
-//! too, so the cache also keeps a stamp per owner and a row's stamp is the
+//! Under `essp` the shards answer the worker's `Watch` with `Refresh` frames
+//! when the slowest worker finishes a clock: the changed rows a worker read,
+//! with the new stamp. After the last frame of a refresh every subscribed row
+//! of that shard is as fresh as the stamp, so the cache also keeps a stamp per owner and a row's stamp is the
 //! larger of its own and its owner's, unless a refresh of the row was skipped
 //! for an unacknowledged push (then only its own counts).
 //!
@@ -88,6 +88,11 @@ impl Cache {
             hits: 0,
             misses: 0,
         }
+    }
+
+    /// Whether shards refresh this table (it is `essp`).
+    pub fn is_eager(&self) -> bool {
+        self.eager
     }
 
     fn stamp_of(&self, r: &Row) -> u64 {

@@ -25,8 +25,10 @@
 //! clocks every worker had finished when it was read, which the worker's cache
 //! keeps with the rows. Under `essp` the shard remembers which rows each
 //! connection read (its subscriptions, capped by `ESSP_SUBSCRIBED_KEYS_MAX`) and
-//! which rows pushes changed; when the slowest worker finishes a clock it sends
-//! every subscriber a `Refresh` of its changed rows with the new stamp.
+//! which rows pushes changed; when the slowest worker finishes a clock, each
+//! subscriber's changed rows become due with the new stamp, and go out as
+//! `Refresh` frames, one per `Watch` the worker sent (it keeps one outstanding:
+//! every frame a shard sends answers one request, as the RDMA rings need).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -95,6 +97,21 @@ pub struct ShardCore {
     eager: BTreeMap<TableId, Eager>,
     /// clocks every worker has finished (the least of `clocks`): the stamp
     min_clock: u64,
+    /// (connection, eager table) pairs with a `Watch` outstanding
+    watching: HashSet<(PeerId, TableId)>,
+    /// payload bytes of one refresh frame at most
+    refresh_bytes: usize,
+}
+
+/// One connection's subscription to an eager table.
+#[derive(Debug, Default)]
+struct Reader {
+    keys: HashSet<Key>,
+    /// changed rows not sent yet, and the stamp they are due with
+    due: std::collections::BTreeSet<Key>,
+    stamp: u64,
+    /// the stamp of the last refresh finished (its last frame sent)
+    sent: u64,
 }
 
 /// An eager table's subscriptions and the rows pushed since the last refresh.
@@ -103,7 +120,7 @@ struct Eager {
     /// the table's first key (dense frames address floats from it)
     begin: Key,
     dim: u64,
-    readers: HashMap<PeerId, HashSet<Key>>,
+    readers: HashMap<PeerId, Reader>,
     /// readers that passed the subscription cap: refreshed no more, since a
     /// refresh tells a worker all its rows of this shard are that fresh
     overflowed: HashSet<PeerId>,
@@ -196,6 +213,8 @@ impl ShardCore {
             failed: Vec::new(),
             eager,
             min_clock: 0,
+            watching: HashSet::new(),
+            refresh_bytes: view.job.limits.chunk_bytes.min(view.job.limits.frame_bytes_max / 2),
         })
     }
 
@@ -229,11 +248,12 @@ impl ShardCore {
             e.readers.remove(&peer);
             e.overflowed.remove(&peer);
         }
+        self.watching.retain(|(p, _)| *p != peer);
     }
 
     /// Keys `peer` is subscribed to for refreshes of `table` (eager tables).
     pub fn subscribed(&self, table: TableId, peer: PeerId) -> usize {
-        self.eager.get(&table).and_then(|e| e.readers.get(&peer)).map_or(0, |k| k.len())
+        self.eager.get(&table).and_then(|e| e.readers.get(&peer)).map_or(0, |r| r.keys.len())
     }
 
     pub fn owner(&self) -> Owner {
@@ -264,7 +284,7 @@ impl ShardCore {
         self.stats.bytes_in += frame.len() as u64;
         let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
             Frame::Data { h, keys, vals }
-                if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock) =>
+                if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock | Kind::Watch) =>
             {
                 (h, keys, vals)
             }
@@ -277,6 +297,12 @@ impl ShardCore {
         };
         let r = if h.kind == Kind::Clock {
             self.on_clock(peer, &h, tx)
+        } else if h.kind == Kind::Watch {
+            if !self.eager.contains_key(&TableId(h.table)) {
+                return Err(WireError::Unexpected(Kind::Watch).into());
+            }
+            self.watching.insert((peer, TableId(h.table)));
+            self.serve_watch(peer, TableId(h.table), tx).map_err(|e| Refusal(e.to_string()))
         } else if let Some(wait) = self.must_wait(peer, &h) {
             self.park(peer, &h, wait, frame)
         } else if let Some(clock) = self.must_hold(peer, &h) {
@@ -462,33 +488,56 @@ impl ShardCore {
         Ok(())
     }
 
-    /// The slowest worker finished a clock: every subscriber of an eager table
-    /// gets the rows pushed since the last refresh that it read before, stamped
-    /// with the new clock, in frames of at most half a frame of values (an
-    /// empty one when none of its rows changed: its other rows are that fresh).
+    /// The slowest worker finished a clock: each subscriber's changed rows of
+    /// every eager table become due with the new stamp, and every connection
+    /// with a `Watch` outstanding gets its refresh.
     fn refresh(&mut self, tx: &mut dyn FrameSink) {
         let stamp = self.min_clock;
-        let chunk = self.body_max / 2;
-        let mut eager = std::mem::take(&mut self.eager);
-        for (&table, e) in eager.iter_mut() {
-            let mut dirty: Vec<Key> = e.dirty.drain().collect();
-            dirty.sort_unstable();
-            let per_frame = (chunk / (8 + 4 * e.dim as usize)).max(1);
-            let mut keys: Vec<Key> = Vec::new();
-            for (&peer, subscribed) in &e.readers {
-                keys.clear();
-                keys.extend(dirty.iter().copied().filter(|k| subscribed.contains(k)));
-                // an empty refresh still says the reader's unchanged rows are this fresh
-                let parts = keys.chunks(per_frame).chain((keys.is_empty()).then_some(&[][..]));
-                for part in parts {
-                    if let Err(err) = self.send_refresh(peer, table, part, stamp, tx) {
-                        self.failed.push((peer, err));
-                        break;
-                    }
-                }
+        for e in self.eager.values_mut() {
+            for r in e.readers.values_mut() {
+                r.due.extend(e.dirty.iter().copied().filter(|k| r.keys.contains(k)));
+                r.stamp = stamp;
+            }
+            e.dirty.clear();
+        }
+        // in a fixed order, so a simulation's seed replays exactly
+        let mut watching: Vec<(PeerId, TableId)> = self.watching.iter().copied().collect();
+        watching.sort_unstable_by_key(|(p, t)| (p.index, p.generation, t.0));
+        for (peer, table) in watching {
+            if let Err(err) = self.serve_watch(peer, table, tx) {
+                self.failed.push((peer, err));
             }
         }
-        self.eager = eager;
+    }
+
+    /// Answers `peer`'s outstanding `Watch` of `table` with one `Refresh`
+    /// frame if something is due: up to half a frame of its due rows, read now
+    /// (so at least as fresh as their stamp); the last frame of a refresh says
+    /// so, and may be empty (the stamp alone moved on).
+    fn serve_watch(&mut self, peer: PeerId, table: TableId, tx: &mut dyn FrameSink) -> Result<(), ShardError> {
+        if !self.watching.contains(&(peer, table)) {
+            return Ok(());
+        }
+        // a refresh answers one request, so it is no larger than a response
+        let chunk = self.refresh_bytes;
+        let Some(e) = self.eager.get_mut(&table) else { return Ok(()) };
+        let Some(r) = e.readers.get_mut(&peer) else { return Ok(()) };
+        if r.due.is_empty() && r.stamp <= r.sent {
+            return Ok(());
+        }
+        let per_frame = (chunk / (8 + 4 * e.dim as usize)).max(1);
+        let mut keys = Vec::with_capacity(per_frame.min(r.due.len()));
+        while keys.len() < per_frame {
+            let Some(k) = r.due.pop_first() else { break };
+            keys.push(k);
+        }
+        let last = r.due.is_empty();
+        if last {
+            r.sent = r.stamp;
+        }
+        let stamp = r.stamp;
+        self.watching.remove(&(peer, table));
+        self.send_refresh(peer, table, &keys, stamp, last, tx)
     }
 
     fn send_refresh(
@@ -497,6 +546,7 @@ impl ShardCore {
         table: TableId,
         keys: &[Key],
         stamp: u64,
+        last: bool,
         tx: &mut dyn FrameSink,
     ) -> Result<(), ShardError> {
         let Some((dim, store)) = self.tables.get_mut(&table) else { return Ok(()) };
@@ -509,20 +559,27 @@ impl ShardCore {
                 s.prepare_pull(keys).map(|_| s.pull_prepared(&mut self.vals_scratch)).map_err(|e| e.to_string())
             }
         };
-        if read.is_err() {
-            // a subscribed key this shard cannot read: nothing to refresh it with
-            return Ok(());
-        }
+        // cannot happen (only checked pulls subscribe); if it did, this reader
+        // gets no more refreshes rather than rows it was never sent
+        let (keys, n, last) = if read.is_ok() {
+            (keys, n, last)
+        } else {
+            if let Some(e) = self.eager.get_mut(&table) {
+                e.readers.remove(&peer);
+                e.overflowed.insert(peer);
+            }
+            (&[][..], 0, false)
+        };
         let h = DataHeader {
             kind: Kind::Refresh,
             dense: false,
             table: table.0,
-            sub: 0,
+            sub: last as u32,
             ts: stamp,
             a: keys.len() as u64,
             b: n as u64,
         };
-        let len = h.frame_len().expect("a refresh is at most half a frame");
+        let len = h.frame_len().expect("a refresh is at most a chunk");
         let buf = tx.frame(peer, len)?;
         h.write(buf);
         let kb = keys.len() * 8;
@@ -571,9 +628,6 @@ impl ShardCore {
     ) -> Result<(), Refusal> {
         let owner = self.owner;
         let stamp = self.boards.contains_key(&TableId(h.table)).then_some(self.min_clock);
-        if let Some(e) = self.eager.get_mut(&TableId(h.table)) {
-            Self::track(e, h, keys_b, peer);
-        }
         let Some((dim, store)) = self.tables.get_mut(&TableId(h.table)) else {
             return Err(Refusal(format!(
                 "table {} does not exist on server {} shard {}",
@@ -609,6 +663,9 @@ impl ShardCore {
                 TableStore::Sparse(s) => s.push(keys, vals, k),
             };
             r.map_err(|e| Refusal(format!("server {} shard {}: {e}", owner.server, owner.shard)))?;
+            if let Some(e) = self.eager.get_mut(&TableId(h.table)) {
+                Self::track(e, h, keys_b, peer, true);
+            }
         }
         if h.kind == Kind::Push {
             if !ack {
@@ -642,6 +699,9 @@ impl ShardCore {
             TableStore::Sparse(s) => s.prepare_pull(keys),
         };
         checked.map_err(|e| Refusal(format!("server {} shard {}: {e}", owner.server, owner.shard)))?;
+        if let Some(e) = self.eager.get_mut(&TableId(h.table)) {
+            Self::track(e, h, keys_b, peer, false);
+        }
         let n = h.b as usize;
         if let (TableStore::Dense(d), true) = (&*store, h.dense) {
             // send straight from the slab blocks: no copy into the send queue
@@ -705,13 +765,12 @@ impl ShardCore {
 }
 
 impl ShardCore {
-    /// An eager table's bookkeeping for one request: a push marks its rows
-    /// changed, a pull subscribes its reader to them (up to the cap). Runs
-    /// before the request is checked: a refused one only costs a refresh of
-    /// rows the shard cannot read, which `send_refresh` skips.
-    fn track(e: &mut Eager, h: &DataHeader, keys_b: &[u8], peer: PeerId) {
-        let pushes = matches!(h.kind, Kind::Push | Kind::PushPull);
-        let pulls = matches!(h.kind, Kind::Pull | Kind::PushPull);
+    /// An eager table's bookkeeping for one checked request: a merged push
+    /// marks its rows changed (`pushed`), an answered pull subscribes its
+    /// reader to them (up to the cap).
+    fn track(e: &mut Eager, h: &DataHeader, keys_b: &[u8], peer: PeerId, pushed: bool) {
+        let pushes = pushed;
+        let pulls = !pushed;
         let span = h.dense.then(|| e.span(h.a, h.b));
         let each = |f: &mut dyn FnMut(Key)| {
             if let Some(span) = span.clone() {
@@ -726,7 +785,7 @@ impl ShardCore {
             });
         }
         if pulls && !e.overflowed.contains(&peer) {
-            let subs = e.readers.entry(peer).or_default();
+            let subs = &mut e.readers.entry(peer).or_default().keys;
             let mut over = false;
             each(&mut |k| {
                 if subs.len() < crate::limits::ESSP_SUBSCRIBED_KEYS_MAX {
@@ -879,23 +938,37 @@ mod tests {
         s.handle(B, &push, &mut sink).unwrap();
         sink.frames.clear();
         assert_eq!(s.subscribed(TableId(0), A), 10);
+        // A watches: nothing is due yet, so nothing is sent
+        let watch = frame(DataHeader { kind: Kind::Watch, dense: false, table: 0, sub: 0, ts: 0, a: 0, b: 0 }, &[]);
+        // a watch of a table that is not eager breaks the protocol
+        let mut lazy = shard(Consistency::Bounded { staleness: 1 });
+        assert!(lazy.handle(A, &watch, &mut sink).is_err());
+        s.handle(A, &watch, &mut sink).unwrap();
+        assert!(sink.frames.is_empty());
         // the minimum clock moves only when both have finished clock 0
         s.handle(A, &clock(0, 1), &mut sink).unwrap();
         assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack)]);
         s.handle(B, &clock(1, 1), &mut sink).unwrap();
         let refresh = sink.frames.iter().find(|(p, f)| *p == A && f[5] == Kind::Refresh as u8).expect("a refresh");
         let Frame::Data { h, keys, vals } = wire::decode(&refresh.1, 1 << 30).unwrap() else { panic!() };
-        assert_eq!((wire::stamp_of(&h), h.a), (1, 1));
+        assert_eq!((wire::stamp_of(&h), h.a, h.sub), (1, 1, 1));
         assert_eq!(keys, 3u64.to_le_bytes());
         assert_eq!(vals, 0f32.to_le_bytes());
-        // B read nothing: no refresh for it; A's next refresh, with nothing changed, is empty
+        // B read nothing and watched nothing: no refresh for it
         assert!(!sink.frames.iter().any(|(p, f)| *p == B && f[5] == Kind::Refresh as u8));
         sink.frames.clear();
+        // one refresh per watch: the next clock's waits for A's next watch, and
+        // with nothing changed it is empty (the stamp alone moved on)
         s.handle(A, &clock(0, 2), &mut sink).unwrap();
         s.handle(B, &clock(1, 2), &mut sink).unwrap();
+        assert!(!sink.frames.iter().any(|(_, f)| f[5] == Kind::Refresh as u8));
+        s.handle(A, &watch, &mut sink).unwrap();
         let empty = sink.frames.iter().find(|(_, f)| f[5] == Kind::Refresh as u8).expect("an empty refresh");
         let Frame::Data { h, .. } = wire::decode(&empty.1, 1 << 30).unwrap() else { panic!() };
-        assert_eq!((wire::stamp_of(&h), h.a), (2, 0));
+        assert_eq!((wire::stamp_of(&h), h.a, h.sub), (2, 0, 1));
+        sink.frames.clear();
+        s.handle(A, &watch, &mut sink).unwrap();
+        assert!(sink.frames.is_empty(), "nothing new: the watch waits");
         s.on_closed(A);
         assert_eq!(s.subscribed(TableId(0), A), 0);
     }

@@ -195,6 +195,7 @@ mod tests {
                 let w = to - SERVERS * SHARDS;
                 let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
                 workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
+                workers[w].pump(&mut sink);
                 let _ = shard_ep(o);
                 match current[w].clone() {
                     Some(Op::Push(ts, table, keys, vals)) if workers[w].is_done(ts).unwrap() => {
@@ -325,6 +326,7 @@ mod tests {
                 let b = workers[w]
                     .issue(&mut sink, Kind::Push, TableId(1), Keys::List(&sparse_keys), Some(&ones_s), None)
                     .unwrap();
+                workers[w].pump(&mut sink); // its first watches (eager tables)
                 for (p, f) in sink.frames.drain(..) {
                     net.send(worker_ep(w), p.index as usize, f);
                 }
@@ -346,6 +348,7 @@ mod tests {
             let w = to - SERVERS * SHARDS;
             let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
             workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
+            workers[w].pump(&mut sink);
             let done = |c: &WorkerCore, ts| c.is_done(ts).unwrap();
             // a read the cache answers completes with no frame: go on until stuck
             loop {
@@ -484,6 +487,7 @@ mod tests {
             let w = to - SERVERS * SHARDS;
             let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
             workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
+            workers[w].pump(&mut sink);
             let done = |c: &WorkerCore, ts| c.is_done(ts).unwrap();
             match phase[w] {
                 Phase::Pull(a, b) if done(&workers[w], a) && done(&workers[w], b) => {

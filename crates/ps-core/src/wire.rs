@@ -49,10 +49,16 @@ pub enum Kind {
     /// worker -> shard: "I have finished `a` clocks" (`b`: my worker rank);
     /// answered with an `Ack`
     Clock = 16,
-    /// shard -> worker, unasked (eager SSP): fresh values of rows the worker
-    /// read before, laid out as a sparse push (`a` keys, `b` values); `ts` is
-    /// the clock stamp (see [`stamp_of`]) the values have
+    /// shard -> worker, the answer to a `Watch` (eager SSP): fresh values of
+    /// rows the worker read before, laid out as a sparse push (`a` keys, `b`
+    /// values); `ts` is the clock stamp (see [`stamp_of`]) the values have;
+    /// `sub` is 1 on the last frame of a refresh (then every row the worker
+    /// read from this shard is as fresh as the stamp)
     Refresh = 17,
+    /// worker -> shard: "answer with a `Refresh` when there is one". A worker
+    /// keeps one outstanding per shard, so every frame a shard sends still
+    /// answers exactly one request (the RDMA rings' credit rule)
+    Watch = 18,
     /// a JSON control message (manager traffic)
     Control = 20,
 }
@@ -71,6 +77,7 @@ impl Kind {
             15 => Kind::Error,
             16 => Kind::Clock,
             17 => Kind::Refresh,
+            18 => Kind::Watch,
             20 => Kind::Control,
             _ => return None,
         })

@@ -151,6 +151,9 @@ pub struct WorkerCore {
     deferred: Vec<Deferred>,
     /// process caches of tables with a staleness bound (`cache.rs`)
     caches: HashMap<TableId, Cache>,
+    /// (shard, eager table) pairs to send a `Watch` for, and those with one outstanding
+    watch_due: Vec<(PeerId, TableId)>,
+    watch_out: std::collections::HashSet<(PeerId, TableId)>,
     /// flat owner index of the first shard of each server
     owner_base: Vec<u32>,
     // scratch reused across calls
@@ -182,6 +185,7 @@ impl WorkerCore {
             .filter(|t| Self::cacheable(t))
             .map(|t| (t.id, Cache::new(t.dim as usize, t.consistency.is_eager(), owners)))
             .collect();
+        let watch_due = all_watches(&peers, &caches);
         Self {
             tables: tables.iter().map(|t| (t.id, t.clone())).collect(),
             ring,
@@ -196,6 +200,8 @@ impl WorkerCore {
             rank: None,
             clocks: 0,
             deferred: Vec::new(),
+            watch_due,
+            watch_out: Default::default(),
             caches,
             owner_base,
             groups: vec![Vec::new(); owners],
@@ -234,6 +240,9 @@ impl WorkerCore {
         } else if Self::cacheable(&t) {
             let owners = self.peers.iter().map(|r| r.len()).sum();
             self.caches.entry(table).or_insert_with(|| Cache::new(t.dim as usize, t.consistency.is_eager(), owners));
+            if t.consistency.is_eager() {
+                self.watch_due = all_watches(&self.peers, &self.caches);
+            }
         } else {
             return Err(PsError::Rejected {
                 server: u32::MAX,
@@ -523,6 +532,21 @@ impl WorkerCore {
             }
             return;
         }
+        for (peer, table) in std::mem::take(&mut self.watch_due) {
+            if self.watch_out.contains(&(peer, table)) {
+                continue;
+            }
+            let h = DataHeader { kind: Kind::Watch, dense: false, table: table.0, sub: 0, ts: 0, a: 0, b: 0 };
+            let len = h.frame_len().expect("a watch is small");
+            match tx.frame(peer, len) {
+                Ok(buf) => {
+                    h.write(buf);
+                    self.watch_out.insert((peer, table));
+                }
+                // the connection is going: nothing to watch on it
+                Err(_) => continue,
+            }
+        }
         let mut i = 0;
         while i < self.deferred.len() {
             if !self.deferred[i].deps.iter().all(|&d| self.finished(d)) {
@@ -734,6 +758,14 @@ impl WorkerCore {
 
     /// A shard's eager refresh of rows this worker read.
     fn on_refresh(&mut self, peer: PeerId, h: &DataHeader, keys_b: &[u8], vals_b: &[u8]) -> Result<(), String> {
+        let table = TableId(h.table);
+        if !self.watch_out.remove(&(peer, table)) {
+            return Err(format!("a refresh of table {} nobody watched for", h.table));
+        }
+        // watch for the next one (sent by `pump`) while the table is cached
+        if self.caches.contains_key(&table) {
+            self.watch_due.push((peer, table));
+        }
         let Some(t) = self.tables.get(&TableId(h.table)) else {
             return Err(format!("a refresh of unknown table {}", h.table));
         };
@@ -751,8 +783,11 @@ impl WorkerCore {
         let stamp = wire::stamp_of(h);
         let (ring, base) = (&self.ring, &self.owner_base);
         c.fill(keys.iter().copied(), &vals, stamp, |k| Self::owner_index(ring, base, range, k));
-        if let Some(o) = self.peer_owner.get(&peer) {
-            c.owner_advanced((base[o.server as usize] + o.shard) as usize, stamp);
+        if h.sub == 1 {
+            // the last frame of a refresh: every row read from this shard is this fresh
+            if let Some(o) = self.peer_owner.get(&peer) {
+                c.owner_advanced((base[o.server as usize] + o.shard) as usize, stamp);
+            }
         }
         Ok(())
     }
@@ -871,6 +906,13 @@ impl WorkerCore {
         self.pending.get(&ts).is_some_and(|p| p.pull.is_some())
             || self.deferred.iter().any(|d| d.ts == ts && d.out.is_some())
     }
+}
+
+/// A watch on every shard for every eager table cached.
+fn all_watches(peers: &[Vec<PeerId>], caches: &HashMap<TableId, Cache>) -> Vec<(PeerId, TableId)> {
+    let mut eager: Vec<TableId> = caches.iter().filter(|(_, c)| c.is_eager()).map(|(t, _)| *t).collect();
+    eager.sort_unstable_by_key(|t| t.0);
+    peers.iter().flatten().flat_map(|&p| eager.iter().map(move |&t| (p, t))).collect()
 }
 
 fn tx_error(e: TxError) -> PsError {

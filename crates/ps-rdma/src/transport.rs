@@ -15,7 +15,8 @@
 //! the frame out of its slot and posts the receive again.
 //!
 //! Credits: every request a client writes gets exactly one response frame
-//! (`Ack`, `PullResp` or `Error`), so a client keeps `sent - answered < slots`:
+//! (`Ack`, `PullResp` or `Error`; a `Watch` gets a `Refresh`, whenever the
+//! shard has one), so a client keeps `sent - answered < slots`:
 //! a request slot is reused only after the request that used it was answered
 //! (hence consumed), and the server's response *j* goes to a slot whose previous
 //! response the client already took. No credit message is needed; a slow shard
@@ -24,7 +25,8 @@
 //! ## Dense pulls as one-sided READs
 //! A server registers each dense table's slab for remote READ and sends its
 //! layout. A client's dense range pull is then not sent: once every earlier
-//! request to that shard is answered (read-your-writes), the transport READs the
+//! request to that shard is answered (read-your-writes; an outstanding `Watch`
+//! changes nothing and does not count), the transport READs the
 //! blocks that hold the span, checks every block's head and tail versions
 //! (`slab::check_block`), re-reads a torn block, and hands the caller a
 //! `PullResp` frame it built itself. The shard's CPU is not involved.
@@ -312,6 +314,9 @@ struct Conn {
     tables: HashMap<u32, RemoteTable>,
     /// READ batches posted on this QP whose completion is not handled yet
     reads: usize,
+    /// client side: `Watch` requests sent and not answered yet (a shard answers
+    /// one when a refresh is due, so they do not hold back READ-served pulls)
+    watches: u64,
 }
 
 /// One chained READ post: pull chunks landing in `read_mr` slots.
@@ -507,6 +512,7 @@ impl RdmaTransport {
             client,
             tables: HashMap::new(),
             reads: 0,
+            watches: 0,
         };
         Ok((idx, conn, ep, ring))
     }
@@ -758,6 +764,9 @@ impl RdmaTransport {
             buf.clear();
             buf.resize(len / 8, 0);
             bytemuck::cast_slice_mut::<u64, u8>(&mut buf).copy_from_slice(&conn.rx_mr.bytes()[at..at + len]);
+            if conn.rx_mr.bytes()[at + 5] == Kind::Refresh as u8 {
+                conn.watches = conn.watches.saturating_sub(1);
+            }
             RdmaRx::Local { peer, buf, len }
         } else {
             // a request is handled where it landed (no copy): the client writes
@@ -790,7 +799,7 @@ impl RdmaTransport {
             let conn = self.conns[idx].as_mut().expect("caller checked");
             let Some(front) = conn.tx_queue.front() else { return Ok(()) };
             if front.read.is_some() {
-                if conn.sent != conn.received {
+                if conn.sent - conn.received != conn.watches {
                     return Ok(()); // wait until earlier requests are answered
                 }
                 // every READ-served pull at the head of the queue that finds a
@@ -856,6 +865,9 @@ impl RdmaTransport {
                 });
                 inflight.push((conn.seq, slot));
                 self.stats.bytes_out += len as u64;
+                if conn.tx_mr.bytes()[slot * conn.slot_bytes + 5] == Kind::Watch as u8 {
+                    conn.watches += 1;
+                }
             }
             // SAFETY: each staging slot stays out of `tx_free` (so nobody writes
             // it) until a signalled completion at or after its WR frees it, and
