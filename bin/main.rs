@@ -4,7 +4,8 @@
 //! - `pslab node`: one role of a job (what mpirun / srun / scripts start);
 //! - `pslab bench`: push/pull throughput and latency beside raw TCP;
 //! - `pslab secret`: a fresh per-job secret;
-//! - `pslab doctor`: RDMA devices, ports, GIDs, memlock and hugepages, with remedies.
+//! - `pslab doctor`: RDMA devices, ports, GIDs, memlock and hugepages, with remedies;
+//! - `pslab plot`: a PNG of line or bar panels described in JSON (the experiments' figures).
 //!
 //! Environment: see docs/env.md.
 // the one exception is `net::export_slabs` (registering a shard's slabs for RDMA)
@@ -174,6 +175,16 @@ enum Cmd {
     },
     /// Redraw the PNG of a saved `pslab bench --json` result.
     PlotBench { json: String, png: String },
+    /// Draw a PNG of line or bar panels described in JSON (the experiments' figures).
+    Plot {
+        /// {"title": T, "panels": [{"title": T, "x": LABEL, "y": LABEL, "log_y": false, "y_fit": false,
+        /// "kind": "line" | "bar", "series": [{"name": N, "points": [[x, y], ...]}]}]}
+        #[arg(long)]
+        json: String,
+        /// The PNG to write.
+        #[arg(long)]
+        out: String,
+    },
     /// (internal, tests) an extra client that pushes into the torn-read job until killed.
     #[command(hide = true)]
     Hammer { view: String },
@@ -400,6 +411,7 @@ fn main() {
             })
         }
         Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
+        Cmd::Plot { json, out } => plot::figure_file(&json, &out),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),

@@ -260,7 +260,8 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let reads = [USERS, ITEMS].map(|t| ctx.ps.core().cache_stats(t).unwrap_or_default());
     let staleness: Vec<u64> =
         reads[0].staleness.iter().zip(&reads[1].staleness).map(|(a, b)| a + b).collect::<Vec<_>>();
-    let last = staleness.iter().rposition(|&n| n > 0).map_or(1, |i| i + 1);
+    // (empty when the tables are not cached: sequential, or "cache": false)
+    let last = staleness.iter().rposition(|&n| n > 0).map_or(0, |i| i + 1);
     ctx.emit(
         "mf-reads",
         json!({"rank": rank, "model": p.model.to_string(), "hits": reads[0].hits + reads[1].hits,
