@@ -137,6 +137,33 @@ mod tests {
         (shards, peers, workers)
     }
 
+    /// Delivers the next frame in flight: a shard handles it and what it
+    /// answers goes back on the wire, or a worker takes it and sends what it
+    /// now may (`pump`: watches, deferred operations; the caller sends `sink`).
+    /// `None` once nothing is in flight; `Some(Some(w))` when worker `w` got it.
+    fn deliver(
+        net: &mut SimNet,
+        shards: &mut [ShardCore],
+        workers: &mut [WorkerCore],
+        peers: &[Vec<PeerId>],
+        sink: &mut SimSink,
+    ) -> Option<Option<usize>> {
+        let (from, to, frame) = net.step()?;
+        if to < SERVERS * SHARDS {
+            let w = from - SERVERS * SHARDS;
+            shards[to].handle(PeerId { index: w as u32, generation: 0 }, &frame, sink).unwrap();
+            for (p, f) in sink.frames.drain(..) {
+                net.send(to, SERVERS * SHARDS + p.index as usize, f);
+            }
+            return Some(None);
+        }
+        let w = to - SERVERS * SHARDS;
+        let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
+        workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
+        workers[w].pump(sink);
+        Some(Some(w))
+    }
+
     /// One seed: every worker runs rounds of push -> (wait) -> pull and checks
     /// read-your-writes; at the end every value equals the sum of all acknowledged pushes.
     fn run(seed: u64) {
@@ -332,23 +359,12 @@ mod tests {
                 }
                 phase[w] = Phase::Push(a, b);
             }
-            let Some((from, to, frame)) = net.step() else { break };
+            let Some(got) = deliver(&mut net, &mut shards, &mut workers, &peers, &mut sink) else { break };
             steps += 1;
             if steps > 2_000_000 {
                 return Err(format!("seed {seed}: no progress"));
             }
-            if to < SERVERS * SHARDS {
-                let w = from - SERVERS * SHARDS;
-                shards[to].handle(PeerId { index: w as u32, generation: 0 }, &frame, &mut sink).unwrap();
-                for (p, f) in sink.frames.drain(..) {
-                    net.send(to, worker_ep(p.index as usize), f);
-                }
-                continue;
-            }
-            let w = to - SERVERS * SHARDS;
-            let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
-            workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
-            workers[w].pump(&mut sink);
+            let Some(w) = got else { continue };
             let done = |c: &WorkerCore, ts| c.is_done(ts).unwrap();
             // a read the cache answers completes with no frame: go on until stuck
             loop {
@@ -471,23 +487,12 @@ mod tests {
                     net.send(worker_ep(w), p.index as usize, f);
                 }
             }
-            let Some((from, to, frame)) = net.step() else { break };
+            let Some(got) = deliver(&mut net, &mut shards, &mut workers, &peers, &mut sink) else { break };
             steps += 1;
             if steps > 2_000_000 {
                 return Err(format!("seed {seed}: no progress"));
             }
-            if to < SERVERS * SHARDS {
-                let w = from - SERVERS * SHARDS;
-                shards[to].handle(PeerId { index: w as u32, generation: 0 }, &frame, &mut sink).unwrap();
-                for (p, f) in sink.frames.drain(..) {
-                    net.send(to, worker_ep(p.index as usize), f);
-                }
-                continue;
-            }
-            let w = to - SERVERS * SHARDS;
-            let o = Owner { server: (from / SHARDS) as u32, shard: (from % SHARDS) as u32 };
-            workers[w].on_frame(peers[o.server as usize][o.shard as usize], &frame).unwrap();
-            workers[w].pump(&mut sink);
+            let Some(w) = got else { continue };
             let done = |c: &WorkerCore, ts| c.is_done(ts).unwrap();
             match phase[w] {
                 Phase::Pull(a, b) if done(&workers[w], a) && done(&workers[w], b) => {
