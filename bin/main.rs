@@ -54,6 +54,9 @@ enum RoleArg {
     Manager,
     Server,
     Worker,
+    /// From the launcher's rank (mpirun, mpiexec, srun): rank 0 the manager,
+    /// the next --servers ranks servers, the rest workers.
+    Auto,
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,7 +93,8 @@ enum Cmd {
         /// Where the manager listens (port 0: any free port, printed as `@listening ADDR`).
         #[arg(long, env = "PS_LISTEN", default_value = "127.0.0.1:7070")]
         listen: String,
-        /// Manager: servers to wait for.
+        /// Manager: servers to wait for; with --role auto, how many ranks after
+        /// the manager are servers.
         #[arg(long, env = "PS_SERVERS", default_value_t = 1)]
         servers: u32,
         /// Manager: workers to wait for.
@@ -253,6 +257,10 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         unreachable!()
     };
     let secret = job_secret()?;
+    let (role, rank, workers, manager) = match role {
+        RoleArg::Auto => auto_role(servers, manager, &listen)?,
+        r => (r, rank, workers, manager),
+    };
     let manager_addr = || -> Result<SocketAddr, String> {
         node::resolve(manager.as_deref().ok_or("--manager (or PS_MANAGER) is required for servers and workers")?)
     };
@@ -269,7 +277,46 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
             node::run_server(secret, manager_addr()?, opts, netopts)
         }
         RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host, rank, netopts),
+        RoleArg::Auto => unreachable!("resolved above"),
     }
+}
+
+/// `--role auto`: this process's role, rank among its role, the job's worker
+/// count and the manager's address, from the launcher's variables
+/// (`ps_core::launch`). The manager is found at `--manager` if given, else at
+/// the first host of a Slurm allocation (or 127.0.0.1) on `--listen`'s port.
+fn auto_role(
+    servers: u32,
+    manager: Option<String>,
+    listen: &str,
+) -> Result<(RoleArg, Option<u32>, u32, Option<String>), String> {
+    use ps_core::launch::{detect, role_of, RankRole};
+    let l = detect(&|k| std::env::var(k).ok())
+        .map_err(|e| format!("--role auto: {e}"))?
+        .ok_or("--role auto needs a launcher (mpirun, mpiexec or srun): none of OMPI_COMM_WORLD_RANK, PMIX_RANK, PMI_RANK, SLURM_PROCID is set")?;
+    let role = role_of(l.rank, l.size, servers)?;
+    if let Some(p) = std::env::var("SLURM_PROCID").ok().filter(|p| l.source != "slurm" && *p != l.rank.to_string()) {
+        tracing::info!("SLURM_PROCID={p} ignored: {} started this rank inside a Slurm allocation", l.source);
+    }
+    let port = listen.rsplit_once(':').map(|(_, p)| p).unwrap_or("7070");
+    let manager = manager.or_else(|| Some(format!("{}:{port}", l.hosts.first().map_or("127.0.0.1", |h| h.as_str()))));
+    let workers = l.size - 1 - servers;
+    let (arg, rank) = match role {
+        RankRole::Manager => (RoleArg::Manager, None),
+        RankRole::Server(n) => (RoleArg::Server, Some(n)),
+        RankRole::Worker(n) => (RoleArg::Worker, Some(n)),
+    };
+    tracing::info!(
+        "rank {} of {} ({}{}): {:?}{}, manager at {}",
+        l.rank,
+        l.size,
+        l.source,
+        l.local_rank.map_or(String::new(), |r| format!(", local rank {r}")),
+        role,
+        if l.hosts.is_empty() { String::new() } else { format!(", hosts {}", l.hosts.join(",")) },
+        manager.as_deref().unwrap_or("?")
+    );
+    Ok((arg, rank, workers, manager))
 }
 
 fn run_local(

@@ -13,6 +13,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --locked --release --workspace --all-targets -- -D warnings
+echo "== Open MPI, MPICH and Slurm for the launcher tests"
+scripts/apt-need.sh openmpi-bin mpich slurm-wlm
 echo "== MovieLens 100k for the mf test (scripts/fetch-movielens.sh)"
 scripts/fetch-movielens.sh
 echo "== cargo test"

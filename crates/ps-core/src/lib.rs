@@ -46,6 +46,7 @@ pub mod control;
 pub mod error;
 pub mod kernels;
 pub mod keys;
+pub mod launch;
 pub mod limits;
 pub mod manager;
 pub mod ring;
