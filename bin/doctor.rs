@@ -84,6 +84,12 @@ pub fn run(net: &NetOpts, slab_bytes: u64) -> Result<(), String> {
         ),
         _ => println!("hugepages: /proc/meminfo does not say"),
     }
+    // where a server with one shard per core would run its threads
+    let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
+    match crate::placement::plan(cores, 0, crate::net::device_name(net).as_deref(), &[]) {
+        Ok(p) => println!("placement ({cores} shards): {}", p.describe()),
+        Err(e) => problems.push(format!("placement: {e}: shard threads will not be pinned")),
+    }
     if problems.is_empty() {
         println!("no problems found");
     } else {

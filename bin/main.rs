@@ -18,6 +18,7 @@ mod doctor;
 mod local;
 mod net;
 mod node;
+mod placement;
 mod plot;
 
 use std::net::SocketAddr;

@@ -74,6 +74,21 @@ pub fn preflight(net: &NetOpts) -> Result<(), String> {
     }
 }
 
+/// The RDMA device a node would use, by name (for placing its threads near it).
+pub fn device_name(net: &NetOpts) -> Option<String> {
+    if net.transport == TransportArg::Tcp {
+        return None;
+    }
+    #[cfg(feature = "rdma")]
+    {
+        open_device(net).ok().map(|d| d.ctx.name().to_string())
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        net.rdma_device.clone()
+    }
+}
+
 #[cfg(feature = "rdma")]
 pub type NodeTransport = ps_rdma::transport::RdmaTransport;
 #[cfg(not(feature = "rdma"))]

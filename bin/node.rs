@@ -344,20 +344,23 @@ pub fn run_server(
     let (rank, view, link) =
         ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), opts.rank, Default::default())?;
     let kernels = kernels_from_env()?;
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let placement: Vec<Option<usize>> = (0..shards)
-        .map(|h| {
-            if !opts.pin || cores.is_empty() {
-                None
-            } else if !opts.cpus.is_empty() {
-                Some(opts.cpus[h % opts.cpus.len()])
-            } else {
-                Some(cores[(rank as usize * shards + h) % cores.len()].id)
+    // servers sharing a machine (`pslab local`) start at different cores
+    let placement: Vec<Option<usize>> = if opts.pin {
+        match crate::placement::plan(shards, rank as usize * shards, net::device_name(netopts).as_deref(), &opts.cpus) {
+            Ok(p) => {
+                tracing::info!("server {rank} placement: {}", p.describe());
+                p.shard_cpus.into_iter().map(Some).collect()
             }
-        })
-        .collect();
+            Err(e) => {
+                tracing::warn!("server {rank}: shard threads not pinned ({e})");
+                vec![None; shards]
+            }
+        }
+    } else {
+        vec![None; shards]
+    };
     tracing::info!(
-        "server {rank}: {shards} shards on ports {ports:?}, kernels {}, pinned to cores {:?}",
+        "server {rank}: {shards} shards on ports {ports:?}, kernels {}, pinned to CPUs {:?}",
         kernels.isa,
         placement.iter().map(|c| c.map_or("-".to_string(), |c| c.to_string())).collect::<Vec<_>>()
     );

@@ -1,0 +1,128 @@
+//! Where a server's shard threads run: one per core (never two hyperthreads of
+//! one core while cores are free), on the cores nearest the RDMA device (its
+//! NUMA node, as hwloc sees the machine through `hwlocality`), or on the cores
+//! `--cpus` names. The other cores are left to worker compute threads: a worker
+//! process on the same machine binds itself to them. The plan is printed at
+//! start, with why it is what it is.
+
+use hwlocality::object::types::ObjectType;
+use hwlocality::object::TopologyObject;
+use hwlocality::topology::builder::TypeFilter;
+use hwlocality::Topology;
+
+/// A placement and the reason for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// shard thread h runs on `shard_cpus[h]` (logical CPU numbers)
+    pub shard_cpus: Vec<usize>,
+    /// cores for worker compute threads (all of them when shards take every core)
+    pub worker_cpus: Vec<usize>,
+    /// the NUMA node(s) the shard cores are on
+    pub numa: Vec<usize>,
+    pub why: String,
+}
+
+impl Placement {
+    pub fn describe(&self) -> String {
+        format!(
+            "shard threads on CPUs {:?} (NUMA node {}), worker threads on CPUs {:?}: {}",
+            self.shard_cpus,
+            if self.numa.is_empty() { "?".to_string() } else { join(&self.numa) },
+            self.worker_cpus,
+            self.why
+        )
+    }
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn cpus_of(o: &TopologyObject) -> Vec<usize> {
+    o.cpuset().map(|s| s.iter_set().map(usize::from).collect()).unwrap_or_default()
+}
+
+/// Plans `shards` shard threads for a node using `device` (the RDMA device's
+/// name, if any), or on `cpus` when given; the cores are taken from the
+/// `offset`-th on (round robin), so servers sharing a machine spread out.
+pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) -> Result<Placement, String> {
+    let topo = Topology::builder()
+        .with_io_type_filter(TypeFilter::KeepImportant)
+        .map_err(|e| format!("hwloc: {e}"))?
+        .build()
+        .map_err(|e| format!("hwloc: {e}"))?;
+    // one logical CPU per core: the first of its hyperthreads
+    let cores: Vec<usize> =
+        topo.objects_with_type(ObjectType::Core).filter_map(|c| cpus_of(c).first().copied()).collect();
+    let cores = if cores.is_empty() { cpus_of(topo.root_object()) } else { cores };
+    if cores.is_empty() {
+        return Err("hwloc found no CPU".into());
+    }
+    let numa_of = |cpu: usize| {
+        topo.objects_with_type(ObjectType::NUMANode)
+            .filter(|n| cpus_of(n).contains(&cpu))
+            .filter_map(|n| n.os_index())
+            .next()
+    };
+    let (candidates, why) = if !cpus.is_empty() {
+        (cpus.to_vec(), "the CPUs --cpus names".to_string())
+    } else {
+        let local = device.and_then(|d| {
+            topo.objects_with_type(ObjectType::OSDevice)
+                .find(|o| o.name().is_some_and(|n| n.to_bytes() == d.as_bytes()))
+                .and_then(|o| o.first_non_io_ancestor())
+                .map(cpus_of)
+        });
+        match (device, local) {
+            (Some(d), Some(local)) => {
+                let near: Vec<usize> = cores.iter().copied().filter(|c| local.contains(c)).collect();
+                if near.is_empty() {
+                    (cores.clone(), format!("{d} has no local cores hwloc can see: every core"))
+                } else {
+                    (near, format!("the cores nearest {d}"))
+                }
+            }
+            (Some(d), None) => (
+                cores.clone(),
+                format!("{d} is not among hwloc's I/O devices (soft-RoCE has no PCI device): every core"),
+            ),
+            (None, _) => (cores.clone(), "no RDMA device: every core".to_string()),
+        }
+    };
+    let mut why = why;
+    if shards > candidates.len() {
+        why.push_str(&format!("; {shards} shards on {} cores: some share a core", candidates.len()));
+    }
+    let shard_cpus: Vec<usize> = (0..shards).map(|h| candidates[(offset + h) % candidates.len()]).collect();
+    let rest: Vec<usize> = cores.iter().copied().filter(|c| !shard_cpus.contains(c)).collect();
+    let worker_cpus = if rest.is_empty() { cores.clone() } else { rest };
+    let mut numa: Vec<usize> = shard_cpus.iter().filter_map(|&c| numa_of(c)).collect();
+    numa.sort_unstable();
+    numa.dedup();
+    Ok(Placement { shard_cpus, worker_cpus, numa, why })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_get_distinct_cores_while_there_are_any() {
+        let p = plan(1, 0, None, &[]).unwrap();
+        assert_eq!(p.shard_cpus.len(), 1);
+        assert!(!p.worker_cpus.is_empty());
+        assert!(p.why.contains("no RDMA device"), "{}", p.why);
+        let all = plan(64, 0, None, &[]).unwrap();
+        let distinct: std::collections::HashSet<_> = all.shard_cpus.iter().collect();
+        assert_eq!(distinct.len(), all.worker_cpus.len().min(64), "one shard per core until they run out");
+    }
+
+    #[test]
+    fn cpus_given_win_and_an_unknown_device_is_said() {
+        let p = plan(3, 0, Some("mlx5_0"), &[1, 0]).unwrap();
+        assert_eq!(p.shard_cpus, [1, 0, 1]);
+        assert!(p.why.contains("--cpus"), "{}", p.why);
+        let q = plan(1, 0, Some("no-such-device"), &[]).unwrap();
+        assert!(q.why.contains("no-such-device is not among hwloc's I/O devices"), "{}", q.why);
+    }
+}
