@@ -15,6 +15,7 @@ mod apps;
 mod baseline;
 mod benchcmd;
 mod doctor;
+mod jobfile;
 mod local;
 mod net;
 mod node;
@@ -125,6 +126,10 @@ enum Cmd {
         /// Server/worker: the rank to ask for among its role (default: the lowest free).
         #[arg(long, env = "PS_RANK")]
         rank: Option<u32>,
+        /// A TOML job file (app, params, servers, workers, shards, port, manager,
+        /// cpus): what it sets replaces those flags' defaults.
+        #[arg(long, env = "PS_JOB")]
+        job: Option<String>,
     },
     /// Push/pull throughput and latency over value sizes, beside raw TCP in the same run.
     Bench {
@@ -252,11 +257,39 @@ fn watch_parent() {
 }
 
 fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
-    let Cmd::Node { role, manager, listen, servers, workers, app, params, shards, host, port_base, cpus, no_pin, rank } =
-        cmd
+    let Cmd::Node {
+        role,
+        mut manager,
+        mut listen,
+        mut servers,
+        mut workers,
+        mut app,
+        mut params,
+        mut shards,
+        host,
+        port_base,
+        mut cpus,
+        no_pin,
+        rank,
+        job,
+    } = cmd
     else {
         unreachable!()
     };
+    if let Some(path) = &job {
+        let f = jobfile::JobFile::load(path)?;
+        app = f.app.clone().unwrap_or(app);
+        params = f.params_json().unwrap_or(params);
+        servers = f.servers.unwrap_or(servers);
+        workers = f.workers.unwrap_or(workers);
+        shards = f.shards.or(shards);
+        cpus = f.cpus.clone().unwrap_or(cpus);
+        manager = f.manager.clone().or(manager);
+        if let Some(port) = f.port {
+            let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_string();
+            listen = format!("{host}:{port}");
+        }
+    }
     let secret = job_secret()?;
     let (role, rank, workers, manager) = match role {
         RoleArg::Auto => auto_role(servers, manager, &listen)?,

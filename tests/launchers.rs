@@ -151,3 +151,39 @@ fn role_auto_without_a_launcher_says_what_is_missing() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("start at least 4 ranks"), "{text}");
 }
+
+#[test]
+fn a_toml_job_file_describes_the_job_for_every_rank() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pslab-job-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("job.toml");
+    std::fs::write(
+        &file,
+        format!("app = \"check\"\nservers = 2\nshards = 1\nport = {port}\n[params]\nrounds = 5\nkeys = 500\n"),
+    )
+    .unwrap();
+    // the script's own --servers/--port are the defaults the file replaces
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pslab-mpirun.sh"))
+        .args(["-n", "6", "--port", &port.to_string(), "--", "--job", file.to_str().unwrap(), "--no-pin"])
+        .env("PSLAB", env!("CARGO_BIN_EXE_pslab"))
+        .env("PS_LOG", "info")
+        .output()
+        .expect("run scripts/pslab-mpirun.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    check_job("mpirun --job", out.status.success(), &text, "openmpi");
+    assert!(
+        text.contains("values equal the sum of 75 acknowledged pushes"),
+        "the file's params (5 rounds x 3 workers x 5):\n{text}"
+    );
+    // a misspelt key is an error that names it
+    std::fs::write(&file, "app = \"check\"\nserverz = 2\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pslab"))
+        .args(["node", "--role", "manager", "--job", file.to_str().unwrap()])
+        .env("PS_JOB_SECRET", "00".repeat(32))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("serverz"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
