@@ -2,9 +2,12 @@
 //! one core while cores are free), on the cores nearest the RDMA device (its
 //! NUMA node, as hwloc sees the machine through `hwlocality`), or on the cores
 //! `--cpus` names. The other cores are left to worker compute threads: a worker
-//! process on the same machine binds itself to them. The plan is printed at
-//! start, with why it is what it is.
+//! process binds itself away from the cores nearest the device when the
+//! machine has others ([`plan_worker`]). The plan is printed at start, with
+//! why it is what it is.
 
+use hwlocality::cpu::binding::CpuBindingFlags;
+use hwlocality::cpu::cpuset::CpuSet;
 use hwlocality::object::types::ObjectType;
 use hwlocality::object::TopologyObject;
 use hwlocality::topology::builder::TypeFilter;
@@ -15,7 +18,8 @@ use hwlocality::Topology;
 pub struct Placement {
     /// shard thread h runs on `shard_cpus[h]` (logical CPU numbers)
     pub shard_cpus: Vec<usize>,
-    /// cores for worker compute threads (all of them when shards take every core)
+    /// the cores shards leave free (all of them when shards take every core);
+    /// a worker binds itself away from the device's cores with [`plan_worker`]
     pub worker_cpus: Vec<usize>,
     /// the NUMA node(s) the shard cores are on
     pub numa: Vec<usize>,
@@ -25,7 +29,7 @@ pub struct Placement {
 impl Placement {
     pub fn describe(&self) -> String {
         format!(
-            "shard threads on CPUs {:?} (NUMA node {}), worker threads on CPUs {:?}: {}",
+            "shard threads on CPUs {:?} (NUMA node {}), other CPUs {:?}: {}",
             self.shard_cpus,
             if self.numa.is_empty() { "?".to_string() } else { join(&self.numa) },
             self.worker_cpus,
@@ -102,6 +106,43 @@ pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) 
     Ok(Placement { shard_cpus, worker_cpus, numa, why })
 }
 
+/// The CPUs a worker process should run on: the cores away from the RDMA
+/// device's (the shard threads' by default) when the machine has any, with
+/// the reason; `None` when there is nothing better than every core.
+pub fn plan_worker(device: Option<&str>) -> Result<(Option<Vec<usize>>, String), String> {
+    let topo = Topology::builder()
+        .with_io_type_filter(TypeFilter::KeepImportant)
+        .map_err(|e| format!("hwloc: {e}"))?
+        .build()
+        .map_err(|e| format!("hwloc: {e}"))?;
+    let all = cpus_of(topo.root_object());
+    let Some(d) = device else { return Ok((None, "no RDMA device: every core".into())) };
+    let local = topo
+        .objects_with_type(ObjectType::OSDevice)
+        .find(|o| o.name().is_some_and(|n| n.to_bytes() == d.as_bytes()))
+        .and_then(|o| o.first_non_io_ancestor())
+        .map(cpus_of);
+    let Some(local) = local else {
+        return Ok((None, format!("{d} has no place hwloc can see: every core")));
+    };
+    let away: Vec<usize> = all.iter().copied().filter(|c| !local.contains(c)).collect();
+    if away.is_empty() {
+        Ok((None, format!("every core is near {d}: shared with the shard threads")))
+    } else {
+        Ok((Some(away), format!("the cores away from {d}, which shard threads use")))
+    }
+}
+
+/// Binds the calling thread (a worker's compute thread) to `cpus`.
+pub fn bind_current(cpus: &[usize]) -> Result<(), String> {
+    let topo = Topology::new().map_err(|e| format!("hwloc: {e}"))?;
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c);
+    }
+    topo.bind_cpu(&set, CpuBindingFlags::THREAD).map_err(|e| format!("hwloc: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +156,14 @@ mod tests {
         let all = plan(64, 0, None, &[]).unwrap();
         let distinct: std::collections::HashSet<_> = all.shard_cpus.iter().collect();
         assert_eq!(distinct.len(), all.worker_cpus.len().min(64), "one shard per core until they run out");
+    }
+
+    #[test]
+    fn a_worker_without_a_located_device_keeps_every_core() {
+        let (cpus, why) = plan_worker(None).unwrap();
+        assert!(cpus.is_none() && why.contains("no RDMA device"), "{why}");
+        let (cpus, why) = plan_worker(Some("no-such-device")).unwrap();
+        assert!(cpus.is_none() && why.contains("no place hwloc can see"), "{why}");
     }
 
     #[test]
