@@ -4,6 +4,7 @@
 //! ```toml
 //! app = "check"                 # the workers' program
 //! servers = 2                   # ranks 1..=2 are servers under --role auto
+//! # servers_per_node = 1        # or: this many on every node (ranks in blocks)
 //! shards = 1                    # shard threads per server (default: one per core)
 //! port = 7070                   # the manager's port
 //! manager = "10.0.0.1:7070"     # optional: else the allocation's first host (or 127.0.0.1)
@@ -22,6 +23,7 @@ use serde::Deserialize;
 pub struct JobFile {
     pub app: Option<String>,
     pub servers: Option<u32>,
+    pub servers_per_node: Option<u32>,
     pub workers: Option<u32>,
     pub shards: Option<usize>,
     pub port: Option<u16>,
@@ -38,8 +40,8 @@ impl JobFile {
 
     pub fn parse(text: &str) -> Result<Self, String> {
         let f: JobFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        if f.servers == Some(0) {
-            return Err("servers must be at least 1".into());
+        if f.servers == Some(0) || f.servers_per_node == Some(0) {
+            return Err("servers and servers_per_node must be at least 1".into());
         }
         Ok(f)
     }

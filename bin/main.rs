@@ -126,10 +126,14 @@ enum Cmd {
         /// Server/worker: the rank to ask for among its role (default: the lowest free).
         #[arg(long, env = "PS_RANK")]
         rank: Option<u32>,
-        /// A TOML job file (app, params, servers, workers, shards, port, manager,
-        /// cpus): what it sets replaces those flags' defaults.
+        /// A TOML job file (app, params, servers, servers_per_node, workers,
+        /// shards, port, manager, cpus): what it sets replaces those flags' defaults.
         #[arg(long, env = "PS_JOB")]
         job: Option<String>,
+        /// With --role auto: this many servers on every node (ranks placed on
+        /// nodes in blocks) instead of --servers in all.
+        #[arg(long, env = "PS_SERVERS_PER_NODE")]
+        servers_per_node: Option<u32>,
     },
     /// Push/pull throughput and latency over value sizes, beside raw TCP in the same run.
     Bench {
@@ -272,6 +276,7 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         no_pin,
         rank,
         job,
+        mut servers_per_node,
     } = cmd
     else {
         unreachable!()
@@ -281,6 +286,7 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         app = f.app.clone().unwrap_or(app);
         params = f.params_json().unwrap_or(params);
         servers = f.servers.unwrap_or(servers);
+        servers_per_node = f.servers_per_node.or(servers_per_node);
         workers = f.workers.unwrap_or(workers);
         shards = f.shards.or(shards);
         cpus = f.cpus.clone().unwrap_or(cpus);
@@ -292,7 +298,11 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
     }
     let secret = job_secret()?;
     let (role, rank, workers, manager) = match role {
-        RoleArg::Auto => auto_role(servers, manager, &listen)?,
+        RoleArg::Auto => {
+            let (role, rank, workers, manager, total) = auto_role(servers, servers_per_node, manager, &listen)?;
+            servers = total;
+            (role, rank, workers, manager)
+        }
         r => (r, rank, workers, manager),
     };
     let manager_addr = || -> Result<SocketAddr, String> {
@@ -321,14 +331,18 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
 /// the first host of a Slurm allocation (or 127.0.0.1) on `--listen`'s port.
 fn auto_role(
     servers: u32,
+    per_node: Option<u32>,
     manager: Option<String>,
     listen: &str,
-) -> Result<(RoleArg, Option<u32>, u32, Option<String>), String> {
-    use ps_core::launch::{detect, role_of, RankRole};
+) -> Result<(RoleArg, Option<u32>, u32, Option<String>, u32), String> {
+    use ps_core::launch::{detect, role_of, role_per_node, RankRole};
     let l = detect(&|k| std::env::var(k).ok())
         .map_err(|e| format!("--role auto: {e}"))?
         .ok_or("--role auto needs a launcher (mpirun, mpiexec or srun): none of OMPI_COMM_WORLD_RANK, PMIX_RANK, PMI_RANK, SLURM_PROCID is set")?;
-    let role = role_of(l.rank, l.size, servers)?;
+    let (role, servers) = match per_node {
+        Some(k) => role_per_node(&l, k)?,
+        None => (role_of(l.rank, l.size, servers)?, servers),
+    };
     if let Some(p) = std::env::var("SLURM_PROCID").ok().filter(|p| l.source != "slurm" && *p != l.rank.to_string()) {
         tracing::info!("SLURM_PROCID={p} ignored: {} started this rank inside a Slurm allocation", l.source);
     }
@@ -350,7 +364,7 @@ fn auto_role(
         if l.hosts.is_empty() { String::new() } else { format!(", hosts {}", l.hosts.join(",")) },
         manager.as_deref().unwrap_or("?")
     );
-    Ok((arg, rank, workers, manager))
+    Ok((arg, rank, workers, manager, servers))
 }
 
 fn run_local(

@@ -128,6 +128,32 @@ fn slurm_runs_jobs_with_srun_sbatch_and_mpirun_inside_sbatch() {
             );
         }
     }
+    drop(_slurm);
+
+    // three emulated nodes (multiple slurmd), one server on each
+    let dir3 = "/tmp/pslab-slurm-test3".to_string();
+    let start = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/slurm-local.sh"))
+        .args(["start", &dir3])
+        .env("PS_SLURM_NODES", "3")
+        .output()
+        .expect("run scripts/slurm-local.sh");
+    let _slurm3 = Slurm(dir3.clone());
+    assert!(start.status.success(), "3-node Slurm did not start:\n{}", String::from_utf8_lossy(&start.stderr));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = Command::new("srun")
+        .args(["-N3", "-n7", env!("CARGO_BIN_EXE_pslab"), "node", "--role", "auto", "--servers-per-node", "1"])
+        .args(["--manager", &addr, "--listen", &addr])
+        .args(job)
+        .env("SLURM_CONF", format!("{dir3}/slurm.conf"))
+        .env("PS_JOB_SECRET", &secret)
+        .env("PS_LOG", "info")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "srun -N3 -n7 failed:\n{text}");
+    assert!(text.contains("hosts n1,n2,n3"), "three nodes:\n{text}");
+    assert_eq!(text.matches("): Server(").count(), 3, "one server per node:\n{text}");
+    assert_eq!(text.matches("finished: invariant 1 holds").count(), 3, "7 - manager - 3 servers:\n{text}");
 }
 
 #[test]

@@ -20,6 +20,8 @@ pub struct Launch {
     pub size: u32,
     /// rank among the job's processes on this node, when the launcher says
     pub local_rank: Option<u32>,
+    /// the job's processes on this node, when the launcher says
+    pub local_size: Option<u32>,
     /// the job's hosts in order (Slurm only: MPI launchers do not export them)
     pub hosts: Vec<String>,
     /// processes per host, in the order of `hosts` (Slurm only)
@@ -45,6 +47,8 @@ struct Scheme {
     rank: &'static str,
     size: &'static str,
     local: &'static str,
+    /// processes on this node ("" : the launcher has no such variable)
+    local_size: &'static str,
 }
 
 const SCHEMES: [Scheme; 4] = [
@@ -53,11 +57,25 @@ const SCHEMES: [Scheme; 4] = [
         rank: "OMPI_COMM_WORLD_RANK",
         size: "OMPI_COMM_WORLD_SIZE",
         local: "OMPI_COMM_WORLD_LOCAL_RANK",
+        local_size: "OMPI_COMM_WORLD_LOCAL_SIZE",
     },
     // PMIx has no size variable of its own; Open MPI sets both, others set PMIX_SIZE
-    Scheme { source: "pmix", rank: "PMIX_RANK", size: "PMIX_SIZE", local: "PMIX_LOCAL_RANK" },
-    Scheme { source: "pmi", rank: "PMI_RANK", size: "PMI_SIZE", local: "MPI_LOCALRANKID" },
-    Scheme { source: "slurm", rank: "SLURM_PROCID", size: "SLURM_NTASKS", local: "SLURM_LOCALID" },
+    Scheme {
+        source: "pmix",
+        rank: "PMIX_RANK",
+        size: "PMIX_SIZE",
+        local: "PMIX_LOCAL_RANK",
+        local_size: "PMIX_LOCAL_SIZE",
+    },
+    Scheme {
+        source: "pmi",
+        rank: "PMI_RANK",
+        size: "PMI_SIZE",
+        local: "MPI_LOCALRANKID",
+        local_size: "MPI_LOCALNRANKS",
+    },
+    // Slurm's count on this node comes from SLURM_TASKS_PER_NODE and SLURM_NODEID
+    Scheme { source: "slurm", rank: "SLURM_PROCID", size: "SLURM_NTASKS", local: "SLURM_LOCALID", local_size: "" },
 ];
 
 fn number(env: &dyn Fn(&str) -> Option<String>, var: &'static str) -> Result<Option<u32>, LaunchError> {
@@ -85,6 +103,7 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>, La
             rank,
             size,
             local_rank: number(env, s.local)?,
+            local_size: if s.local_size.is_empty() { None } else { number(env, s.local_size)? },
             hosts: Vec::new(),
             tasks_per_host: Vec::new(),
         };
@@ -94,6 +113,10 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>, La
             l.hosts = expand_hostlist(&list)?;
             if let Some(t) = env("SLURM_STEP_TASKS_PER_NODE").or_else(|| env("SLURM_TASKS_PER_NODE")) {
                 l.tasks_per_host = expand_tasks_per_node(&t)?;
+            }
+            if s.source == "slurm" {
+                let node = number(env, "SLURM_NODEID")?;
+                l.local_size = node.and_then(|n| l.tasks_per_host.get(n as usize).copied());
             }
         }
         return Ok(Some(l));
@@ -217,6 +240,58 @@ pub fn role_of(rank: u32, size: u32, servers: u32) -> Result<RankRole, String> {
     })
 }
 
+/// Splits a job with `k` servers on every node: rank 0 is the manager; on
+/// its node local ranks 1..=k are servers, on every other node local ranks
+/// 0..k. Needs ranks placed on nodes in blocks (Open MPI's and Slurm's
+/// default), the launcher's local rank, and the number of ranks per node
+/// (Slurm's tasks per node, or an MPI launcher's local size, the same on every
+/// node). Returns the role and the job's server count.
+pub fn role_per_node(l: &Launch, k: u32) -> Result<(RankRole, u32), String> {
+    let why = |w: &str| format!("{k} servers per node: {w}; give --servers (a total) instead");
+    let lr = l.local_rank.ok_or_else(|| why(&format!("{} does not say the local rank", l.source)))?;
+    // where each node's block of ranks starts
+    let per_node: Vec<u32> = if !l.tasks_per_host.is_empty() {
+        l.tasks_per_host.clone()
+    } else {
+        let ls = l.local_size.ok_or_else(|| why(&format!("{} does not say the ranks per node", l.source)))?;
+        if ls == 0 || !l.size.is_multiple_of(ls) {
+            return Err(why(&format!("{} ranks do not split evenly into nodes of {ls}", l.size)));
+        }
+        vec![ls; (l.size / ls) as usize]
+    };
+    if per_node.iter().sum::<u32>() != l.size {
+        return Err(why(&format!("the nodes' ranks {per_node:?} do not add up to {}", l.size)));
+    }
+    let start = l.rank.checked_sub(lr).ok_or_else(|| why("the local rank is above the rank"))?;
+    let mut at = 0;
+    let node = per_node
+        .iter()
+        .position(|&n| {
+            let here = at == start;
+            at += n;
+            here
+        })
+        .ok_or_else(|| why("ranks are not placed on nodes in blocks"))? as u32;
+    let nodes = per_node.len() as u32;
+    let servers = k * nodes;
+    if k == 0 || per_node[0] < k + 1 || per_node.iter().any(|&n| n < k) || l.size < servers + 2 {
+        return Err(why(&format!(
+            "nodes with {per_node:?} ranks cannot hold a manager, {k} servers each and a worker"
+        )));
+    }
+    // servers on this node below local rank `lr`
+    let slot = |lr: u32| if node == 0 { lr.saturating_sub(1).min(k) } else { lr.min(k) };
+    let is_server = if node == 0 { (1..=k).contains(&lr) } else { lr < k };
+    let role = if l.rank == 0 {
+        RankRole::Manager
+    } else if is_server {
+        RankRole::Server(node * k + slot(lr))
+    } else {
+        RankRole::Worker(l.rank - 1 - (node * k + slot(lr)))
+    };
+    Ok((role, servers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +376,57 @@ mod tests {
         assert!(matches!(e, LaunchError::RankOutOfRange { .. }), "{e}");
         let e = detect(&env(&[("PMIX_RANK", "0")])).unwrap_err();
         assert!(matches!(e, LaunchError::NoSize { .. }), "{e}");
+    }
+
+    #[test]
+    fn k_servers_per_node_in_blocks_of_ranks() {
+        // 3 nodes of 4 ranks (Open MPI), 1 server per node
+        let launch = |rank: u32| Launch {
+            source: "openmpi",
+            rank,
+            size: 12,
+            local_rank: Some(rank % 4),
+            local_size: Some(4),
+            hosts: vec![],
+            tasks_per_host: vec![],
+        };
+        let roles: Vec<RankRole> = (0..12).map(|r| role_per_node(&launch(r), 1).unwrap().0).collect();
+        use RankRole::*;
+        assert_eq!(
+            roles,
+            [
+                Manager,
+                Server(0),
+                Worker(0),
+                Worker(1),
+                Server(1),
+                Worker(2),
+                Worker(3),
+                Worker(4),
+                Server(2),
+                Worker(5),
+                Worker(6),
+                Worker(7)
+            ]
+        );
+        assert_eq!(role_per_node(&launch(5), 1).unwrap().1, 3);
+        // Slurm with uneven nodes: 2(x2),1 and 1 server per node
+        let s = detect(&env(&[
+            ("SLURM_PROCID", "4"),
+            ("SLURM_NTASKS", "5"),
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_NODEID", "2"),
+            ("SLURM_STEP_NODELIST", "n[1-3]"),
+            ("SLURM_TASKS_PER_NODE", "2(x2),1"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.local_size, Some(1));
+        assert_eq!(role_per_node(&s, 1).unwrap(), (RankRole::Server(2), 3));
+        // too few ranks per node, no local rank, uneven MPI nodes: errors that say so
+        assert!(role_per_node(&launch(0), 4).unwrap_err().contains("cannot hold"));
+        assert!(role_per_node(&Launch { local_rank: None, ..launch(1) }, 1).unwrap_err().contains("local rank"));
+        assert!(role_per_node(&Launch { local_size: Some(5), ..launch(1) }, 1).unwrap_err().contains("evenly"));
     }
 
     #[test]
