@@ -299,9 +299,9 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
     let secret = job_secret()?;
     let (role, rank, workers, manager) = match role {
         RoleArg::Auto => {
-            let (role, rank, workers, manager, total) = auto_role(servers, servers_per_node, manager, &listen)?;
-            servers = total;
-            (role, rank, workers, manager)
+            let a = auto_role(servers, servers_per_node, manager, &listen)?;
+            servers = a.servers;
+            (a.role, a.rank, a.workers, a.manager)
         }
         r => (r, rank, workers, manager),
     };
@@ -329,12 +329,17 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
 /// count and the manager's address, from the launcher's variables
 /// (`ps_core::launch`). The manager is found at `--manager` if given, else at
 /// the first host of a Slurm allocation (or 127.0.0.1) on `--listen`'s port.
-fn auto_role(
+/// What `--role auto` decided for this process.
+struct AutoRole {
+    role: RoleArg,
+    /// its rank among its role (`None`: the manager's)
+    rank: Option<u32>,
+    workers: u32,
     servers: u32,
-    per_node: Option<u32>,
     manager: Option<String>,
-    listen: &str,
-) -> Result<(RoleArg, Option<u32>, u32, Option<String>, u32), String> {
+}
+
+fn auto_role(servers: u32, per_node: Option<u32>, manager: Option<String>, listen: &str) -> Result<AutoRole, String> {
     use ps_core::launch::{detect, role_of, role_per_node, RankRole};
     let l = detect(&|k| std::env::var(k).ok())
         .map_err(|e| format!("--role auto: {e}"))?
@@ -364,7 +369,7 @@ fn auto_role(
         if l.hosts.is_empty() { String::new() } else { format!(", hosts {}", l.hosts.join(",")) },
         manager.as_deref().unwrap_or("?")
     );
-    Ok((arg, rank, workers, manager, servers))
+    Ok(AutoRole { role: arg, rank, workers, servers, manager })
 }
 
 fn run_local(
