@@ -540,12 +540,14 @@ pub fn run_worker(
 ) -> Result<String, String> {
     let (rank, view, link) =
         ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
-    match crate::placement::plan_worker(net::device_name(netopts).as_deref()) {
-        Ok((Some(cpus), why)) => match crate::placement::bind_current(&cpus) {
-            Ok(()) => tracing::info!("worker {rank} placement: CPUs {cpus:?}: {why}"),
-            Err(e) => tracing::warn!("worker {rank}: not bound to CPUs {cpus:?} ({e})"),
+    match crate::placement::topology() {
+        Ok(topo) => match crate::placement::plan_worker(&topo, net::device_name(netopts).as_deref()) {
+            (Some(cpus), why) => match crate::placement::bind_current(&topo, &cpus) {
+                Ok(()) => tracing::info!("worker {rank} placement: CPUs {cpus:?}: {why}"),
+                Err(e) => tracing::warn!("worker {rank}: not bound to CPUs {cpus:?} ({e})"),
+            },
+            (None, why) => tracing::info!("worker {rank} placement: not bound: {why}"),
         },
-        Ok((None, why)) => tracing::info!("worker {rank} placement: not bound: {why}"),
         Err(e) => tracing::warn!("worker {rank}: no placement ({e})"),
     }
     let mut ps = connect_client(secret, &view, rank, netopts)?;

@@ -46,15 +46,29 @@ fn cpus_of(o: &TopologyObject) -> Vec<usize> {
     o.cpuset().map(|s| s.iter_set().map(usize::from).collect()).unwrap_or_default()
 }
 
+/// The machine as hwloc sees it, I/O devices included (to find the RDMA device).
+pub fn topology() -> Result<Topology, String> {
+    Topology::builder()
+        .with_io_type_filter(TypeFilter::KeepImportant)
+        .map_err(|e| format!("hwloc: {e}"))?
+        .build()
+        .map_err(|e| format!("hwloc: {e}"))
+}
+
+/// The CPUs nearest the OS device named `device` (its first non-I/O
+/// ancestor's), if hwloc knows the device.
+fn device_cpus(topo: &Topology, device: &str) -> Option<Vec<usize>> {
+    topo.objects_with_type(ObjectType::OSDevice)
+        .find(|o| o.name().is_some_and(|n| n.to_bytes() == device.as_bytes()))
+        .and_then(|o| o.first_non_io_ancestor())
+        .map(cpus_of)
+}
+
 /// Plans `shards` shard threads for a node using `device` (the RDMA device's
 /// name, if any), or on `cpus` when given; the cores are taken from the
 /// `offset`-th on (round robin), so servers sharing a machine spread out.
 pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) -> Result<Placement, String> {
-    let topo = Topology::builder()
-        .with_io_type_filter(TypeFilter::KeepImportant)
-        .map_err(|e| format!("hwloc: {e}"))?
-        .build()
-        .map_err(|e| format!("hwloc: {e}"))?;
+    let topo = topology()?;
     // one logical CPU per core: the first of its hyperthreads
     let cores: Vec<usize> =
         topo.objects_with_type(ObjectType::Core).filter_map(|c| cpus_of(c).first().copied()).collect();
@@ -71,12 +85,7 @@ pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) 
     let (candidates, why) = if !cpus.is_empty() {
         (cpus.to_vec(), "the CPUs --cpus names".to_string())
     } else {
-        let local = device.and_then(|d| {
-            topo.objects_with_type(ObjectType::OSDevice)
-                .find(|o| o.name().is_some_and(|n| n.to_bytes() == d.as_bytes()))
-                .and_then(|o| o.first_non_io_ancestor())
-                .map(cpus_of)
-        });
+        let local = device.and_then(|d| device_cpus(&topo, d));
         match (device, local) {
             (Some(d), Some(local)) => {
                 let near: Vec<usize> = cores.iter().copied().filter(|c| local.contains(c)).collect();
@@ -109,33 +118,22 @@ pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) 
 /// The CPUs a worker process should run on: the cores away from the RDMA
 /// device's (the shard threads' by default) when the machine has any, with
 /// the reason; `None` when there is nothing better than every core.
-pub fn plan_worker(device: Option<&str>) -> Result<(Option<Vec<usize>>, String), String> {
-    let topo = Topology::builder()
-        .with_io_type_filter(TypeFilter::KeepImportant)
-        .map_err(|e| format!("hwloc: {e}"))?
-        .build()
-        .map_err(|e| format!("hwloc: {e}"))?;
+pub fn plan_worker(topo: &Topology, device: Option<&str>) -> (Option<Vec<usize>>, String) {
     let all = cpus_of(topo.root_object());
-    let Some(d) = device else { return Ok((None, "no RDMA device: every core".into())) };
-    let local = topo
-        .objects_with_type(ObjectType::OSDevice)
-        .find(|o| o.name().is_some_and(|n| n.to_bytes() == d.as_bytes()))
-        .and_then(|o| o.first_non_io_ancestor())
-        .map(cpus_of);
-    let Some(local) = local else {
-        return Ok((None, format!("{d} has no place hwloc can see: every core")));
+    let Some(d) = device else { return (None, "no RDMA device: every core".into()) };
+    let Some(local) = device_cpus(topo, d) else {
+        return (None, format!("{d} has no place hwloc can see: every core"));
     };
     let away: Vec<usize> = all.iter().copied().filter(|c| !local.contains(c)).collect();
     if away.is_empty() {
-        Ok((None, format!("every core is near {d}: shared with the shard threads")))
+        (None, format!("every core is near {d}: shared with the shard threads"))
     } else {
-        Ok((Some(away), format!("the cores away from {d}, which shard threads use")))
+        (Some(away), format!("the cores away from {d}, which shard threads use"))
     }
 }
 
 /// Binds the calling thread (a worker's compute thread) to `cpus`.
-pub fn bind_current(cpus: &[usize]) -> Result<(), String> {
-    let topo = Topology::new().map_err(|e| format!("hwloc: {e}"))?;
+pub fn bind_current(topo: &Topology, cpus: &[usize]) -> Result<(), String> {
     let mut set = CpuSet::new();
     for &c in cpus {
         set.set(c);
@@ -160,9 +158,10 @@ mod tests {
 
     #[test]
     fn a_worker_without_a_located_device_keeps_every_core() {
-        let (cpus, why) = plan_worker(None).unwrap();
+        let topo = topology().unwrap();
+        let (cpus, why) = plan_worker(&topo, None);
         assert!(cpus.is_none() && why.contains("no RDMA device"), "{why}");
-        let (cpus, why) = plan_worker(Some("no-such-device")).unwrap();
+        let (cpus, why) = plan_worker(&topo, Some("no-such-device"));
         assert!(cpus.is_none() && why.contains("no place hwloc can see"), "{why}");
     }
 

@@ -108,8 +108,8 @@ impl Cache {
     pub fn lookup(&mut self, keys: impl Iterator<Item = Key> + Clone, needed: u64, out: &mut [f32]) -> Lookup {
         let mut least = u64::MAX;
         for k in keys.clone() {
-            match self.rows.get(&k) {
-                Some(r) if self.stamp_of(r) >= needed => least = least.min(self.stamp_of(r)),
+            match self.rows.get(&k).map(|r| self.stamp_of(r)) {
+                Some(stamp) if stamp >= needed => least = least.min(stamp),
                 _ => {
                     self.misses += 1;
                     return Lookup::Miss;

@@ -769,8 +769,6 @@ impl ShardCore {
     /// marks its rows changed (`pushed`), an answered pull subscribes its
     /// reader to them (up to the cap).
     fn track(e: &mut Eager, h: &DataHeader, keys_b: &[u8], peer: PeerId, pushed: bool) {
-        let pushes = pushed;
-        let pulls = !pushed;
         let span = h.dense.then(|| e.span(h.a, h.b));
         let each = |f: &mut dyn FnMut(Key)| {
             if let Some(span) = span.clone() {
@@ -779,12 +777,11 @@ impl ShardCore {
                 keys_b.chunks_exact(8).for_each(|k| f(u64::from_le_bytes(k.try_into().expect("8 bytes"))));
             }
         };
-        if pushes {
+        if pushed {
             each(&mut |k| {
                 e.dirty.insert(k);
             });
-        }
-        if pulls && !e.overflowed.contains(&peer) {
+        } else if !e.overflowed.contains(&peer) {
             let subs = &mut e.readers.entry(peer).or_default().keys;
             let mut over = false;
             each(&mut |k| {

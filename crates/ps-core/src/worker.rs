@@ -92,20 +92,19 @@ impl OwnedKeys {
             Keys::Range { first, count } => OwnedKeys::Range { first, count },
         }
     }
+
+    fn as_keys(&self) -> Keys<'_> {
+        match self {
+            OwnedKeys::List(k) => Keys::List(k),
+            OwnedKeys::Range { first, count } => Keys::Range { first: *first, count: *count },
+        }
+    }
 }
 
 fn key_iter<'a>(k: &'a Keys<'a>) -> impl Iterator<Item = Key> + Clone + 'a {
     let (list, range) = match *k {
         Keys::List(l) => (l, 0..0),
         Keys::Range { first, count } => (&[][..], first..first + count),
-    };
-    list.iter().copied().chain(range)
-}
-
-fn owned_iter(k: &OwnedKeys) -> impl Iterator<Item = Key> + Clone + '_ {
-    let (list, range) = match k {
-        OwnedKeys::List(l) => (&l[..], 0..0),
-        OwnedKeys::Range { first, count } => (&[][..], *first..*first + *count),
     };
     list.iter().copied().chain(range)
 }
@@ -560,13 +559,7 @@ impl WorkerCore {
             });
             let r = match (failed, self.table(d.table).cloned()) {
                 (Some(e), _) | (None, Err(e)) => Err(e),
-                (None, Ok(t)) => {
-                    let keys = match &d.keys {
-                        OwnedKeys::List(k) => Keys::List(k),
-                        OwnedKeys::Range { first, count } => Keys::Range { first: *first, count: *count },
-                    };
-                    self.issue_at(tx, d.ts, d.kind, &t, keys, d.vals.as_deref(), d.out)
-                }
+                (None, Ok(t)) => self.issue_at(tx, d.ts, d.kind, &t, d.keys.as_keys(), d.vals.as_deref(), d.out),
             };
             if let Err(e) = r {
                 // issue_at leaves a pending entry when frames went out; otherwise record the failure
@@ -744,7 +737,7 @@ impl WorkerCore {
         let (read, pushed) = (p.read.take(), p.pushed.take());
         if let Some((table, keys)) = pushed {
             if let Some(c) = self.caches.get_mut(&table) {
-                c.pushed(owned_iter(&keys), ok);
+                c.pushed(key_iter(&keys.as_keys()), ok);
             }
         }
         let Some(r) = read else { return };
@@ -752,7 +745,7 @@ impl WorkerCore {
         let Some(t) = self.tables.get(&r.table) else { return };
         let stamp = if r.stamp == u64::MAX { 0 } else { r.stamp };
         let (ring, base, range) = (&self.ring, &self.owner_base, t.keys());
-        c.fill(owned_iter(&r.keys), &out.vals, stamp, |k| Self::owner_index(ring, base, range, k));
+        c.fill(key_iter(&r.keys.as_keys()), &out.vals, stamp, |k| Self::owner_index(ring, base, range, k));
         c.record(r.clock, stamp);
     }
 
