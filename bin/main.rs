@@ -5,15 +5,18 @@
 //! - `pslab bench`: push/pull throughput and latency beside raw TCP;
 //! - `pslab secret`: a fresh per-job secret;
 //! - `pslab doctor`: RDMA devices, ports, GIDs, memlock and hugepages, with remedies;
-//! - `pslab plot`: a PNG of line or bar panels described in JSON (the experiments' figures).
+//! - `pslab plot`: a PNG of line or bar panels described in JSON (the experiments' figures);
+//! - `pslab prepare clothing`: the clothing reviews as LIBSVM files for the `lr` app.
 //!
 //! Environment: see docs/env.md.
-// the one exception is `net::export_slabs` (registering a shard's slabs for RDMA)
+// the two exceptions: `net::export_slabs` (registering a shard's slabs for RDMA)
+// and `data::read_part` (memory-mapping a data file)
 #![deny(unsafe_code)]
 
 mod apps;
 mod baseline;
 mod benchcmd;
+mod data;
 mod doctor;
 mod jobfile;
 mod local;
@@ -198,6 +201,15 @@ enum Cmd {
         /// The PNG to write.
         #[arg(long)]
         out: String,
+    },
+    /// Prepare a fetched dataset for the apps (scripts/fetch-clothing.sh runs it).
+    Prepare {
+        /// The dataset: clothing (the women's clothing reviews -> LIBSVM).
+        #[arg(value_parser = ["clothing"])]
+        dataset: String,
+        /// The directory holding the fetched file; the prepared files go beside it.
+        #[arg(long, default_value = "data/clothing")]
+        dir: std::path::PathBuf,
     },
     /// (internal, tests) an extra client that pushes into the torn-read job until killed.
     #[command(hide = true)]
@@ -512,6 +524,7 @@ fn main() {
         }
         Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
         Cmd::Plot { json, out } => plot::figure_file(&json, &out),
+        Cmd::Prepare { dataset: _, dir } => data::clothing::run(&dir),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod lr;
 pub mod mf;
 pub mod ssp;
 pub mod torn;
@@ -13,7 +14,7 @@ use ps_core::control::JobSpec;
 
 use crate::node::WorkerCtx;
 
-pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp", "mf"];
+pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp", "mf", "lr"];
 
 /// The job spec for `app` with `params` (a JSON object; missing fields take defaults).
 pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<JobSpec, String> {
@@ -25,6 +26,7 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<J
         "torn" => torn::tables(params)?,
         "ssp" => ssp::tables(params)?,
         "mf" => mf::tables(params)?,
+        "lr" => lr::tables(params)?,
         other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
     };
     let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions };
@@ -40,6 +42,7 @@ pub fn run(app: &str, ctx: &mut WorkerCtx) -> Result<String, String> {
         "torn" => torn::run(ctx),
         "ssp" => ssp::run(ctx),
         "mf" => mf::run(ctx),
+        "lr" => lr::run(ctx),
         other => Err(format!("unknown app {other:?}")),
     }
 }

@@ -250,7 +250,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
 }
 
 /// Area under the ROC curve by the rank-sum formula (ties get average ranks).
-fn auc(scored: &mut [(f64, bool)]) -> f64 {
+pub fn auc(scored: &mut [(f64, bool)]) -> f64 {
     scored.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut rank_sum, mut pos, mut i) = (0f64, 0f64, 0usize);
     while i < scored.len() {

@@ -159,7 +159,17 @@ impl TableSpec {
                 ));
             }
         }
-        self.rule.validate().map_err(|e| format!("table {} ({:?}): {e}", self.name, self.id))
+        self.rule.validate().map_err(|e| format!("table {} ({:?}): {e}", self.name, self.id))?;
+        if let crate::rules::RuleSpec::BlockProx { .. } = self.rule {
+            if self.dim != 2 || !self.is_dense() || self.consistency.staleness().is_none() {
+                return Err(format!(
+                    "table {} ({:?}): the block_prox rule needs dim 2 ([w, G] per key), a dense layout and a \
+                     clock model (bounded:τ or sequential): it settles when every worker has finished a clock",
+                    self.name, self.id
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

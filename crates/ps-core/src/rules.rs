@@ -2,7 +2,10 @@
 //! weights `w` of one key. Chosen per table ([`RuleSpec`]), applied by the shard
 //! that owns the key, with per-value optimizer state kept beside the weights.
 //!
-//! Built in: assign, sum, SGD, Adagrad, FTRL-proximal. A user's own rule
+//! Built in: assign, sum, SGD, Adagrad, FTRL-proximal, and the block proximal
+//! step of delayed block proximal gradient (a *settling* rule: it sums a
+//! clock's pushes and changes the weights once, when every worker has finished
+//! that clock). A user's own rule
 //! implements [`UpdateRule`] and is registered by name in a [`RuleRegistry`]
 //! before the server starts; the job spec then names it as `RuleSpec::Custom`.
 
@@ -27,6 +30,14 @@ pub enum RuleSpec {
     Adagrad { lr: f32, eps: f32, initial_accumulator: f32 },
     /// FTRL-proximal (McMahan et al., KDD 2013), per coordinate.
     Ftrl { alpha: f32, beta: f32, l1: f32, l2: f32 },
+    /// The server step of delayed block proximal gradient (Li et al., OSDI 2014,
+    /// Algorithm 3) for `Σ loss + l1‖w‖₁ + (l2/2)‖w‖²`. Values are pairs per key
+    /// (dim 2). Workers push `[g, u]`: their part of the loss gradient and of a
+    /// diagonal curvature bound. The shard sums a clock's pushes (G, U), and when
+    /// every worker has finished that clock sets
+    /// `w ← soft(U·w − G, l1) / (U + l2)`, moved at most `max_step` from `w`,
+    /// and stores G beside it: a pull reads `[w, G]` (G feeds the KKT filter).
+    BlockProx { l1: f32, l2: f32, max_step: f32 },
     /// A rule registered under `name` in the server's [`RuleRegistry`].
     Custom {
         name: String,
@@ -59,6 +70,11 @@ impl RuleSpec {
                 nonneg("adagrad eps", *eps)?;
                 nonneg("adagrad initial_accumulator", *initial_accumulator)
             }
+            RuleSpec::BlockProx { l1, l2, max_step } => {
+                nonneg("block_prox l1", *l1)?;
+                nonneg("block_prox l2", *l2)?;
+                pos("block_prox max_step", *max_step)
+            }
             RuleSpec::Ftrl { alpha, beta, l1, l2 } => {
                 pos("ftrl alpha", *alpha)?;
                 nonneg("ftrl beta", *beta)?;
@@ -82,6 +98,63 @@ pub trait UpdateRule: Send + Sync + std::fmt::Debug {
     /// True if this rule is a plain sum, so a shard may use the scatter-add kernel.
     fn is_sum(&self) -> bool {
         false
+    }
+    /// True if `apply` only gathers a clock's pushes into the state and
+    /// [`UpdateRule::settle`] changes the weights. The shard then holds the
+    /// table's pushes until every worker has finished their clock (as under
+    /// `sequential`), merges them, and settles every key they touched, once.
+    fn settles(&self) -> bool {
+        false
+    }
+    /// Turns the gathered state of one key (`w.len() == dim`) into new weights.
+    fn settle(&self, _w: &mut [f32], _state: &mut [f32]) {}
+}
+
+/// The proximal step of delayed block proximal gradient (see [`RuleSpec::BlockProx`]).
+#[derive(Debug)]
+struct BlockProx {
+    l1: f32,
+    l2: f32,
+    max_step: f32,
+}
+impl UpdateRule for BlockProx {
+    /// state per value: the sum of this clock's pushes (G beside w, U beside G)
+    fn state_per_value(&self) -> usize {
+        1
+    }
+    fn apply(&self, _w: &mut [f32], st: &mut [f32], g: &[f32], _: &Kernels) {
+        for (s, g) in st.iter_mut().zip(g) {
+            *s += g;
+        }
+    }
+    fn settles(&self) -> bool {
+        true
+    }
+    fn settle(&self, w: &mut [f32], st: &mut [f32]) {
+        let [w, last_g] = w else { return };
+        let [g, u] = st else { return };
+        let (g64, u64_, w64) = (*g as f64, *u as f64, *w as f64);
+        let denom = u64_ + self.l2 as f64;
+        if denom > 0.0 {
+            let z = u64_ * w64 - g64;
+            let l1 = self.l1 as f64;
+            let shrunk = if z > l1 {
+                z - l1
+            } else if z < -l1 {
+                z + l1
+            } else {
+                0.0
+            };
+            let m = self.max_step as f64;
+            let next = (shrunk / denom).clamp(w64 - m, w64 + m);
+            // a step clamped across zero stops at zero: the L1 kink is where
+            // the model most often wants to rest
+            let crosses = (w64 > 0.0 && next < 0.0) || (w64 < 0.0 && next > 0.0);
+            *w = if self.l1 > 0.0 && crosses { 0.0 } else { next as f32 };
+        }
+        *last_g = *g;
+        *g = 0.0;
+        *u = 0.0;
     }
 }
 
@@ -206,6 +279,7 @@ impl RuleRegistry {
             RuleSpec::Adagrad { lr, eps, initial_accumulator } => {
                 Arc::new(Adagrad { lr: *lr, eps: *eps, init: *initial_accumulator })
             }
+            RuleSpec::BlockProx { l1, l2, max_step } => Arc::new(BlockProx { l1: *l1, l2: *l2, max_step: *max_step }),
             RuleSpec::Ftrl { alpha, beta, l1, l2 } => Arc::new(Ftrl { alpha: *alpha, beta: *beta, l1: *l1, l2: *l2 }),
             RuleSpec::Custom { name, params } => {
                 let f = self.custom.get(name).ok_or_else(|| {
@@ -231,6 +305,33 @@ mod tests {
             rule.apply(w, &mut st, g, Kernels::best());
         }
         st
+    }
+
+    #[test]
+    fn block_prox_gathers_then_takes_one_proximal_step() {
+        let spec = RuleSpec::BlockProx { l1: 1.0, l2: 0.0, max_step: 10.0 };
+        let rule = RuleRegistry::default().build(&spec).unwrap();
+        assert!(rule.settles());
+        let (mut w, mut st) = (vec![0.0, 0.0], vec![0.0; 2]);
+        // two workers: G = -3 + -1 = -4, U = 1 + 1 = 2; w = soft(0 + 4, 1) / 2 = 1.5
+        rule.apply(&mut w, &mut st, &[-3.0, 1.0], Kernels::best());
+        rule.apply(&mut w, &mut st, &[-1.0, 1.0], Kernels::best());
+        assert_eq!(w, [0.0, 0.0], "apply only gathers");
+        rule.settle(&mut w, &mut st);
+        assert_eq!(w, [1.5, -4.0]);
+        assert_eq!(st, [0.0, 0.0]);
+        // |U w - G| = |3 - 2.5| <= l1: the weight goes to zero
+        rule.apply(&mut w, &mut st, &[2.5, 2.0], Kernels::best());
+        rule.settle(&mut w, &mut st);
+        assert_eq!(w, [0.0, 2.5]);
+        // L2 only: w = (U w - G) / (U + l2)
+        let rule = RuleRegistry::default().build(&RuleSpec::BlockProx { l1: 0.0, l2: 1.0, max_step: 0.5 }).unwrap();
+        let (mut w, mut st) = (vec![1.0, 0.0], vec![-1.0, 3.0]);
+        rule.settle(&mut w, &mut st);
+        assert_eq!(w[0], 1.0 + 0.0, "(3 + 1) / 4 = 1: no move");
+        let (mut w, mut st) = (vec![1.0, 0.0], vec![-9.0, 3.0]);
+        rule.settle(&mut w, &mut st);
+        assert_eq!(w[0], 1.5, "(3 + 9) / 4 = 3, clamped to a step of 0.5");
     }
 
     #[test]

@@ -21,6 +21,13 @@
 //! of its clocks, whatever the timing (the pusher's own pushes of clock c too
 //! show only from clock c + 1).
 //!
+//! A table whose rule *settles* (`UpdateRule::settles`: the block proximal
+//! step) has its pushes held the same way under any clock model; when a clock
+//! ends, its held pushes are merged (gathered into the rule's state) and then
+//! every key they touched is settled once: the step is taken on the sum of all
+//! workers' pushes of that clock, and reads under `bounded:τ` see the steps of
+//! every clock up to τ behind theirs (delayed block proximal gradient).
+//!
 //! Every pull response of such a table carries a stamp (`wire::stamp_of`): the
 //! clocks every worker had finished when it was read, which the worker's cache
 //! keeps with the rows. Under `essp` the shard remembers which rows each
@@ -101,6 +108,10 @@ pub struct ShardCore {
     watching: HashSet<(PeerId, TableId)>,
     /// payload bytes of one refresh frame at most
     refresh_bytes: usize,
+    /// tables whose rule settles (their pushes are held to the end of a clock)
+    settling: HashSet<TableId>,
+    /// keys the held pushes of the clock being merged touched, per settling table
+    touched: BTreeMap<TableId, Vec<Key>>,
 }
 
 /// One connection's subscription to an eager table.
@@ -165,6 +176,7 @@ impl ShardCore {
         let mut tables = BTreeMap::new();
         let mut boards = BTreeMap::new();
         let mut eager = BTreeMap::new();
+        let mut settling = HashSet::new();
         let workers = view.workers as usize;
         for t in &view.job.tables {
             if t.consistency.staleness().is_some() {
@@ -183,6 +195,15 @@ impl ShardCore {
                 );
             }
             let rule = rules.build(&t.rule).map_err(|e| format!("table {}: {e}", t.name))?;
+            if rule.settles() {
+                if !t.is_dense() || t.consistency.staleness().is_none() {
+                    return Err(format!(
+                        "table {}: a settling rule needs a dense table under a clock model (bounded:τ or sequential)",
+                        t.name
+                    ));
+                }
+                settling.insert(t.id);
+            }
             let owned = ring.owned_ranges(t.keys(), owner);
             let store = match t.layout {
                 Layout::Dense { keys } => TableStore::Dense(
@@ -215,6 +236,8 @@ impl ShardCore {
             min_clock: 0,
             watching: HashSet::new(),
             refresh_bytes: view.job.limits.chunk_bytes.min(view.job.limits.frame_bytes_max / 2),
+            settling,
+            touched: BTreeMap::new(),
         })
     }
 
@@ -351,7 +374,7 @@ impl ShardCore {
             return None;
         }
         let (model, _) = self.boards.get(&TableId(h.table))?;
-        if *model != Consistency::Sequential {
+        if *model != Consistency::Sequential && !self.settling.contains(&TableId(h.table)) {
             return None;
         }
         let clock = self.peer_rank.get(&peer).map_or(0, |&r| self.clocks[r]);
@@ -371,7 +394,7 @@ impl ShardCore {
     ) -> Result<(), Refusal> {
         if h.kind == Kind::PushPull {
             return Err(Refusal(format!(
-                "table {} is sequential: its pushes show from the next clock, so push and pull separately",
+                "table {}'s pushes show from the next clock (sequential, or a settling rule), so push and pull separately",
                 h.table
             )));
         }
@@ -421,21 +444,45 @@ impl ShardCore {
         }
     }
 
-    /// Merges, in arrival order, the held pushes of every clock all workers
-    /// have finished.
+    /// Merges the held pushes of every clock all workers have finished: clock
+    /// by clock, each clock's in arrival order, then settles the keys of
+    /// settling tables that clock's pushes touched.
     fn merge_held(&mut self, tx: &mut dyn FrameSink) {
-        let mut i = 0;
-        while i < self.held.len() {
-            if self.held[i].clock >= self.min_clock {
-                i += 1;
-                continue;
+        while let Some(clock) = self.held.iter().map(|p| p.clock).filter(|&c| c < self.min_clock).min() {
+            let mut i = 0;
+            while i < self.held.len() {
+                if self.held[i].clock != clock {
+                    i += 1;
+                    continue;
+                }
+                let p = self.held.remove(i).expect("looked at");
+                self.held_bytes -= p.frame.len();
+                if let Ok(Frame::Data { h, keys, vals }) = wire::decode(&p.frame, self.body_max) {
+                    let table = TableId(h.table);
+                    // checked when it was held; a refusal now could only be a full sparse slab
+                    if self.apply(&h, keys, vals, p.peer, tx, false).is_err() {
+                        self.stats.held_refused += 1;
+                    } else if self.settling.contains(&table) {
+                        let touched = self.touched.entry(table).or_default();
+                        if h.dense {
+                            if let Some((dim, TableStore::Dense(d))) = self.tables.get(&table) {
+                                let (dim, begin) = (*dim as u64, d.layout().table_begin);
+                                touched.extend(begin + h.a / dim..begin + (h.a + h.b).div_ceil(dim));
+                            }
+                        } else {
+                            touched.extend(wire::keys_of(keys, &mut self.keys_scratch));
+                        }
+                    }
+                }
             }
-            let p = self.held.remove(i).expect("looked at");
-            self.held_bytes -= p.frame.len();
-            if let Ok(Frame::Data { h, keys, vals }) = wire::decode(&p.frame, self.body_max) {
-                // checked when it was held; a refusal now could only be a full sparse slab
-                if self.apply(&h, keys, vals, p.peer, tx, false).is_err() {
-                    self.stats.held_refused += 1;
+            for (table, mut keys) in std::mem::take(&mut self.touched) {
+                keys.sort_unstable();
+                keys.dedup();
+                if let Some((_, TableStore::Dense(d))) = self.tables.get_mut(&table) {
+                    // the keys were checked when their pushes were held
+                    if d.settle_keys(&keys).is_err() {
+                        self.stats.held_refused += 1;
+                    }
                 }
             }
         }

@@ -297,6 +297,23 @@ impl DenseStore {
         Ok(())
     }
 
+    /// Settles every key of `keys` (a settling rule's step; see
+    /// [`UpdateRule::settles`]): the rule turns each key's gathered state into
+    /// its new weights, through the same versioned block writes as a push.
+    pub fn settle_keys(&mut self, keys: &[Key]) -> Result<(), StoreError> {
+        let (dim, spv) = (self.dim, self.rule.state_per_value());
+        let mut w = vec![0.0f32; dim];
+        for &key in keys {
+            let local = self.local(self.key_start(key)?, dim as u64)?;
+            let (rule, state) = (&self.rule, &mut self.state);
+            // one key's floats may sit in two blocks: gather, settle, scatter
+            self.values.read_span(local, &mut w);
+            rule.settle(&mut w, &mut state[local * spv..(local + dim) * spv]);
+            self.values.update_span(local, dim, |dst, off| dst.copy_from_slice(&w[off..off + dst.len()]));
+        }
+        Ok(())
+    }
+
     /// Reads `dim` floats per key for a key list.
     pub fn pull_keys(&self, keys: &[Key], out: &mut [f32]) -> Result<(), StoreError> {
         for (i, &key) in keys.iter().enumerate() {

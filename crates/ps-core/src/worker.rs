@@ -139,6 +139,8 @@ pub struct WorkerCore {
     chunk_bytes: usize,
     body_max: usize,
     next_ts: Timestamp,
+    /// bytes of data frames this worker has sent (prefixes and headers included)
+    bytes_sent: u64,
     pending: HashMap<Timestamp, Pending>,
     in_flight_max: usize,
     broken: Option<PsError>,
@@ -193,6 +195,7 @@ impl WorkerCore {
             chunk_bytes: limits.chunk_bytes,
             body_max: limits.frame_bytes_max,
             next_ts: 1,
+            bytes_sent: 0,
             pending: HashMap::new(),
             in_flight_max: crate::limits::OPS_IN_FLIGHT_MAX,
             broken: None,
@@ -261,6 +264,11 @@ impl WorkerCore {
     }
 
     /// Clocks this worker has finished (`clock` calls made).
+    /// Bytes of data frames sent so far (what the filters save shows here).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
     pub fn clocks(&self) -> u64 {
         self.clocks
     }
@@ -707,6 +715,7 @@ impl WorkerCore {
                     }
                     return Err(PsError::Transport("send queue refused a frame mid-request".into()));
                 }
+                self.bytes_sent += len as u64;
                 if let (Some(p), false) = (pull.as_mut(), dense) {
                     let s = p.ranges.len();
                     p.ranges.extend_from_slice(ranges);
