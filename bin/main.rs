@@ -87,6 +87,9 @@ enum Cmd {
         /// Print every process's log lines, not only warnings and results.
         #[arg(long, short)]
         verbose: bool,
+        /// Draw the objective per sweep (apps that report `@iter`: lr) into this PNG.
+        #[arg(long)]
+        png: Option<String>,
     },
     /// Run one role of a job (what launchers start).
     Node {
@@ -384,6 +387,7 @@ fn auto_role(servers: u32, per_node: Option<u32>, manager: Option<String>, liste
     Ok(AutoRole { role: arg, rank, workers, servers, manager })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_local(
     servers: u32,
     shards: u32,
@@ -392,6 +396,7 @@ fn run_local(
     params: String,
     pin: bool,
     verbose: bool,
+    png: Option<String>,
 ) -> Result<(), String> {
     let params: serde_json::Value = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
     apps::job_spec(&app, &params, servers)?; // fail fast on bad parameters
@@ -407,6 +412,7 @@ fn run_local(
     );
     let mut progress: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
     let mut result: Option<serde_json::Value> = None;
+    let mut curve: Vec<(f64, f64)> = Vec::new();
     let started = std::time::Instant::now();
     let outcome = local::run(&spec, &mut |e| match e {
         local::Event::At { kind, value, .. } if kind == "progress" => {
@@ -427,6 +433,19 @@ fn run_local(
                 value["secs"].as_f64().unwrap_or(0.0)
             )
         }),
+        local::Event::At { kind, value, .. } if kind == "iter" => bar.suspend(|| {
+            let objective = value["objective"].as_f64().unwrap_or(f64::NAN);
+            curve.push((value["sweep"].as_f64().unwrap_or(0.0), objective));
+            println!(
+                "sweep {}/{}  objective {objective:.4}  non-zeros {}  filtered {:.1}%  sent {} B  ({:.1} s)",
+                value["sweep"],
+                value["sweeps"],
+                value["nonzeros"],
+                value["filtered_pct"].as_f64().unwrap_or(0.0),
+                value["bytes"],
+                value["secs"].as_f64().unwrap_or(0.0)
+            )
+        }),
         local::Event::At { kind, value, .. } if kind == "result" => result = Some(value),
         local::Event::At { kind, value, role } => bar.suspend(|| println!("[{role}] {kind}: {value}")),
         local::Event::Line { role, line } => {
@@ -441,7 +460,29 @@ fn run_local(
         }
     });
     bar.finish_and_clear();
-    if let Some(r) = &result {
+    if let (Some(path), false) = (&png, curve.is_empty()) {
+        let figure = plot::Figure {
+            title: format!("{app}: objective per sweep"),
+            panels: vec![plot::Panel {
+                title: "training objective".into(),
+                x: "sweep".into(),
+                y: "objective".into(),
+                log_y: true,
+                y_fit: false,
+                kind: plot::Kind::Line,
+                series: vec![plot::Series { name: app.clone(), points: curve }],
+            }],
+        };
+        plot::figure_png(path, &figure)?;
+        eprintln!("pslab local: objective curve in {path}");
+    }
+    if let Some(r) = result.as_ref().filter(|r| r.get("planted_accuracy").is_none()) {
+        println!("----------------------------------------------------------------");
+        for (k, v) in r.as_object().into_iter().flatten() {
+            println!("{k:<22} {v}");
+        }
+        println!("----------------------------------------------------------------");
+    } else if let Some(r) = &result {
         println!("----------------------------------------------------------------");
         println!("held-out examples      {}", r["test_examples"]);
         println!("test accuracy          {:.4}", r["accuracy"].as_f64().unwrap_or(0.0));
@@ -471,9 +512,8 @@ fn main() {
     // the processes `local` and `bench` start run the same transport
     netopts.export_env();
     let r = match cli.cmd {
-        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose } => {
-            net::preflight(&netopts).and_then(|()| run_local(servers, shards, workers, app, params, !no_pin, verbose))
-        }
+        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose, png } => net::preflight(&netopts)
+            .and_then(|()| run_local(servers, shards, workers, app, params, !no_pin, verbose, png)),
         cmd @ Cmd::Node { .. } => {
             watch_parent();
             run_node(cmd, &netopts).map(|msg| tracing::info!("{msg}"))

@@ -16,5 +16,5 @@ fi
 if [ -n "${PSLAB:-}" ]; then
   "$PSLAB" prepare clothing --dir "$dir"
 else
-  cargo run --release --quiet -- prepare clothing --dir "$dir"
+  cargo run --locked --release --quiet -- prepare clothing --dir "$dir"
 fi

@@ -17,6 +17,8 @@ echo "== Open MPI, MPICH and Slurm for the launcher tests"
 scripts/apt-need.sh openmpi-bin mpich slurm-wlm
 echo "== MovieLens 100k for the mf test (scripts/fetch-movielens.sh)"
 scripts/fetch-movielens.sh
+echo "== clothing reviews for the lr test (scripts/fetch-clothing.sh)"
+scripts/fetch-clothing.sh
 echo "== cargo test"
 log=$(mktemp)
 cargo test --locked --release --workspace 2>&1 | tee "$log"

@@ -257,3 +257,57 @@ fn mf_on_movielens_reaches_the_reference_rmse() {
     assert_eq!(out.matches("mf-reads: ").count(), 4, "{out}");
     assert!(!out.contains("\"hits\":0,"), "a worker's cache answered no read:\n{out}");
 }
+
+/// A number of the result table `pslab local` prints (`key   value` lines).
+fn result_value(out: &str, key: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key).filter(|r| r.starts_with(' '))?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in the result table:\n{out}"))
+}
+
+/// The OSDI flagship: sparse logistic regression by delayed block proximal
+/// gradient (τ = 1, KKT filter, key caching) on the clothing reviews (fetched
+/// and prepared by scripts/fetch-clothing.sh, which the test command runs), as
+/// 2 servers and 4 worker processes: L1 and L2 objectives within 1e-3 of the
+/// liblinear optimum of the datasets note, and test AUC >= 0.93.
+#[test]
+fn lr_on_clothing_reaches_the_liblinear_optimum() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/data/clothing");
+    assert!(
+        std::path::Path::new(data).join("train.libsvm").is_file(),
+        "the clothing reviews are missing: run scripts/fetch-clothing.sh (the test command does)"
+    );
+    for (reg, sweeps, optimum) in [("l1", 150, 3309.7433), ("l2", 200, 2456.9823)] {
+        let params = format!(r#"{{"data": "{data}", "reg": "{reg}", "sweeps": {sweeps}, "tau": 1}}"#);
+        let (ok, out) = local_job("lr", 2, 1, 4, &params);
+        assert!(ok, "{reg} job failed:\n{out}");
+        let objective = result_value(&out, "objective");
+        let rel = (objective - optimum).abs() / optimum;
+        assert!(rel < 1e-3, "{reg}: objective {objective} is {rel:.2e} from the optimum {optimum}:\n{out}");
+        let auc = result_value(&out, "auc");
+        assert!(auc >= 0.93, "{reg}: test AUC {auc} < 0.93:\n{out}");
+        // the per-sweep lines came, and under L1 the KKT filter dropped keys
+        assert_eq!(out.lines().filter(|l| l.starts_with("sweep ")).count(), sweeps, "{out}");
+        if reg == "l1" {
+            let most = out
+                .split("filtered ")
+                .skip(1)
+                .filter_map(|r| r.split('%').next()?.parse::<f64>().ok())
+                .fold(0.0, f64::max);
+            assert!(most > 50.0, "the KKT filter never dropped half the keys of a sweep ({most}%):\n{out}");
+        }
+    }
+}
+
+/// Filters that hold values back (significantly-modified, random skip) and
+/// the exact codecs (key caching, LZ4) lose no update: after the workers
+/// flush their residuals, every value equals the sum of the acknowledged
+/// pushes, exactly (the check's values are small integers), across processes.
+#[test]
+fn filters_lose_no_update_across_processes() {
+    let filters = r#"[{"filter": "significantly_modified", "threshold": 2.5}, {"filter": "random_skip", "p": 0.3, "seed": 1},
+                      {"filter": "key_cache"}, {"filter": "lz4"}]"#;
+    let (ok, out) = local_job("check", 2, 1, 3, &format!(r#"{{"filters": {filters}}}"#));
+    assert!(ok, "{out}");
+    assert!(out.contains("invariant 1 holds"), "{out}");
+}

@@ -32,6 +32,9 @@ struct Params {
     /// Fault injection for the test that shows this check can fail: worker 0
     /// pushes one update it leaves out of the expected sums.
     inject_stray_push: bool,
+    /// filters on the two sparse sum tables (their residuals are flushed
+    /// before the check, so the sums must still be exact)
+    filters: Vec<ps_core::filter::FilterSpec>,
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -42,6 +45,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         seed: param(p, "seed", 7)?,
         workers_max: 64,
         inject_stray_push: param(p, "inject_stray_push", false)?,
+        filters: param(p, "filters", Vec::new())?,
     })
 }
 
@@ -65,6 +69,8 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
             let rule = if lr > 0.0 { RuleSpec::Sgd { lr } } else { RuleSpec::Sum };
             if dense > 0 {
                 TableSpec::dense(id, name, KeyRange::new(0, dense), dim, rule)
+            } else if lr == 0.0 {
+                TableSpec::sparse(id, name, KeyRange::FULL, dim, rule).with_filters(r.filters.clone())
             } else {
                 TableSpec::sparse(id, name, KeyRange::FULL, dim, rule)
             }
@@ -72,7 +78,8 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
         .collect();
     Ok((
         tables,
-        json!({"rounds": r.rounds, "keys": r.keys, "window": r.window, "seed": r.seed, "inject_stray_push": r.inject_stray_push}),
+        json!({"rounds": r.rounds, "keys": r.keys, "window": r.window, "seed": r.seed, "inject_stray_push": r.inject_stray_push,
+               "filters": r.filters}),
     ))
 }
 
@@ -174,6 +181,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     }
     if acked != issued {
         return Err(format!("{issued} pushes issued but {acked} acknowledged"));
+    }
+    for t in [TableId(0), TableId(1)] {
+        ctx.ps.flush_filters(t).map_err(|e| format!("flush filters: {e}"))?;
     }
     ctx.barrier("pushed")?;
 

@@ -73,6 +73,10 @@ pub struct Params {
     pub model: String,
     /// parser threads per worker
     pub threads: usize,
+    /// filters on the weights table's traffic (`ps_core::filter::FilterSpec`)
+    pub filters: Vec<ps_core::filter::FilterSpec>,
+    /// the data files' format: libsvm, or clicklog (hashed into `features` keys)
+    pub format: String,
 }
 
 pub fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -101,7 +105,15 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
         kkt_every: param(p, "kkt_every", 10)?,
         model: param(p, "model", String::new())?,
         threads: param(p, "threads", 2)?,
+        filters: param(p, "filters", vec![ps_core::filter::FilterSpec::KeyCache])?,
+        format: param(p, "format", "libsvm".to_string())?,
     };
+    if r.format != "libsvm" && r.format != "clicklog" {
+        return Err(format!("lr: format must be libsvm or clicklog, got {:?}", r.format));
+    }
+    if r.format == "clicklog" && r.features == 0 {
+        return Err("lr: a click log needs params.features, the key space its fields are hashed into".into());
+    }
     if r.blocks == 0 || r.sweeps == 0 {
         return Err("lr: blocks and sweeps must be positive".into());
     }
@@ -115,7 +127,19 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
 }
 
 fn train_path(p: &Params) -> PathBuf {
-    Path::new(&p.data).join("train.libsvm")
+    Path::new(&p.data).join(format!("train.{}", p.format))
+}
+
+fn test_path(p: &Params) -> PathBuf {
+    Path::new(&p.data).join(format!("test.{}", p.format))
+}
+
+/// Part `rank` of `parts` of a data file in the job's format.
+fn read_rows(p: &Params, path: &Path, rank: usize, parts: usize) -> Result<Rows, String> {
+    match p.format.as_str() {
+        "clicklog" => crate::data::clicklog::read(path, p.features, rank, parts, p.threads),
+        _ => libsvm::read(path, rank, parts, p.threads),
+    }
 }
 
 /// The tables: the weights (`[w, G]` per key, the block_prox rule, bounded:τ)
@@ -124,7 +148,7 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
     let mut r = params(p)?;
     if r.features == 0 {
         // the manager reads the file once for its largest index
-        let rows = libsvm::read(&train_path(&r), 0, 1, r.threads)
+        let rows = read_rows(&r, &train_path(&r), 0, 1)
             .map_err(|e| format!("lr: {e} (run scripts/fetch-clothing.sh, or give params.features)"))?;
         r.features = rows.key_bound().saturating_sub(1).max(1);
     }
@@ -139,7 +163,8 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
             2,
             RuleSpec::BlockProx { l1: r.l1, l2: r.l2, max_step: r.max_step },
         )
-        .with_consistency(model),
+        .with_consistency(model)
+        .with_filters(r.filters.clone()),
         TableSpec::dense(METRICS.0, "metrics", KeyRange::new(0, r.sweeps * SLOTS), 1, RuleSpec::Sum)
             .with_consistency(model),
     ];
@@ -339,7 +364,10 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let e = |e: ps_core::PsError| e.to_string();
     let (rank, workers) = (ctx.rank as usize, ctx.workers() as usize);
     let started = Instant::now();
-    let rows = libsvm::read(&train_path(&p), rank, workers, p.threads)?;
+    let rows = read_rows(&p, &train_path(&p), rank, workers)?;
+    if rows.is_empty() {
+        tracing::warn!("lr: worker {rank} has no rows of {} (more workers than lines?)", train_path(&p).display());
+    }
     if rows.keys.iter().any(|&k| k == 0 || k > p.features) {
         return Err(format!("lr: the train file has keys outside 1..={}", p.features));
     }
@@ -354,7 +382,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let mut reads: std::collections::VecDeque<(u64, Read)> = Default::default();
     for t in 0..=total {
         // iteration t may use every step up to t − τ − 1: take those reads
-        while reads.front().is_some_and(|(at, _)| *at + p.tau as u64 + 1 <= t || t == total) {
+        while reads.front().is_some_and(|(at, _)| *at + (p.tau as u64) < t || t == total) {
             let (_, r) = reads.pop_front().expect("looked at");
             match r {
                 Read::Ack(ts) => ctx.ps.wait(ts).map_err(e)?,
@@ -410,6 +438,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             ctx.emit("progress", json!({"rank": rank, "done": t + 1, "total": total, "unit": "iterations"}));
         }
     }
+    // what the filters held back goes now, and one more clock settles it
+    ctx.ps.flush_filters(WEIGHTS).map_err(e)?;
+    ctx.ps.clock().map_err(e)?;
     if rank != 0 {
         return Ok(format!("trained on {} rows", rows.len()));
     }
@@ -417,11 +448,11 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     // here over the whole train file in f64
     let mut wg = Vec::new();
     ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut wg).map_err(e)?;
-    let all = libsvm::read(&train_path(&p), 0, 1, p.threads)?;
+    let all = read_rows(&p, &train_path(&p), 0, 1)?;
     let loss: f64 = scores(&all, &wg).iter().zip(&all.labels).map(|(&z, &y)| logloss(z, y)).sum();
     let objective = loss + regulariser(&wg, p.l1, p.l2);
     let nnz = wg.chunks_exact(2).filter(|p| p[0] != 0.0).count();
-    let test = libsvm::read(&Path::new(&p.data).join("test.libsvm"), 0, 1, p.threads)?;
+    let test = read_rows(&p, &test_path(&p), 0, 1)?;
     let (acc, ll, auc) = evaluate(&test, &wg);
     if !p.model.is_empty() {
         save(&p.model, &p, &wg, objective)?;
@@ -449,8 +480,9 @@ fn report(ctx: &WorkerCtx, p: &Params, s: u64, m: &[f32], wg: &[f32], started: I
 }
 
 /// The same algorithm in one process with no delay (τ = 0, one worker): the
-/// reference the distributed runs are checked against. Returns the objective
-/// after each sweep and the final `[w, G]` model.
+/// reference the tests check the step against. Returns the objective after
+/// each sweep and the final `[w, G]` model.
+#[cfg(test)]
 pub fn serial(rows: &Rows, p: &Params) -> (Vec<f64>, Vec<f32>) {
     let rule = ps_core::rules::RuleRegistry::default()
         .build(&RuleSpec::BlockProx { l1: p.l1, l2: p.l2, max_step: p.max_step })
@@ -482,6 +514,45 @@ pub fn serial(rows: &Rows, p: &Params) -> (Vec<f64>, Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows with a planted sparse model (features 1..=40, 6 per row) and a bias.
+    fn planted(n: usize) -> Rows {
+        let mut r = ps_core::rng::SplitMix64::new(3);
+        let mut rows = Rows::new();
+        for _ in 0..n {
+            let mut k: Vec<u64> = (0..6).map(|_| 1 + r.below(40)).collect();
+            k.sort_unstable();
+            k.dedup();
+            let margin: f64 =
+                k.iter().map(|&f| if f % 3 == 0 { 1.0 } else { 0.0 }).sum::<f64>() - 1.5 + 0.3 * r.normal();
+            k.push(41);
+            rows.vals.extend(std::iter::repeat_n(1.0, k.len()));
+            rows.keys.extend(k);
+            rows.labels.push(if margin > 0.0 { 1.0 } else { -1.0 });
+            rows.start.push(rows.keys.len());
+        }
+        rows
+    }
+
+    #[test]
+    fn every_sweep_lowers_the_objective_and_l1_makes_zeros() {
+        for (reg, blocks, kkt) in [("l1", 4, true), ("l1", 1, false), ("l2", 7, false)] {
+            let mut p =
+                params(&json!({"reg": reg, "c": 0.1, "blocks": blocks, "sweeps": 40, "kkt": kkt, "tau": 0})).unwrap();
+            p.features = 41;
+            let rows = planted(400);
+            let start = 400.0 * std::f64::consts::LN_2;
+            let (trace, wg) = serial(&rows, &p);
+            let mut last = start;
+            for (i, &o) in trace.iter().enumerate() {
+                assert!(o <= last + 1e-6 * last, "{reg}/{blocks}: sweep {} rose from {last} to {o}", i + 1);
+                last = o;
+            }
+            assert!(last < 0.95 * start, "{reg}: {last} is not below {start}");
+            let zeros = wg.chunks_exact(2).filter(|p| p[0] == 0.0).count();
+            assert_eq!(zeros > 0, reg == "l1", "{reg}: {zeros} zero weights");
+        }
+    }
 
     /// PS_LR_DATA=data/clothing cargo test --release lr_serial -- --ignored --nocapture
     #[test]

@@ -230,6 +230,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         Ok(())
     }
 
+    /// Pushes what the filters of `table` held back, and waits for it.
+    pub fn flush_filters(&mut self, table: TableId) -> Result<(), PsError> {
+        for ts in self.core.flush_filters(&mut self.transport, table)? {
+            self.wait(ts)?;
+        }
+        Ok(())
+    }
+
     /// Blocking pull into `out`, reusing its allocation.
     pub fn pull_into(&mut self, table: TableId, keys: &[Key], out: &mut Vec<f32>) -> Result<(), PsError> {
         let ts = self.pull(table, keys, std::mem::take(out))?;

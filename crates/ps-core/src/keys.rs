@@ -95,6 +95,9 @@ pub struct TableSpec {
     /// eventual, no waiting.
     #[serde(default)]
     pub consistency: crate::clock::Consistency,
+    /// What the table's pushes and pulls go through (`filter`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<crate::filter::FilterSpec>,
 }
 
 impl TableSpec {
@@ -106,6 +109,7 @@ impl TableSpec {
             layout: Layout::Dense { keys },
             rule,
             consistency: Default::default(),
+            filters: Vec::new(),
         }
     }
 
@@ -117,7 +121,14 @@ impl TableSpec {
             layout: Layout::Sparse { keys },
             rule,
             consistency: Default::default(),
+            filters: Vec::new(),
         }
+    }
+
+    /// The same table with `filters` on its traffic.
+    pub fn with_filters(mut self, filters: Vec<crate::filter::FilterSpec>) -> Self {
+        self.filters = filters;
+        self
     }
 
     /// The same table under another consistency model.
@@ -160,6 +171,9 @@ impl TableSpec {
             }
         }
         self.rule.validate().map_err(|e| format!("table {} ({:?}): {e}", self.name, self.id))?;
+        for f in &self.filters {
+            f.validate().map_err(|e| format!("table {} ({:?}): {e}", self.name, self.id))?;
+        }
         if let crate::rules::RuleSpec::BlockProx { .. } = self.rule {
             if self.dim != 2 || !self.is_dense() || self.consistency.staleness().is_none() {
                 return Err(format!(

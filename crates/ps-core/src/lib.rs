@@ -44,6 +44,7 @@ pub mod client;
 pub mod clock;
 pub mod control;
 pub mod error;
+pub mod filter;
 pub mod kernels;
 pub mod keys;
 pub mod launch;

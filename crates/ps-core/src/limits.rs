@@ -58,6 +58,13 @@ pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_INTERVAL_MS;
 /// to the next clock, so honest jobs hold a few frames per worker.
 pub const PARKED_PULL_BYTES_MAX: usize = 64 << 20;
 
+/// Key lists one connection may have remembered per table (the key-caching
+/// filter): both ends keep the same FIFO, so this bounds the shard's memory
+/// per worker and table at `KEY_CACHE_BYTES_MAX`. 256 lists cover the blocks
+/// of a block-cyclic solver many times over.
+pub const KEY_CACHE_LISTS_MAX: usize = 256;
+pub const KEY_CACHE_BYTES_MAX: usize = 16 << 20;
+
 /// Bytes of pushes a shard holds for `sequential` tables until every worker has
 /// finished the clock they were made in; a push beyond it is refused with an
 /// error frame. Honest jobs hold one clock's pushes of every worker: 256 MiB

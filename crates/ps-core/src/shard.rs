@@ -112,6 +112,8 @@ pub struct ShardCore {
     settling: HashSet<TableId>,
     /// keys the held pushes of the clock being merged touched, per settling table
     touched: BTreeMap<TableId, Vec<Key>>,
+    /// undoes the table filters' coding, per connection
+    decoder: crate::filter::Decoder,
 }
 
 /// One connection's subscription to an eager table.
@@ -238,6 +240,7 @@ impl ShardCore {
             refresh_bytes: view.job.limits.chunk_bytes.min(view.job.limits.frame_bytes_max / 2),
             settling,
             touched: BTreeMap::new(),
+            decoder: Default::default(),
         })
     }
 
@@ -256,8 +259,9 @@ impl ShardCore {
         std::mem::take(&mut self.failed)
     }
 
-    /// `peer` is gone: its parked pulls go too.
+    /// `peer` is gone: its parked pulls and remembered key lists go too.
     pub fn on_closed(&mut self, peer: PeerId) {
+        self.decoder.forget(peer);
         let mut freed = 0;
         self.parked.retain(|p| {
             if p.peer == peer {
@@ -304,6 +308,13 @@ impl ShardCore {
 
     /// Handles one whole frame from `peer`, writing any response into `tx`.
     pub fn handle(&mut self, peer: PeerId, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
+        if crate::filter::is_coded(frame) {
+            // a table filter's coding: undo it, then it is any request
+            let plain = self.decoder.decode(peer, frame, self.body_max)?;
+            self.stats.bytes_in += frame.len() as u64;
+            self.stats.bytes_in -= plain.len() as u64;
+            return self.handle(peer, &plain, tx);
+        }
         self.stats.bytes_in += frame.len() as u64;
         let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
             Frame::Data { h, keys, vals }

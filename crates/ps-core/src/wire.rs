@@ -13,6 +13,7 @@
 //!  32 u64 b        number of f32 values in the payload
 //!  40 payload      sparse: a x u64 keys, then b x f32 values; dense: b x f32 values
 //!     padding      zeros up to a multiple of 8
+//! flags bit 1 (coded): the payload is a table filter's coding (`filter`)
 //! ```
 //! Every frame is a multiple of 8 bytes and starts 8-aligned in a receive buffer,
 //! so keys (at offset 40) are 8-aligned and values 4-aligned: the decoder hands
@@ -30,6 +31,8 @@ pub const DATA_HEADER_BYTES: usize = 40;
 pub const NONCE_BYTES: usize = 32;
 pub const MAC_BYTES: usize = 32;
 pub const FLAG_DENSE: u16 = 1;
+/// the payload is coded by the table's filters (`filter::Decoder` undoes it)
+pub const FLAG_CODED: u16 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -179,7 +182,7 @@ impl DataHeader {
     }
 
     /// (key bytes, value bytes) of the payload.
-    fn payload_parts(&self) -> Option<(usize, usize)> {
+    pub fn payload_parts(&self) -> Option<(usize, usize)> {
         let keys = if self.dense { 0 } else { usize::try_from(self.a).ok()?.checked_mul(8)? };
         let vals = usize::try_from(self.b).ok()?.checked_mul(4)?;
         Some(match self.kind {

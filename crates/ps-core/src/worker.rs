@@ -17,6 +17,7 @@ use std::ops::Range;
 use crate::cache::{Cache, CacheStats, Lookup};
 use crate::clock::Consistency;
 use crate::error::PsError;
+use crate::filter::{has_codecs, Encoder, PushFilter};
 use crate::keys::{check_sorted, Key, KeyRange, TableId, TableSpec};
 use crate::ring::{position, Owner, Ring};
 use crate::rules::RuleSpec;
@@ -141,6 +142,12 @@ pub struct WorkerCore {
     next_ts: Timestamp,
     /// bytes of data frames this worker has sent (prefixes and headers included)
     bytes_sent: u64,
+    /// push filters per table (`filter`), in the spec's order
+    push_filters: HashMap<TableId, Vec<Box<dyn PushFilter>>>,
+    /// codes the requests of tables with codecs
+    encoder: Encoder,
+    /// the next request goes out with exact values (a flush of residuals)
+    lossless: bool,
     pending: HashMap<Timestamp, Pending>,
     in_flight_max: usize,
     broken: Option<PsError>,
@@ -196,6 +203,13 @@ impl WorkerCore {
             body_max: limits.frame_bytes_max,
             next_ts: 1,
             bytes_sent: 0,
+            push_filters: tables
+                .iter()
+                .map(|t| (t.id, crate::filter::push_filters(&t.filters, t.id)))
+                .filter(|(_, f)| !f.is_empty())
+                .collect(),
+            encoder: Encoder::default(),
+            lossless: false,
             pending: HashMap::new(),
             in_flight_max: crate::limits::OPS_IN_FLIGHT_MAX,
             broken: None,
@@ -475,7 +489,39 @@ impl WorkerCore {
         Self::check_keys(&t, &keys, vals)?;
         let ts = self.next_ts;
         self.next_ts += 1;
+        if let (Kind::Push, Some(filters), Some(v)) = (kind, self.push_filters.get_mut(&table), vals) {
+            // the push filters choose what goes: on owned copies
+            let mut k: Vec<Key> = key_iter(&keys).collect();
+            let mut v = v.to_vec();
+            for f in filters.iter_mut() {
+                f.filter(&mut k, &mut v, t.dim as usize);
+            }
+            return self.issue_at(tx, ts, kind, &t, Keys::List(&k), Some(&v), out);
+        }
         self.issue_at(tx, ts, kind, &t, keys, vals, out)
+    }
+
+    /// Pushes everything the filters of `table` held back (residuals of the
+    /// push filters and of quantisation), with exact values: after it, the
+    /// servers have every update pushed so far. Returns the pushes' timestamps.
+    pub fn flush_filters(&mut self, tx: &mut dyn FrameSink, table: TableId) -> Result<Vec<Timestamp>, PsError> {
+        let t = self.table(table)?.clone();
+        let dim = t.dim as usize;
+        let mut held: Vec<(Vec<Key>, Vec<f32>)> = Vec::new();
+        if let Some(filters) = self.push_filters.get_mut(&table) {
+            held.extend(filters.iter_mut().map(|f| f.flush(dim)));
+        }
+        held.push(self.encoder.flush(table, dim));
+        let mut out = Vec::new();
+        for (k, v) in held.into_iter().filter(|(k, _)| !k.is_empty()) {
+            let ts = self.next_ts;
+            self.next_ts += 1;
+            self.lossless = true;
+            let r = self.issue_at(tx, ts, Kind::Push, &t, Keys::List(&k), Some(&v), None);
+            self.lossless = false;
+            out.push(r?);
+        }
+        Ok(out)
     }
 
     /// Issues an operation to run only once every timestamp in `deps` has all
@@ -646,7 +692,7 @@ impl WorkerCore {
             for g in 0..self.chunks.len() {
                 let Some(c) = self.chunks[g].get(i) else { continue };
                 let h = DataHeader { kind, dense, table: table.0, sub, ts, a: c.a, b: c.b };
-                let len = h.frame_len().expect("chunk sizes are bounded");
+                let mut len = h.frame_len().expect("chunk sizes are bounded");
                 let peer = self.peers[c.owner.server as usize][c.owner.shard as usize];
                 let content = wire::DATA_HEADER_BYTES
                     + if dense { 0 } else { c.a as usize * 8 }
@@ -658,7 +704,38 @@ impl WorkerCore {
                 let hdr = h.encode(len);
                 let mut parts: [&[u8]; GATHER_PARTS_MAX] = [&[]; GATHER_PARTS_MAX];
                 let need = 2 + if dense { 1 } else { ranges.len() * (1 + carries_vals as usize) };
-                let r = if need <= GATHER_PARTS_MAX {
+                let coded = has_codecs(&t.filters) && !(dense && kind == Kind::Pull);
+                let fill = |buf: &mut [u8]| {
+                    buf[..wire::DATA_HEADER_BYTES].copy_from_slice(&hdr);
+                    let mut at = wire::DATA_HEADER_BYTES;
+                    if let Keys::List(k) = keys {
+                        for r in ranges {
+                            let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
+                            buf[at..at + src.len()].copy_from_slice(src);
+                            at += src.len();
+                        }
+                        if let (Some(v), true) = (vals, carries_vals) {
+                            for r in ranges {
+                                let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
+                                buf[at..at + src.len()].copy_from_slice(src);
+                                at += src.len();
+                            }
+                        }
+                    }
+                    buf[content..].fill(0);
+                };
+                let r = if coded {
+                    let mut plain = vec![0u8; len];
+                    fill(&mut plain);
+                    let dim = t.dim as usize;
+                    match self.encoder.encode(peer, table, &t.filters, &plain, dim, !self.lossless) {
+                        Ok(f) => tx.frame(peer, f.len()).map(|buf| {
+                            buf.copy_from_slice(&f);
+                            len = f.len();
+                        }),
+                        Err(e) => return Err(PsError::Transport(format!("filter coding: {e}"))),
+                    }
+                } else if need <= GATHER_PARTS_MAX {
                     let mut n = 0;
                     macro_rules! put {
                         ($p:expr) => {{
@@ -685,25 +762,7 @@ impl WorkerCore {
                     put!(&ZEROS[..len - content]);
                     tx.frame_gather(peer, &parts[..n])
                 } else {
-                    tx.frame(peer, len).map(|buf| {
-                        buf[..wire::DATA_HEADER_BYTES].copy_from_slice(&hdr);
-                        let mut at = wire::DATA_HEADER_BYTES;
-                        if let Keys::List(k) = keys {
-                            for r in ranges {
-                                let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
-                                buf[at..at + src.len()].copy_from_slice(src);
-                                at += src.len();
-                            }
-                            if let (Some(v), true) = (vals, carries_vals) {
-                                for r in ranges {
-                                    let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
-                                    buf[at..at + src.len()].copy_from_slice(src);
-                                    at += src.len();
-                                }
-                            }
-                        }
-                        buf[content..].fill(0);
-                    })
+                    tx.frame(peer, len).map(fill)
                 };
                 if let Err(e) = r {
                     // frames already queued for this ts will be answered; account for them
