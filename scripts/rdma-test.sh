@@ -33,6 +33,10 @@ cargo clippy --locked --release --features rdma --bins -- -D warnings
 cargo build --locked --release --features rdma --bin pslab
 bins=(--bin target/release/pslab --bin scripts/rdma-vm-suite.sh)
 for t in $tests; do bins+=(--bin "$t"); done
+# the lr step's data, when fetched (scripts/fetch-clothing.sh; the test command does)
+for f in data/clothing/train.libsvm data/clothing/test.libsvm; do
+  [ -s "$f" ] && bins+=(--bin "$f")
+done
 
 log=$(mktemp)
 set +e

@@ -60,6 +60,18 @@ step essp-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --a
 step sequential-rdma pslab --transport rdma local --servers 2 --workers 3 --no-pin --app ssp \
   --params '{"clocks": 8, "keys": 2000, "model": "sequential", "slow_ms": 30}'
 
+# 7b. filters over RDMA: coded pushes (key caching, LZ4) and held-back values
+#     (significantly-modified, random skip; flushed at the end) through the
+#     rings lose no update; the lr app (block proximal steps settled by the
+#     shards, KKT filter, key caching) descends on the clothing reviews when the
+#     host fetched them (rdma-test.sh copies its LIBSVM files to /bin)
+step filters-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app check \
+  --params '{"rounds": 8, "keys": 800, "filters": [{"filter": "significantly_modified", "threshold": 2.5}, {"filter": "random_skip", "p": 0.3, "seed": 1}, {"filter": "key_cache"}, {"filter": "lz4"}]}'
+if [ -e /bin/train.libsvm ]; then
+  step lr-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app lr \
+    --params '{"data": "/bin", "sweeps": 30, "tau": 1, "objective_max": 3400, "filters": [{"filter": "key_cache"}, {"filter": "lz4"}]}'
+fi
+
 fi
 
 # 8. the bench beside perftest on the same device in the same boot: per size,

@@ -77,6 +77,11 @@ pub struct Params {
     pub filters: Vec<ps_core::filter::FilterSpec>,
     /// the data files' format: libsvm, or clicklog (hashed into `features` keys)
     pub format: String,
+    /// each worker waits a seeded uniform 0..jitter_ms before each iteration's
+    /// gradient (emulated stragglers: what a delay τ is there to hide)
+    pub jitter_ms: f64,
+    /// fail the job if the final objective is above this (a check for CI runs)
+    pub objective_max: f64,
 }
 
 pub fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -107,6 +112,8 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
         threads: param(p, "threads", 2)?,
         filters: param(p, "filters", vec![ps_core::filter::FilterSpec::KeyCache])?,
         format: param(p, "format", "libsvm".to_string())?,
+        jitter_ms: param(p, "jitter_ms", 0.0)?,
+        objective_max: param(p, "objective_max", f64::INFINITY)?,
     };
     if r.format != "libsvm" && r.format != "clicklog" {
         return Err(format!("lr: format must be libsvm or clicklog, got {:?}", r.format));
@@ -380,6 +387,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let mut bytes_before = ctx.ps.core().bytes_sent();
     // reads in flight, oldest first, with the iteration that issued them
     let mut reads: std::collections::VecDeque<(u64, Read)> = Default::default();
+    let mut jitter = ps_core::rng::SplitMix64::new(ps_core::rng::mix64(0x6a69_7474 ^ rank as u64));
     for t in 0..=total {
         // iteration t may use every step up to t − τ − 1: take those reads
         while reads.front().is_some_and(|(at, _)| *at + (p.tau as u64) < t || t == total) {
@@ -401,6 +409,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             break;
         }
         let (b, sweep) = ((t % p.blocks) as usize, t / p.blocks);
+        if p.jitter_ms > 0.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(jitter.next_f64() * p.jitter_ms / 1e3));
+        }
         let full = !p.kkt || sweep + 1 == p.sweeps || (p.kkt_every > 0 && sweep % p.kkt_every == 0);
         local.gradient(b, |w, g| !full && kkt_drops(w, g, p.l1, p.kkt_delta), &mut keys, &mut vals);
         let damp = 1.0 + p.damping * p.tau as f32;
@@ -462,6 +473,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         json!({"objective": objective, "nonzeros": nnz, "test_accuracy": acc, "test_logloss": ll, "auc": auc,
                "train_secs": started.elapsed().as_secs_f64(), "model": p.model}),
     );
+    if objective > p.objective_max {
+        return Err(format!("lr: objective {objective:.4} is above objective_max {}", p.objective_max));
+    }
     Ok(format!("objective {objective:.4}, {nnz} non-zeros, test accuracy {acc:.5}, AUC {auc:.5}"))
 }
 

@@ -28,7 +28,7 @@
 //!  8 u32 stored bytes (the body, or its LZ4 block)
 //! 12 u32 0
 //! 16     body, or its LZ4 block: [u64 hash | a x u64 keys | nothing (dense)]
-//!        then [f32 scale, b x i8/i16 | b x f32]
+//!        then [dim x f32 scale (one per value column), b x i8/i16 | b x f32]
 //! ```
 //!
 //! Pull requests of key lists use key caching too; responses are not coded.
@@ -331,18 +331,28 @@ impl Encoder {
                 for (i, &k) in klist.iter().enumerate() {
                     res.take_into(k, &mut v[i * dim..(i + 1) * dim]);
                 }
+                // one scale per value column (a key's j-th value): columns
+                // differ in size (a gradient beside a curvature)
                 let levels = if bits == 8 { 127.0 } else { 32767.0 };
-                let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let scale = if max > 0.0 && max.is_finite() { max / levels } else { 1.0 };
-                body.extend_from_slice(&scale.to_le_bytes());
+                let scales: Vec<f32> = (0..dim)
+                    .map(|j| {
+                        let max = v.iter().skip(j).step_by(dim).fold(0f32, |m, x| m.max(x.abs()));
+                        if max > 0.0 && max.is_finite() {
+                            max / levels
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                scales.iter().for_each(|s| body.extend_from_slice(&s.to_le_bytes()));
                 let mut err = vec![0f32; dim];
                 for (i, &k) in klist.iter().enumerate() {
                     for j in 0..dim {
-                        let x = v[i * dim + j] / scale;
+                        let x = v[i * dim + j] / scales[j];
                         // unbiased: round up with probability frac(x)
                         let q = (x.floor() + (rng.next_f64() < (x - x.floor()) as f64) as i32 as f32)
                             .clamp(-levels, levels);
-                        err[j] = v[i * dim + j] - q * scale;
+                        err[j] = v[i * dim + j] - q * scales[j];
                         if bits == 8 {
                             body.push(q as i8 as u8);
                         } else {
@@ -487,11 +497,19 @@ impl Decoder {
                 16 => 2,
                 _ => return Err(WireError::Overflow("quantised bits")),
             };
-            let scale = f32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4"));
+            // values per key: the frame's own counts say it
+            if h.a == 0 || h.b % h.a != 0 || h.b / h.a > 1 << 16 {
+                return Err(WireError::Overflow("quantised values per key"));
+            }
+            let dim = (h.b / h.a) as usize;
+            let scales: Vec<f32> = take(&mut at, dim * 4)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect();
             let q = take(&mut at, (h.b as usize).checked_mul(per).ok_or(WireError::Overflow("values"))?)?;
-            for c in q.chunks_exact(per) {
+            for (i, c) in q.chunks_exact(per).enumerate() {
                 let v = if per == 1 { c[0] as i8 as f32 } else { i16::from_le_bytes([c[0], c[1]]) as f32 };
-                out.extend_from_slice(&(v * scale).to_le_bytes());
+                out.extend_from_slice(&(v * scales[i % dim]).to_le_bytes());
             }
         } else {
             out.extend_from_slice(take(&mut at, vb)?);

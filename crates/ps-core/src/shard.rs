@@ -876,12 +876,17 @@ mod tests {
     const B: PeerId = PeerId { index: 2, generation: 0 };
 
     fn shard(model: Consistency) -> ShardCore {
+        shard_of(vec![
+            TableSpec::dense(0, "d", KeyRange::new(0, 1000), 1, RuleSpec::Sum).with_consistency(model),
+            TableSpec::sparse(1, "s", KeyRange::FULL, 1, RuleSpec::Sum).with_consistency(model),
+        ])
+    }
+
+    /// One shard owning everything of `tables`, in a job of two workers.
+    fn shard_of(tables: Vec<TableSpec>) -> ShardCore {
         let view = ClusterView {
             job: JobSpec {
-                tables: vec![
-                    TableSpec::dense(0, "d", KeyRange::new(0, 1000), 1, RuleSpec::Sum).with_consistency(model),
-                    TableSpec::sparse(1, "s", KeyRange::FULL, 1, RuleSpec::Sum).with_consistency(model),
-                ],
+                tables,
                 app: "test".into(),
                 params: serde_json::Value::Null,
                 limits: WireLimits::default(),
@@ -944,6 +949,71 @@ mod tests {
         // eventual tables can be read one-sided; bounded ones cannot
         assert_eq!(e.dense_slabs().len(), 1);
         assert_eq!(s.dense_slabs().len(), 0);
+    }
+
+    /// A shard with one block_prox table (dim 2, keys 0..100, l1 = 1).
+    fn prox_shard() -> ShardCore {
+        shard_of(vec![TableSpec::dense(
+            2,
+            "w",
+            KeyRange::new(0, 100),
+            2,
+            RuleSpec::BlockProx { l1: 1.0, l2: 0.0, max_step: 10.0 },
+        )
+        .with_consistency(Consistency::Bounded { staleness: 0 })])
+    }
+
+    fn values(sink: &mut SimSink) -> Vec<f32> {
+        let out = sink
+            .frames
+            .iter()
+            .filter_map(|(_, f)| match wire::decode(f, 1 << 30).unwrap() {
+                Frame::Data { h, vals, .. } if h.kind == Kind::PullResp => {
+                    Some(vals.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        sink.frames.clear();
+        out
+    }
+
+    #[test]
+    fn a_settling_rule_steps_once_on_the_sum_of_a_clocks_pushes() {
+        let mut s = prox_shard();
+        let mut sink = SimSink::default();
+        let push = |g: f32, u: f32| {
+            let h = DataHeader { kind: Kind::Push, dense: false, table: 2, sub: 0, ts: 3, a: 1, b: 2 };
+            let mut f = frame(h, &[5]);
+            f[wire::DATA_HEADER_BYTES + 8..wire::DATA_HEADER_BYTES + 16]
+                .copy_from_slice(bytemuck::cast_slice(&[g, u]));
+            f
+        };
+        let pull = frame(DataHeader { kind: Kind::Pull, dense: false, table: 2, sub: 0, ts: 4, a: 1, b: 2 }, &[5]);
+        s.handle(A, &push(-3.0, 1.0), &mut sink).unwrap();
+        // B's push goes coded (LZ4 over the payload): the shard undoes it first
+        let coded = crate::filter::Encoder::default()
+            .encode(B, TableId(2), &[crate::filter::FilterSpec::Lz4], &push(-1.0, 1.0), 2, true)
+            .unwrap();
+        assert!(crate::filter::is_coded(&coded));
+        s.handle(B, &coded, &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack), (B, Kind::Ack)]);
+        // a reader that never clocked reads at clock 0: nothing settled yet
+        s.handle(PeerId { index: 9, generation: 0 }, &pull, &mut sink).unwrap();
+        assert_eq!(values(&mut sink), [0.0, 0.0]);
+        // A finishes clock 0 and reads at clock 1: it waits for B
+        s.handle(A, &clock(0, 1), &mut sink).unwrap();
+        s.handle(A, &pull, &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack)]);
+        s.handle(B, &clock(1, 1), &mut sink).unwrap();
+        // G = -4, U = 2: w = soft(0 + 4, 1) / 2 = 1.5, and G beside it; one step, not two
+        assert_eq!(values(&mut sink), [1.5, -4.0]);
+        // a push-pull cannot be answered before its own step: refused
+        let mut pp = push(1.0, 1.0);
+        pp[5] = Kind::PushPull as u8;
+        s.handle(A, &pp, &mut sink).unwrap();
+        assert_eq!(kinds(&mut sink), vec![(A, Kind::Error)]);
     }
 
     #[test]
