@@ -27,8 +27,10 @@ fn plain_frame() -> Vec<u8> {
     let mut r = SplitMix64::new(11);
     let mut keys: Vec<u64> = (0..KEYS as u64).map(|i| 1 + i * 16 + r.below(16)).collect();
     keys.dedup();
-    let vals: Vec<f32> = (0..KEYS * DIM).map(|i| if i % 2 == 0 { r.normal() as f32 } else { r.next_f64() as f32 * 40.0 }).collect();
-    let h = DataHeader { kind: Kind::Push, dense: false, table: 0, sub: 0, ts: 1, a: KEYS as u64, b: (KEYS * DIM) as u64 };
+    let vals: Vec<f32> =
+        (0..KEYS * DIM).map(|i| if i % 2 == 0 { r.normal() as f32 } else { r.next_f64() as f32 * 40.0 }).collect();
+    let h =
+        DataHeader { kind: Kind::Push, dense: false, table: 0, sub: 0, ts: 1, a: KEYS as u64, b: (KEYS * DIM) as u64 };
     let len = h.frame_len().expect("small");
     let mut f = h.encode(len).to_vec();
     f.extend(keys.iter().flat_map(|k| k.to_le_bytes()));

@@ -297,6 +297,13 @@ fn lr_on_clothing_reaches_the_liblinear_optimum() {
             assert!(most > 50.0, "the KKT filter never dropped half the keys of a sweep ({most}%):\n{out}");
         }
     }
+    // the streaming mode (asynchronous minibatch FTRL, 3 passes) does not reach
+    // the batch optimum, but classifies as well
+    let (ok, out) = local_job("lr", 2, 1, 4, &format!(r#"{{"data": "{data}", "solver": "ftrl"}}"#));
+    assert!(ok, "ftrl job failed:\n{out}");
+    let objective = result_value(&out, "objective");
+    assert!(objective < 3309.7433 * 1.15, "ftrl: objective {objective} is more than 15% above the optimum:\n{out}");
+    assert!(result_value(&out, "auc") >= 0.93, "{out}");
 }
 
 /// Filters that hold values back (significantly-modified, random skip) and

@@ -82,6 +82,13 @@ pub struct Params {
     pub jitter_ms: f64,
     /// fail the job if the final objective is above this (a check for CI runs)
     pub objective_max: f64,
+    /// dbpg (delayed block proximal gradient) or ftrl (asynchronous
+    /// minibatch FTRL-proximal, for streaming data)
+    pub solver: String,
+    /// ftrl: the rule's alpha and beta, and examples per minibatch
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
 }
 
 pub fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -95,13 +102,15 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
         "l2" => (0.0, 1.0 / c),
         other => return Err(format!("lr: reg must be l1 or l2, got {other:?}")),
     };
+    let solver: String = param(p, "solver", "dbpg".to_string())?;
     let r = Params {
         data: param(p, "data", DEFAULT_DATA.to_string())?,
         features: param(p, "features", 0)?,
         l1: param(p, "l1", l1)?,
         l2: param(p, "l2", l2)?,
         blocks: param(p, "blocks", 16)?,
-        sweeps: param(p, "sweeps", 120)?,
+        // passes over the data: a streaming solver makes few
+        sweeps: param(p, "sweeps", if solver == "ftrl" { 3 } else { 150 })?,
         tau: param(p, "tau", 1)?,
         max_step: param(p, "max_step", 10.0)?,
         damping: param(p, "damping", 0.5)?,
@@ -114,7 +123,17 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
         format: param(p, "format", "libsvm".to_string())?,
         jitter_ms: param(p, "jitter_ms", 0.0)?,
         objective_max: param(p, "objective_max", f64::INFINITY)?,
+        solver,
+        alpha: param(p, "alpha", 0.3)?,
+        beta: param(p, "beta", 1.0)?,
+        batch: param(p, "batch", 64)?,
     };
+    if r.solver != "dbpg" && r.solver != "ftrl" {
+        return Err(format!("lr: solver must be dbpg or ftrl, got {:?}", r.solver));
+    }
+    if r.batch == 0 {
+        return Err("lr: batch must be positive".into());
+    }
     if r.format != "libsvm" && r.format != "clicklog" {
         return Err(format!("lr: format must be libsvm or clicklog, got {:?}", r.format));
     }
@@ -162,7 +181,16 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
     // the delay τ is the worker's: it reads each block after its step (bounded:0
     // makes the read wait for the step) and uses the value τ iterations later
     let model = Consistency::Bounded { staleness: 0 };
-    let tables = vec![
+    let weights = if r.solver == "ftrl" {
+        TableSpec::dense(
+            WEIGHTS.0,
+            "weights",
+            KeyRange::new(1, r.features + 1),
+            1,
+            RuleSpec::Ftrl { alpha: r.alpha, beta: r.beta, l1: r.l1, l2: r.l2 },
+        )
+        .with_filters(r.filters.clone())
+    } else {
         TableSpec::dense(
             WEIGHTS.0,
             "weights",
@@ -171,7 +199,10 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
             RuleSpec::BlockProx { l1: r.l1, l2: r.l2, max_step: r.max_step },
         )
         .with_consistency(model)
-        .with_filters(r.filters.clone()),
+        .with_filters(r.filters.clone())
+    };
+    let tables = vec![
+        weights,
         TableSpec::dense(METRICS.0, "metrics", KeyRange::new(0, r.sweeps * SLOTS), 1, RuleSpec::Sum)
             .with_consistency(model),
     ];
@@ -379,6 +410,9 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         return Err(format!("lr: the train file has keys outside 1..={}", p.features));
     }
     ctx.ps.core_mut().set_cache(METRICS, false).map_err(e)?;
+    if p.solver == "ftrl" {
+        return run_ftrl(ctx, &p, &rows, started);
+    }
     let mut local = Local::new(&rows, p.blocks);
     let total = p.sweeps * p.blocks;
     ctx.emit("progress", json!({"rank": rank, "done": 0, "total": total, "unit": "iterations"}));
@@ -455,18 +489,83 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     if rank != 0 {
         return Ok(format!("trained on {} rows", rows.len()));
     }
-    // a read at clock T sees every step; the exact objective is computed
-    // here over the whole train file in f64
+    // a read at clock T sees every step
     let mut wg = Vec::new();
     ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut wg).map_err(e)?;
-    let all = read_rows(&p, &train_path(&p), 0, 1)?;
-    let loss: f64 = scores(&all, &wg).iter().zip(&all.labels).map(|(&z, &y)| logloss(z, y)).sum();
-    let objective = loss + regulariser(&wg, p.l1, p.l2);
+    finish(ctx, &p, &wg, started)
+}
+
+/// Asynchronous minibatch FTRL-proximal (the streaming mode): each worker
+/// passes over its rows in a seeded order, `batch` rows at a time: pulls the
+/// weights of the batch's keys, pushes the summed log-loss gradient, which the
+/// servers' `ftrl` rule turns into new weights; one push in flight while the
+/// next batch is read (no clocks, eventual consistency).
+fn run_ftrl(ctx: &mut WorkerCtx, p: &Params, rows: &Rows, started: Instant) -> Result<String, String> {
+    let e = |e: ps_core::PsError| e.to_string();
+    let rank = ctx.rank as u64;
+    let batches = rows.len().div_ceil(p.batch) as u64;
+    let total = batches * p.sweeps;
+    ctx.emit("progress", json!({"rank": rank, "done": 0, "total": total, "unit": "minibatches"}));
+    let (mut keys, mut w, mut grad) = (Vec::new(), Vec::new(), Vec::new());
+    let mut in_flight = None;
+    let mut done = 0u64;
+    for pass in 0..p.sweeps {
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        let mut r = ps_core::rng::SplitMix64::new(ps_core::rng::mix64(rank << 32 ^ pass));
+        for i in (1..order.len()).rev() {
+            order.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        for batch in order.chunks(p.batch) {
+            keys.clear();
+            batch.iter().for_each(|&i| keys.extend_from_slice(rows.row(i).0));
+            keys.sort_unstable();
+            keys.dedup();
+            ctx.ps.pull_into(WEIGHTS, &keys, &mut w).map_err(e)?;
+            grad.clear();
+            grad.resize(keys.len(), 0f32);
+            for &i in batch {
+                let (ks, xs) = rows.row(i);
+                let at: Vec<usize> = ks.iter().map(|k| keys.binary_search(k).expect("a batch key")).collect();
+                let z: f64 = at.iter().zip(xs).map(|(&j, &x)| w[j] as f64 * x as f64).sum();
+                let y = rows.labels[i] as f64;
+                let g = -y * (1.0 - sigmoid(y * z));
+                at.iter().zip(xs).for_each(|(&j, &x)| grad[j] += (g * x as f64) as f32);
+            }
+            if let Some(ts) = in_flight.take() {
+                ctx.ps.wait(ts).map_err(e)?;
+            }
+            in_flight = Some(ctx.ps.push(WEIGHTS, &keys, &grad).map_err(e)?);
+            done += 1;
+            if done.is_multiple_of(32) || done == total {
+                ctx.emit("progress", json!({"rank": rank, "done": done, "total": total, "unit": "minibatches"}));
+            }
+        }
+    }
+    if let Some(ts) = in_flight.take() {
+        ctx.ps.wait(ts).map_err(e)?;
+    }
+    ctx.ps.flush_filters(WEIGHTS).map_err(e)?;
+    ctx.barrier("lr-ftrl-trained")?;
+    if rank != 0 {
+        return Ok(format!("trained on {} rows", rows.len()));
+    }
+    let mut w = Vec::new();
+    ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut w).map_err(e)?;
+    let wg: Vec<f32> = w.iter().flat_map(|&x| [x, 0.0]).collect();
+    finish(ctx, p, &wg, started)
+}
+
+/// Worker 0's end: the exact objective over the whole train file (f64), the
+/// test metrics, the model file and the `@result` line.
+fn finish(ctx: &WorkerCtx, p: &Params, wg: &[f32], started: Instant) -> Result<String, String> {
+    let all = read_rows(p, &train_path(p), 0, 1)?;
+    let loss: f64 = scores(&all, wg).iter().zip(&all.labels).map(|(&z, &y)| logloss(z, y)).sum();
+    let objective = loss + regulariser(wg, p.l1, p.l2);
     let nnz = wg.chunks_exact(2).filter(|p| p[0] != 0.0).count();
-    let test = read_rows(&p, &test_path(&p), 0, 1)?;
-    let (acc, ll, auc) = evaluate(&test, &wg);
+    let test = read_rows(p, &test_path(p), 0, 1)?;
+    let (acc, ll, auc) = evaluate(&test, wg);
     if !p.model.is_empty() {
-        save(&p.model, &p, &wg, objective)?;
+        save(&p.model, p, wg, objective)?;
     }
     ctx.emit(
         "result",

@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::FileReader;
 use parquet::record::RowAccessor;
 use ps_core::clock::Consistency;
 use ps_core::keys::{KeyRange, TableId, TableSpec};
@@ -107,13 +107,9 @@ type Rating = (u32, u32, f32);
 /// Reads the ratings and splits them as the datasets note says: (train, test).
 pub fn load(path: &str) -> Result<(Vec<Rating>, Vec<Rating>), String> {
     let e = |x: &dyn std::fmt::Display| format!("mf: {path}: {x}");
-    let f = std::fs::File::open(path).map_err(|x| e(&x))?;
-    let reader = SerializedFileReader::new(f).map_err(|x| e(&x))?;
-    let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let col = |name: &str| {
-        schema.columns().iter().position(|c| c.name() == name).ok_or_else(|| e(&format!("no column {name:?}")))
-    };
-    let (cu, cm, cr) = (col("user_id")?, col("movie_id")?, col("rating")?);
+    let (reader, [cu, cm, cr]) =
+        crate::data::parquet_columns(std::path::Path::new(path), ["user_id", "movie_id", "rating"])
+            .map_err(|x| format!("mf: {x}"))?;
     let mut all = Vec::with_capacity(100_000);
     for row in reader.get_row_iter(None).map_err(|x| e(&x))? {
         let row = row.map_err(|x| e(&x))?;

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::FileReader;
 use parquet::record::Field;
 
 use super::{libsvm, Rows};
@@ -24,13 +24,7 @@ pub const FILE: &str = "WomensClothingE-CommerceReviews.parquet.brotli";
 /// The reviews as (label, text), in file order, filtered as the note says.
 pub fn load(path: &Path) -> Result<Vec<(f32, String)>, String> {
     let e = |x: &dyn std::fmt::Display| format!("{}: {x}", path.display());
-    let f = std::fs::File::open(path).map_err(|x| e(&x))?;
-    let reader = SerializedFileReader::new(f).map_err(|x| e(&x))?;
-    let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let col = |name: &str| {
-        schema.columns().iter().position(|c| c.name() == name).ok_or_else(|| e(&format!("no column {name:?}")))
-    };
-    let (ct, cr, cl) = (col("Title")?, col("Review Text")?, col("Recommended IND")?);
+    let (reader, [ct, cr, cl]) = super::parquet_columns(path, ["Title", "Review Text", "Recommended IND"])?;
     let mut out = Vec::with_capacity(23_486);
     for row in reader.get_row_iter(None).map_err(|x| e(&x))? {
         let row = row.map_err(|x| e(&x))?;

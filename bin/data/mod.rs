@@ -13,6 +13,25 @@ pub mod libsvm;
 
 use std::path::Path;
 
+/// A parquet file's row reader and the positions of `columns` in its rows;
+/// errors name the file.
+pub fn parquet_columns<const N: usize>(
+    path: &Path,
+    columns: [&str; N],
+) -> Result<(parquet::file::reader::SerializedFileReader<std::fs::File>, [usize; N]), String> {
+    use parquet::file::reader::FileReader;
+    let e = |x: &dyn std::fmt::Display| format!("{}: {x}", path.display());
+    let f = std::fs::File::open(path).map_err(|x| e(&x))?;
+    let reader = parquet::file::reader::SerializedFileReader::new(f).map_err(|x| e(&x))?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let mut at = [0; N];
+    for (slot, name) in at.iter_mut().zip(columns) {
+        *slot =
+            schema.columns().iter().position(|c| c.name() == name).ok_or_else(|| e(&format!("no column {name:?}")))?;
+    }
+    Ok((reader, at))
+}
+
 /// Rows of a sparse matrix with a label each, in CSR form.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Rows {

@@ -498,14 +498,12 @@ impl Decoder {
                 _ => return Err(WireError::Overflow("quantised bits")),
             };
             // values per key: the frame's own counts say it
-            if h.a == 0 || h.b % h.a != 0 || h.b / h.a > 1 << 16 {
+            if h.a == 0 || !h.b.is_multiple_of(h.a) || h.b / h.a > 1 << 16 {
                 return Err(WireError::Overflow("quantised values per key"));
             }
             let dim = (h.b / h.a) as usize;
-            let scales: Vec<f32> = take(&mut at, dim * 4)?
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect();
+            let scales: Vec<f32> =
+                take(&mut at, dim * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
             let q = take(&mut at, (h.b as usize).checked_mul(per).ok_or(WireError::Overflow("values"))?)?;
             for (i, c) in q.chunks_exact(per).enumerate() {
                 let v = if per == 1 { c[0] as i8 as f32 } else { i16::from_le_bytes([c[0], c[1]]) as f32 };

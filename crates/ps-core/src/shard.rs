@@ -986,8 +986,7 @@ mod tests {
         let push = |g: f32, u: f32| {
             let h = DataHeader { kind: Kind::Push, dense: false, table: 2, sub: 0, ts: 3, a: 1, b: 2 };
             let mut f = frame(h, &[5]);
-            f[wire::DATA_HEADER_BYTES + 8..wire::DATA_HEADER_BYTES + 16]
-                .copy_from_slice(bytemuck::cast_slice(&[g, u]));
+            f[wire::DATA_HEADER_BYTES + 8..wire::DATA_HEADER_BYTES + 16].copy_from_slice(bytemuck::cast_slice(&[g, u]));
             f
         };
         let pull = frame(DataHeader { kind: Kind::Pull, dense: false, table: 2, sub: 0, ts: 4, a: 1, b: 2 }, &[5]);
