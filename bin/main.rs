@@ -6,6 +6,7 @@
 //! - `pslab secret`: a fresh per-job secret;
 //! - `pslab doctor`: RDMA devices, ports, GIDs, memlock and hugepages, with remedies;
 //! - `pslab plot`: a PNG of line or bar panels described in JSON (the experiments' figures);
+//! - `pslab lr`: sparse logistic regression (the `lr` app) as a local cluster;
 //! - `pslab prepare clothing`: the clothing reviews as LIBSVM files for the `lr` app.
 //!
 //! Environment: see docs/env.md.
@@ -204,6 +205,44 @@ enum Cmd {
         /// The PNG to write.
         #[arg(long)]
         out: String,
+    },
+    /// Sparse logistic regression (the `lr` app) as a local cluster: delayed
+    /// block proximal gradient with the KKT filter, or streaming FTRL.
+    Lr {
+        /// A directory with train.libsvm and test.libsvm (scripts/fetch-clothing.sh makes them).
+        #[arg(long, default_value = "data/clothing")]
+        data: String,
+        #[arg(long, value_parser = ["l1", "l2"], default_value = "l1")]
+        reg: String,
+        /// Regularisation: l1 or l2 = 1/C.
+        #[arg(long, default_value_t = 1.0)]
+        c: f64,
+        /// dbpg (delayed block proximal gradient) or ftrl (streaming).
+        #[arg(long, value_parser = ["dbpg", "ftrl"], default_value = "dbpg")]
+        solver: String,
+        /// Passes over the data (default: 150 for dbpg, 3 for ftrl).
+        #[arg(long)]
+        sweeps: Option<u64>,
+        /// The delay τ between a block's step and its use (dbpg; below the number of blocks, 16).
+        #[arg(long, default_value_t = 1)]
+        tau: u32,
+        #[arg(long, default_value_t = 2)]
+        servers: u32,
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+        /// Write the model here (format in docs/env.md).
+        #[arg(long)]
+        model: Option<String>,
+        /// Draw the objective per sweep into this PNG.
+        #[arg(long)]
+        png: Option<String>,
+        /// More parameters as JSON (filters, blocks, kkt, ...: README), merged over the flags.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        #[arg(long)]
+        no_pin: bool,
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Prepare a fetched dataset for the apps (scripts/fetch-clothing.sh runs it).
     Prepare {
@@ -467,8 +506,8 @@ fn run_local(
                 title: "training objective".into(),
                 x: "sweep".into(),
                 y: "objective".into(),
-                log_y: true,
-                y_fit: false,
+                log_y: false,
+                y_fit: true,
                 kind: plot::Kind::Line,
                 series: vec![plot::Series { name: app.clone(), points: curve }],
             }],
@@ -564,6 +603,24 @@ fn main() {
         }
         Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
         Cmd::Plot { json, out } => plot::figure_file(&json, &out),
+        Cmd::Lr { data, reg, c, solver, sweeps, tau, servers, workers, model, png, params, no_pin, verbose } => {
+            serde_json::from_str::<serde_json::Value>(&params)
+                .map_err(|e| format!("--params is not JSON: {e}"))
+                .and_then(|extra| {
+                    let mut p = serde_json::json!({"data": data, "reg": reg, "c": c, "solver": solver, "tau": tau});
+                    if let Some(s) = sweeps {
+                        p["sweeps"] = s.into();
+                    }
+                    if let Some(m) = model {
+                        p["model"] = m.into();
+                    }
+                    for (k, v) in extra.as_object().ok_or("--params must be a JSON object")? {
+                        p[k] = v.clone();
+                    }
+                    net::preflight(&netopts)?;
+                    run_local(servers, 1, workers, "lr".into(), p.to_string(), !no_pin, verbose, png)
+                })
+        }
         Cmd::Prepare { dataset: _, dir } => data::clothing::run(&dir),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),

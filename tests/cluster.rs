@@ -318,3 +318,44 @@ fn filters_lose_no_update_across_processes() {
     assert!(ok, "{out}");
     assert!(out.contains("invariant 1 holds"), "{out}");
 }
+
+/// `pslab lr`: the subcommand writes the model in its documented format and
+/// the objective curve, and refuses a bad parameter with a message.
+#[test]
+fn the_lr_command_writes_its_model_and_curve() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/data/clothing");
+    let dir = std::env::temp_dir().join(format!("pslab-lr-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (model, png) = (dir.join("model.txt"), dir.join("curve.png"));
+    let (ok, out) = run(&[
+        "lr",
+        "--data",
+        data,
+        "--sweeps",
+        "5",
+        "--workers",
+        "2",
+        "--no-pin",
+        "--model",
+        model.to_str().unwrap(),
+        "--png",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(&model).unwrap();
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with("# pslab lr model"), "{text}");
+    assert!(lines.next().unwrap().starts_with("# features 13419 l1 1 l2 0 objective"), "{text}");
+    let weights: Vec<(u64, f32)> = lines
+        .map(|l| {
+            let (k, w) = l.split_once(' ').unwrap();
+            (k.parse().unwrap(), w.parse().unwrap())
+        })
+        .collect();
+    assert!(!weights.is_empty() && weights.iter().all(|&(k, w)| (1..=13419).contains(&k) && w != 0.0));
+    assert!(weights.windows(2).all(|p| p[0].0 < p[1].0), "keys ascending");
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+    let (ok, out) = run(&["lr", "--data", data, "--tau", "16", "--no-pin"]);
+    assert!(!ok && out.contains("tau 16 must be below blocks 16"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

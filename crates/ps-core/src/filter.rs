@@ -82,7 +82,8 @@ impl FilterSpec {
     }
 }
 
-/// A filter on the push path, run on the worker before the push is encoded.
+/// A filter on the push path, run on the worker before the push is encoded
+/// (built-ins from the table spec; yours with `WorkerCore::add_push_filter`).
 /// It may drop entries and change values of `keys` (ascending, kept
 /// ascending) with `dim` values each; what it drops it should keep and send
 /// later ([`PushFilter::flush`]), so no update is lost.

@@ -164,6 +164,81 @@ mod tests {
         Some(Some(w))
     }
 
+    /// A user's push filter: sends half of each value now, keeps the rest.
+    #[derive(Debug, Default)]
+    struct Halve(crate::filter::Residuals);
+    impl crate::filter::PushFilter for Halve {
+        fn name(&self) -> &str {
+            "halve"
+        }
+        fn filter(&mut self, keys: &mut Vec<u64>, vals: &mut Vec<f32>, dim: usize) {
+            for (k, v) in keys.iter().zip(vals.chunks_exact_mut(dim)) {
+                self.0.take_into(*k, v);
+                let kept: Vec<f32> = v.iter().map(|x| x / 2.0).collect();
+                v.iter_mut().zip(&kept).for_each(|(v, k)| *v -= k);
+                self.0.keep(*k, &kept);
+            }
+        }
+        fn flush(&mut self, dim: usize) -> (Vec<u64>, Vec<f32>) {
+            self.0.flush(dim)
+        }
+    }
+
+    /// Filters over the simulated network, 100 seeds: the workers push the
+    /// same key lists again and again (key caching sends them as hashes, LZ4
+    /// packs them, significantly-modified and a user's filter hold values
+    /// back), flush, and every value equals the sum of what they pushed.
+    #[test]
+    fn filtered_pushes_lose_nothing_in_any_interleaving() {
+        use crate::filter::FilterSpec;
+        for seed in 0..100 {
+            let mut v = view();
+            v.job.tables[0].filters =
+                vec![FilterSpec::SignificantlyModified { threshold: 2.5 }, FilterSpec::KeyCache, FilterSpec::Lz4];
+            let (mut shards, peers, mut workers) = cluster(&v);
+            workers[0].add_push_filter(TableId(0), Box::new(Halve::default())).unwrap();
+            let mut net = SimNet::new(seed);
+            let mut sink = SimSink::default();
+            let mut rng = SplitMix64::new(seed ^ 0xF17);
+            let lists: Vec<Vec<u64>> = (0..2)
+                .map(|l| {
+                    (0..300u64)
+                        .map(|i| crate::rng::mix64(i * 7 + l) % (1 << 50))
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect()
+                })
+                .collect();
+            let mut want: BTreeMap<u64, f64> = BTreeMap::new();
+            for round in 0..8 {
+                for (w, worker) in workers.iter_mut().enumerate() {
+                    let keys = &lists[(round + w) % 2];
+                    let vals: Vec<f32> = keys.iter().map(|_| rng.below(7) as f32 - 3.0).collect();
+                    keys.iter().zip(&vals).for_each(|(k, v)| *want.entry(*k).or_default() += *v as f64);
+                    worker.issue(&mut sink, Kind::Push, TableId(0), Keys::List(keys), Some(&vals), None).unwrap();
+                    if round == 7 {
+                        worker.flush_filters(&mut sink, TableId(0)).unwrap();
+                    }
+                    for (p, f) in sink.frames.drain(..) {
+                        net.send(SERVERS * SHARDS + w, p.index as usize, f);
+                    }
+                }
+                while deliver(&mut net, &mut shards, &mut workers, &peers, &mut sink).is_some() {}
+            }
+            let keys: Vec<u64> = want.keys().copied().collect();
+            let ts =
+                workers[0].issue(&mut sink, Kind::Pull, TableId(0), Keys::List(&keys), None, Some(Vec::new())).unwrap();
+            for (p, f) in sink.frames.drain(..) {
+                net.send(SERVERS * SHARDS, p.index as usize, f);
+            }
+            while deliver(&mut net, &mut shards, &mut workers, &peers, &mut sink).is_some() {}
+            let got = workers[0].finish(ts).unwrap().unwrap();
+            for (k, g) in keys.iter().zip(&got) {
+                assert_eq!(*g as f64, want[k], "seed {seed}: key {k}");
+            }
+        }
+    }
+
     /// One seed: every worker runs rounds of push -> (wait) -> pull and checks
     /// read-your-writes; at the end every value equals the sum of all acknowledged pushes.
     fn run(seed: u64) {

@@ -501,6 +501,15 @@ impl WorkerCore {
         self.issue_at(tx, ts, kind, &t, keys, vals, out)
     }
 
+    /// Adds a user's push filter to `table`, after the filters of its spec
+    /// (the worker side only: a push filter changes what is pushed, not how
+    /// it is coded, so the shards need not know it).
+    pub fn add_push_filter(&mut self, table: TableId, filter: Box<dyn PushFilter>) -> Result<(), PsError> {
+        self.table(table)?;
+        self.push_filters.entry(table).or_default().push(filter);
+        Ok(())
+    }
+
     /// Pushes everything the filters of `table` held back (residuals of the
     /// push filters and of quantisation), with exact values: after it, the
     /// servers have every update pushed so far. Returns the pushes' timestamps.
