@@ -11,7 +11,7 @@
 //!
 //! Environment: see docs/env.md.
 // the two exceptions: `net::export_slabs` (registering a shard's slabs for RDMA)
-// and `data::read_part` (memory-mapping a data file)
+// and `data::read_part` / `node::resume` (memory-mapping a data or checkpoint file)
 #![deny(unsafe_code)]
 
 mod apps;
@@ -236,6 +236,12 @@ enum Cmd {
         /// Draw the objective per sweep into this PNG.
         #[arg(long)]
         png: Option<String>,
+        /// Write a checkpoint every N sweeps into PS_CHECKPOINT_DIR (default pslab-checkpoints)/ckpt-SWEEP.
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+        /// Resume from a checkpoint directory (e.g. pslab-checkpoints/ckpt-50): same servers and parameters.
+        #[arg(long)]
+        resume: Option<std::path::PathBuf>,
         /// More parameters as JSON (filters, blocks, kkt, ...: README), merged over the flags.
         #[arg(long, default_value = "{}")]
         params: String,
@@ -297,6 +303,18 @@ fn job_secret() -> Result<JobSecret, String> {
         return JobSecret::from_hex(&text).map_err(|e| format!("PS_JOB_SECRET_FILE {path}: {e}"));
     }
     Err("no job secret: set PS_JOB_SECRET (64 hex digits, e.g. from `pslab secret`) or PS_JOB_SECRET_FILE (a 0600 file) in every process of the job".into())
+}
+
+/// The label (for `lr`: the sweeps done) of the checkpoint in `dir`, from its first shard file.
+fn checkpoint_label(dir: &std::path::Path) -> Result<u64, String> {
+    let path = dir.join("server0-shard0.ckpt");
+    let mut head = vec![0u8; 64 << 10];
+    let n = std::io::Read::read(
+        &mut std::fs::File::open(&path).map_err(|e| format!("--resume: {}: {e}", path.display()))?,
+        &mut head,
+    )
+    .map_err(|e| format!("--resume: {}: {e}", path.display()))?;
+    ps_core::checkpoint::header(&head[..n]).map(|h| h.label).map_err(|e| format!("--resume: {}: {e}", path.display()))
 }
 
 /// Children started by `pslab local` stop when the launcher disappears.
@@ -493,6 +511,7 @@ fn run_local(
                 || line.contains("WARN")
                 || line.contains("finished")
                 || line.contains("failed")
+                || line.starts_with("error:")
             {
                 bar.suspend(|| eprintln!("[{role}] {line}"));
             }
@@ -603,7 +622,23 @@ fn main() {
         }
         Cmd::PlotBench { json, png } => benchcmd::replot(&json, &png),
         Cmd::Plot { json, out } => plot::figure_file(&json, &out),
-        Cmd::Lr { data, reg, c, solver, sweeps, tau, servers, workers, model, png, params, no_pin, verbose } => {
+        Cmd::Lr {
+            data,
+            reg,
+            c,
+            solver,
+            sweeps,
+            tau,
+            servers,
+            workers,
+            model,
+            png,
+            checkpoint_every,
+            resume,
+            params,
+            no_pin,
+            verbose,
+        } => {
             serde_json::from_str::<serde_json::Value>(&params)
                 .map_err(|e| format!("--params is not JSON: {e}"))
                 .and_then(|extra| {
@@ -613,6 +648,14 @@ fn main() {
                     }
                     if let Some(m) = model {
                         p["model"] = m.into();
+                    }
+                    if let Some(n) = checkpoint_every {
+                        p["checkpoint_every"] = n.into();
+                    }
+                    if let Some(dir) = &resume {
+                        // the servers load it (PS_RESUME); the workers start after its sweep
+                        p["resume_sweep"] = checkpoint_label(dir)?.into();
+                        std::env::set_var("PS_RESUME", dir);
                     }
                     for (k, v) in extra.as_object().ok_or("--params must be a JSON object")? {
                         p[k] = v.clone();

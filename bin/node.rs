@@ -309,6 +309,61 @@ pub struct ServerOpts {
     pub rank: Option<u32>,
 }
 
+/// Where checkpoints go: `PS_CHECKPOINT_DIR` (default `pslab-checkpoints`), one
+/// directory per checkpoint (`ckpt-LABEL`), one file per shard. On several
+/// machines it must be a shared file system for `--resume` to find them all.
+pub fn checkpoint_dir() -> std::path::PathBuf {
+    std::env::var_os("PS_CHECKPOINT_DIR").map_or_else(|| "pslab-checkpoints".into(), Into::into)
+}
+
+fn checkpoint_file(dir: &std::path::Path, server: u32, shard: u32) -> std::path::PathBuf {
+    dir.join(format!("server{server}-shard{shard}.ckpt"))
+}
+
+/// Writes a shard's checkpoint whole or not at all (a temporary file, synced, renamed).
+fn write_checkpoint(core: &ShardCore, label: u64) -> Result<(), String> {
+    use std::io::Write;
+    let dir = checkpoint_dir().join(format!("ckpt-{label}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let o = core.owner();
+    let path = checkpoint_file(&dir, o.server, o.shard);
+    let tmp = path.with_extension("tmp");
+    let bytes = core.snapshot(label);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(
+        "server {} shard {}: checkpoint {label}: {} bytes in {}",
+        o.server,
+        o.shard,
+        bytes.len(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// Restores a shard from `PS_RESUME` (a checkpoint directory), if set.
+#[allow(unsafe_code)]
+fn resume(core: &mut ShardCore) -> Result<(), String> {
+    let Some(dir) = std::env::var_os("PS_RESUME") else { return Ok(()) };
+    let o = core.owner();
+    let path = checkpoint_file(std::path::Path::new(&dir), o.server, o.shard);
+    let f = std::fs::File::open(&path).map_err(|e| {
+        format!("PS_RESUME: {}: {e} (a job resumes with the same servers and shards per server)", path.display())
+    })?;
+    // SAFETY: read-only and private; checkpoint files are written whole under
+    // another name and renamed, never changed in place.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: mmap: {e}", path.display()))?;
+    let label = core.restore(&map).map_err(|e| {
+        format!(
+            "PS_RESUME: {}: {e} (a job resumes with the same servers, shards per server and tables)",
+            path.display()
+        )
+    })?;
+    tracing::info!("server {} shard {}: resumed from checkpoint {label} ({})", o.server, o.shard, path.display());
+    Ok(())
+}
+
 /// The merge kernels: the best this CPU has, or `PS_KERNELS=scalar|avx2|avx512`
 /// (for comparing them, and for emulators where wide SIMD is slow).
 fn kernels_from_env() -> Result<&'static Kernels, String> {
@@ -370,7 +425,9 @@ pub fn run_server(
     for (h, mut t) in transports.into_iter().enumerate() {
         t.set_limits(view.job.limits);
         wakers.push(net::waker_of(&mut t).map_err(|e| e.to_string())?);
-        let core = ShardCore::new(&view, Owner { server: rank, shard: h as u32 }, &RuleRegistry::default(), kernels)?;
+        let mut core =
+            ShardCore::new(&view, Owner { server: rank, shard: h as u32 }, &RuleRegistry::default(), kernels)?;
+        resume(&mut core)?;
         net::export_slabs(&mut t, &core)?;
         let stop = stop.clone();
         let cpu = placement[h];
@@ -453,6 +510,13 @@ fn shard_loop(mut core: ShardCore, mut t: NodeTransport, stop: &AtomicBool) -> p
             for (p, e) in core.take_failed() {
                 t.close(p, &e.to_string());
             }
+        }
+        if let Some(label) = core.checkpoint_due() {
+            let r = write_checkpoint(&core, label);
+            if let Err(e) = &r {
+                tracing::error!("shard {}: checkpoint {label}: {e}", core.owner().shard);
+            }
+            core.checkpoint_written(&mut t, r);
         }
         let _ = t.flush();
         t.events(&mut events);

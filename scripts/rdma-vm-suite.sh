@@ -69,7 +69,12 @@ step filters-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin 
   --params '{"rounds": 8, "keys": 800, "filters": [{"filter": "significantly_modified", "threshold": 2.5}, {"filter": "random_skip", "p": 0.3, "seed": 1}, {"filter": "key_cache"}, {"filter": "lz4"}]}'
 if [ -e /bin/train.libsvm ]; then
   step lr-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app lr \
-    --params '{"data": "/bin", "sweeps": 30, "tau": 1, "objective_max": 3400, "filters": [{"filter": "key_cache"}, {"filter": "lz4"}]}'
+    --params '{"data": "/bin", "sweeps": 30, "tau": 1, "objective_max": 3400, "checkpoint_every": 15, "filters": [{"filter": "key_cache"}, {"filter": "lz4"}]}'
+  # restart from the checkpoint it wrote after sweep 15 (checkpoint frames
+  # and their late acknowledgements through the rings; tables restored
+  # before the slabs are registered)
+  step lr-resume-rdma env PS_RESUME=pslab-checkpoints/ckpt-15 pslab --transport rdma local --servers 2 --workers 2 \
+    --no-pin --app lr --params '{"data": "/bin", "sweeps": 30, "tau": 1, "objective_max": 3400, "resume_sweep": 15, "filters": [{"filter": "key_cache"}, {"filter": "lz4"}]}'
 fi
 
 fi

@@ -359,3 +359,61 @@ fn the_lr_command_writes_its_model_and_curve() {
     assert!(!ok && out.contains("tau 16 must be below blocks 16"), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Checkpoint and restart (the fault-tolerance issue's item 6, for the lr
+/// job): a run of 40 sweeps writes a checkpoint of every shard after sweep 20;
+/// a new job started with `--resume` from it loads the tables and goes on from
+/// sweep 21. Its sweep-21 line and its final objective, accuracy and AUC are
+/// those of the run that was never stopped.
+#[test]
+fn lr_resumes_from_a_checkpoint_to_the_same_result() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/data/clothing");
+    let dir = std::env::temp_dir().join(format!("pslab-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let job = |extra: &[&str]| {
+        let mut args = vec!["lr", "--data", data, "--sweeps", "40", "--tau", "1", "--no-pin"];
+        args.extend_from_slice(extra);
+        let out = pslab().env("PS_CHECKPOINT_DIR", &dir).args(&args).output().expect("pslab runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let whole = job(&["--checkpoint-every", "20"]);
+    assert!(whole.contains("checkpoint: {\"sweep\":20}"), "{whole}");
+    let ckpt = dir.join("ckpt-20");
+    for s in 0..2 {
+        assert!(ckpt.join(format!("server{s}-shard0.ckpt")).is_file(), "no checkpoint file of server {s}");
+    }
+    let resumed = job(&["--resume", ckpt.to_str().unwrap()]);
+    assert_eq!(resumed.matches("resumed: ").count(), 4, "{resumed}");
+    assert!(!resumed.lines().any(|l| l.starts_with("sweep 20/")), "the resumed job starts after sweep 20");
+    let line = |out: &str| {
+        out.lines().find(|l| l.starts_with("sweep 21/")).map(|l| l.split("  non-zeros").next().unwrap().to_string())
+    };
+    assert_eq!(line(&resumed), line(&whole), "sweep 21 differs:\n{whole}\n{resumed}");
+    let (a, b) = (result_value(&whole, "objective"), result_value(&resumed, "objective"));
+    assert!((a - b).abs() / a < 1e-6, "objective {a} uninterrupted, {b} resumed");
+    for key in ["test_accuracy", "auc"] {
+        assert!((result_value(&whole, key) - result_value(&resumed, key)).abs() < 1e-4, "{key}:\n{whole}\n{resumed}");
+    }
+    // a checkpoint of another shape is refused with the reason
+    let out = pslab()
+        .env("PS_CHECKPOINT_DIR", &dir)
+        .args([
+            "lr",
+            "--data",
+            data,
+            "--sweeps",
+            "40",
+            "--servers",
+            "3",
+            "--no-pin",
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("PS_RESUME"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

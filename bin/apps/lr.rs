@@ -85,6 +85,11 @@ pub struct Params {
     /// dbpg (delayed block proximal gradient) or ftrl (asynchronous
     /// minibatch FTRL-proximal, for streaming data)
     pub solver: String,
+    /// write a checkpoint every this many sweeps (0: never), labelled with the
+    /// sweeps done; `resume_sweep` starts from such a checkpoint (the servers
+    /// load it from `PS_RESUME`)
+    pub checkpoint_every: u64,
+    pub resume_sweep: u64,
     /// ftrl: the rule's alpha and beta, and examples per minibatch
     pub alpha: f32,
     pub beta: f32,
@@ -124,6 +129,8 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
         jitter_ms: param(p, "jitter_ms", 0.0)?,
         objective_max: param(p, "objective_max", f64::INFINITY)?,
         solver,
+        checkpoint_every: param(p, "checkpoint_every", 0)?,
+        resume_sweep: param(p, "resume_sweep", 0)?,
         alpha: param(p, "alpha", 0.3)?,
         beta: param(p, "beta", 1.0)?,
         batch: param(p, "batch", 64)?,
@@ -133,6 +140,12 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
     }
     if r.batch == 0 {
         return Err("lr: batch must be positive".into());
+    }
+    if r.resume_sweep >= r.sweeps {
+        return Err(format!("lr: resume_sweep {} must be below sweeps {}", r.resume_sweep, r.sweeps));
+    }
+    if r.solver == "ftrl" && (r.checkpoint_every > 0 || r.resume_sweep > 0) {
+        return Err("lr: checkpoints are for the dbpg solver".into());
     }
     if r.format != "libsvm" && r.format != "clicklog" {
         return Err(format!("lr: format must be libsvm or clicklog, got {:?}", r.format));
@@ -422,22 +435,22 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     // reads in flight, oldest first, with the iteration that issued them
     let mut reads: std::collections::VecDeque<(u64, Read)> = Default::default();
     let mut jitter = ps_core::rng::SplitMix64::new(ps_core::rng::mix64(0x6a69_7474 ^ rank as u64));
-    for t in 0..=total {
+    let first = p.resume_sweep * p.blocks;
+    if first > 0 {
+        // resumed: the servers hold the checkpoint's tables; the margins
+        // are rebuilt from every block of them
+        for b in 0..p.blocks as usize {
+            let mut fresh = Vec::new();
+            ctx.ps.pull_into(WEIGHTS, &local.blocks[b].keys, &mut fresh).map_err(e)?;
+            local.take(b, &fresh);
+        }
+        ctx.emit("resumed", json!({"rank": rank, "sweep": p.resume_sweep}));
+    }
+    for t in first..=total {
         // iteration t may use every step up to t − τ − 1: take those reads
         while reads.front().is_some_and(|(at, _)| *at + (p.tau as u64) < t || t == total) {
             let (_, r) = reads.pop_front().expect("looked at");
-            match r {
-                Read::Ack(ts) => ctx.ps.wait(ts).map_err(e)?,
-                Read::Block { block, ts } => {
-                    let fresh = ctx.ps.wait_pull(ts).map_err(e)?;
-                    local.take(block, &fresh);
-                }
-                Read::Report { sweep, metrics, model } => {
-                    let m = ctx.ps.wait_pull(metrics).map_err(e)?;
-                    let wg = ctx.ps.wait_pull(model).map_err(e)?;
-                    report(ctx, &p, sweep, &m, &wg, started);
-                }
-            }
+            take_read(ctx, &p, &mut local, r, started)?;
         }
         if t == total {
             break;
@@ -481,6 +494,21 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         }
         if (t + 1) % 16 == 0 || t + 1 == total {
             ctx.emit("progress", json!({"rank": rank, "done": t + 1, "total": total, "unit": "iterations"}));
+        }
+        let done = sweep + 1;
+        if sweep_ends && p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.sweeps {
+            // a consistent state: every worker's steps of every clock so far
+            // settled (each waited for its clock's acknowledgements), nothing
+            // of a later clock pushed yet
+            while let Some((_, r)) = reads.pop_front() {
+                take_read(ctx, &p, &mut local, r, started)?;
+            }
+            ctx.barrier(&format!("lr-checkpoint-{done}"))?;
+            if rank == 0 {
+                ctx.ps.checkpoint(done).map_err(e)?;
+                ctx.emit("checkpoint", json!({"sweep": done}));
+            }
+            ctx.barrier(&format!("lr-checkpointed-{done}"))?;
         }
     }
     // what the filters held back goes now, and one more clock settles it
@@ -576,6 +604,25 @@ fn finish(ctx: &WorkerCtx, p: &Params, wg: &[f32], started: Instant) -> Result<S
         return Err(format!("lr: objective {objective:.4} is above objective_max {}", p.objective_max));
     }
     Ok(format!("objective {objective:.4}, {nnz} non-zeros, test accuracy {acc:.5}, AUC {auc:.5}"))
+}
+
+/// Waits for a read in flight and takes it: an acknowledgement, a block's
+/// fresh values into the margins, or a report line.
+fn take_read(ctx: &mut WorkerCtx, p: &Params, local: &mut Local, r: Read, started: Instant) -> Result<(), String> {
+    let e = |e: ps_core::PsError| e.to_string();
+    match r {
+        Read::Ack(ts) => ctx.ps.wait(ts).map_err(e)?,
+        Read::Block { block, ts } => {
+            let fresh = ctx.ps.wait_pull(ts).map_err(e)?;
+            local.take(block, &fresh);
+        }
+        Read::Report { sweep, metrics, model } => {
+            let m = ctx.ps.wait_pull(metrics).map_err(e)?;
+            let wg = ctx.ps.wait_pull(model).map_err(e)?;
+            report(ctx, p, sweep, &m, &wg, started);
+        }
+    }
+    Ok(())
 }
 
 /// Worker 0's line for sweep `s`: the sums every worker pushed at its end

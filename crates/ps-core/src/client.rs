@@ -230,6 +230,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         Ok(())
     }
 
+    /// Has every shard write a checkpoint labelled `label`, and waits until all
+    /// are on disk (see `WorkerCore::checkpoint`).
+    pub fn checkpoint(&mut self, label: u64) -> Result<(), PsError> {
+        let ts = self.core.checkpoint(&mut self.transport, label)?;
+        self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
+        self.wait(ts)
+    }
+
     /// Pushes what the filters of `table` held back, and waits for it.
     pub fn flush_filters(&mut self, table: TableId) -> Result<(), PsError> {
         for ts in self.core.flush_filters(&mut self.transport, table)? {

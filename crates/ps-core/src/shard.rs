@@ -114,6 +114,8 @@ pub struct ShardCore {
     touched: BTreeMap<TableId, Vec<Key>>,
     /// undoes the table filters' coding, per connection
     decoder: crate::filter::Decoder,
+    /// a checkpoint asked for and not yet written: who asked, and its frame
+    checkpoint: Option<(PeerId, DataHeader)>,
 }
 
 /// One connection's subscription to an eager table.
@@ -241,6 +243,7 @@ impl ShardCore {
             settling,
             touched: BTreeMap::new(),
             decoder: Default::default(),
+            checkpoint: None,
         })
     }
 
@@ -257,6 +260,80 @@ impl ShardCore {
     /// Peers whose parked pull, once released, could not be answered: drop them.
     pub fn take_failed(&mut self) -> Vec<(PeerId, ShardError)> {
         std::mem::take(&mut self.failed)
+    }
+
+    /// The label of a checkpoint a worker asked for: the server writes
+    /// [`ShardCore::snapshot`] to disk, then calls [`ShardCore::checkpoint_written`].
+    pub fn checkpoint_due(&self) -> Option<u64> {
+        self.checkpoint.map(|(_, h)| h.a)
+    }
+
+    /// Every table's part on this shard, as a checkpoint's bytes
+    /// (`checkpoint::encode`). Pushes held for the end of a clock are not in
+    /// it: take checkpoints when every worker has finished the same clock.
+    pub fn snapshot(&self, label: u64) -> Vec<u8> {
+        let images: Vec<crate::checkpoint::TableImage> = self
+            .tables
+            .iter()
+            .map(|(id, (dim, store))| match store {
+                TableStore::Dense(d) => {
+                    let (vals, state) = d.snapshot();
+                    crate::checkpoint::TableImage { id: *id, dim: *dim, sparse: false, keys: vec![], vals, state }
+                }
+                TableStore::Sparse(s) => {
+                    let (keys, vals, state) = s.snapshot();
+                    crate::checkpoint::TableImage { id: *id, dim: *dim, sparse: true, keys, vals, state }
+                }
+            })
+            .collect();
+        crate::checkpoint::encode(self.owner.server, self.owner.shard, label, &images)
+    }
+
+    /// Answers the checkpoint request: an `Ack` once written, or an `Error` with why not.
+    pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), String>) {
+        let Some((peer, h)) = self.checkpoint.take() else { return };
+        match r {
+            Ok(()) => {
+                let ack = DataHeader { kind: Kind::Ack, dense: false, table: 0, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+                let len = ack.frame_len().expect("ack is small");
+                if tx.frame(peer, len).map(|buf| ack.write(buf)).is_ok() {
+                    self.stats.bytes_out += len as u64;
+                }
+            }
+            // a peer that cannot take the error is going anyway
+            Err(e) => drop(self.answer(Err(Refusal(format!("checkpoint {}: {e}", h.a))), peer, &h, tx)),
+        }
+    }
+
+    /// Puts back a checkpoint this shard wrote (before any worker connects);
+    /// returns its label. Refused, with what differs, if the checkpoint is of
+    /// another server or shard, or of other tables.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<u64, String> {
+        let (h, images) = crate::checkpoint::decode(bytes)?;
+        if (h.server, h.shard) != (self.owner.server, self.owner.shard) {
+            return Err(format!(
+                "the checkpoint is of server {} shard {}, this is server {} shard {}",
+                h.server, h.shard, self.owner.server, self.owner.shard
+            ));
+        }
+        if images.len() != self.tables.len() {
+            return Err(format!("the checkpoint has {} tables, the job {}", images.len(), self.tables.len()));
+        }
+        for img in images {
+            let Some((dim, store)) = self.tables.get_mut(&img.id) else {
+                return Err(format!("the checkpoint has table {}, the job does not", img.id.0));
+            };
+            if *dim != img.dim {
+                return Err(format!("table {}: dim {} in the checkpoint, {dim} in the job", img.id.0, img.dim));
+            }
+            match store {
+                TableStore::Dense(d) if !img.sparse => d.restore(&img.vals, &img.state),
+                TableStore::Sparse(s) if img.sparse => s.restore(&img.keys, &img.vals, &img.state),
+                _ => Err("dense in one, sparse in the other".into()),
+            }
+            .map_err(|e| format!("table {}: {e}", img.id.0))?;
+        }
+        Ok(h.label)
     }
 
     /// `peer` is gone: its parked pulls and remembered key lists go too.
@@ -318,7 +395,10 @@ impl ShardCore {
         self.stats.bytes_in += frame.len() as u64;
         let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
             Frame::Data { h, keys, vals }
-                if matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock | Kind::Watch) =>
+                if matches!(
+                    h.kind,
+                    Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock | Kind::Watch | Kind::Checkpoint
+                ) =>
             {
                 (h, keys, vals)
             }
@@ -331,6 +411,13 @@ impl ShardCore {
         };
         let r = if h.kind == Kind::Clock {
             self.on_clock(peer, &h, tx)
+        } else if h.kind == Kind::Checkpoint {
+            if self.checkpoint.is_some() {
+                Err(Refusal("a checkpoint is being written on this shard already".into()))
+            } else {
+                self.checkpoint = Some((peer, h));
+                Ok(())
+            }
         } else if h.kind == Kind::Watch {
             if !self.eager.contains_key(&TableId(h.table)) {
                 return Err(WireError::Unexpected(Kind::Watch).into());
@@ -1013,6 +1100,73 @@ mod tests {
         pp[5] = Kind::PushPull as u8;
         s.handle(A, &pp, &mut sink).unwrap();
         assert_eq!(kinds(&mut sink), vec![(A, Kind::Error)]);
+    }
+
+    #[test]
+    fn a_checkpoint_restores_every_table_exactly_and_only_where_it_was_taken() {
+        let tables = || {
+            vec![
+                TableSpec::dense(0, "d", KeyRange::new(0, 1000), 3, RuleSpec::Sum),
+                TableSpec::sparse(
+                    1,
+                    "s",
+                    KeyRange::FULL,
+                    2,
+                    RuleSpec::Adagrad { lr: 0.1, eps: 1e-6, initial_accumulator: 0.1 },
+                ),
+            ]
+        };
+        let mut s = shard_of(tables());
+        let mut sink = SimSink::default();
+        let mut r = crate::rng::SplitMix64::new(5);
+        for round in 0..20u64 {
+            let keys: Vec<u64> = (0..50).map(|i| i * 1_000_003 + round % 3).collect();
+            let h = DataHeader { kind: Kind::Push, dense: false, table: 1, sub: 0, ts: 1, a: 50, b: 100 };
+            let mut f = frame(h, &keys);
+            let vals: Vec<f32> = (0..100).map(|_| r.normal() as f32).collect();
+            f[wire::DATA_HEADER_BYTES + 400..wire::DATA_HEADER_BYTES + 800]
+                .copy_from_slice(bytemuck::cast_slice(&vals));
+            s.handle(A, &f, &mut sink).unwrap();
+            let h = DataHeader { kind: Kind::Push, dense: true, table: 0, sub: 0, ts: 2, a: round * 30, b: 60 };
+            let mut f = frame(h, &[]);
+            f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + 240]
+                .copy_from_slice(bytemuck::cast_slice(&vec![round as f32 + 0.5; 60]));
+            s.handle(A, &f, &mut sink).unwrap();
+        }
+        // a worker asks; the shard answers only once told the bytes are written
+        let ask = frame(DataHeader { kind: Kind::Checkpoint, dense: false, table: 0, sub: 0, ts: 9, a: 7, b: 0 }, &[]);
+        sink.frames.clear();
+        s.handle(B, &ask, &mut sink).unwrap();
+        assert_eq!(s.checkpoint_due(), Some(7));
+        assert!(sink.frames.is_empty());
+        let bytes = s.snapshot(7);
+        s.checkpoint_written(&mut sink, Ok(()));
+        assert_eq!(kinds(&mut sink), vec![(B, Kind::Ack)]);
+        assert_eq!(s.checkpoint_due(), None);
+        // a fresh shard of the same job takes it back bit for bit
+        let mut back = shard_of(tables());
+        assert_eq!(back.restore(&bytes), Ok(7));
+        assert_eq!(back.snapshot(7), bytes);
+        // and a pull reads the same values
+        let keys: Vec<u64> = (0..50).map(|i| i * 1_000_003 + 1).collect();
+        let pull = frame(DataHeader { kind: Kind::Pull, dense: false, table: 1, sub: 0, ts: 3, a: 50, b: 100 }, &keys);
+        s.handle(A, &pull, &mut sink).unwrap();
+        let want = values(&mut sink);
+        back.handle(A, &pull, &mut sink).unwrap();
+        assert_eq!(values(&mut sink), want);
+        // another shard's, or another job's tables: refused with the reason
+        let mut other = shard_of(vec![TableSpec::dense(0, "d", KeyRange::new(0, 1000), 2, RuleSpec::Sum)]);
+        assert!(other.restore(&bytes).unwrap_err().contains("tables"));
+        let mut wrong_dim = shard_of(vec![
+            TableSpec::dense(0, "d", KeyRange::new(0, 1000), 2, RuleSpec::Sum),
+            TableSpec::sparse(1, "s", KeyRange::FULL, 2, RuleSpec::Sum),
+        ]);
+        assert!(wrong_dim.restore(&bytes).unwrap_err().contains("dim"));
+        assert!(shard_of(tables()).restore(&bytes[..bytes.len() / 2]).is_err());
+        // a failed write is an error frame to the asker
+        s.handle(B, &ask, &mut sink).unwrap();
+        s.checkpoint_written(&mut sink, Err("disk full".into()));
+        assert_eq!(kinds(&mut sink), vec![(B, Kind::Error)]);
     }
 
     #[test]

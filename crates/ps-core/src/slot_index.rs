@@ -97,6 +97,11 @@ impl SlotIndex {
     }
 
     /// A cursor at the start, for one ascending run of lookups.
+    /// Every (key, slot), keys ascending.
+    pub fn iter(&self) -> impl Iterator<Item = (Key, u32)> + '_ {
+        self.pages.iter().flat_map(|p| p.keys.iter().copied().zip(p.slots.iter().copied()))
+    }
+
     pub fn cursor(&self) -> Cursor<'_> {
         let mut c = Cursor { index: self, page: 0, pos: 0, keys: &[], slots: &[], next_first: Key::MAX };
         if !self.pages.is_empty() {

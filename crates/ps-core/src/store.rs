@@ -314,6 +314,30 @@ impl DenseStore {
         Ok(())
     }
 
+    /// Every owned value and the rule's state (a checkpoint).
+    pub fn snapshot(&self) -> (Vec<f32>, Vec<f32>) {
+        let mut vals = vec![0f32; self.layout.floats() as usize];
+        self.values.read_span(0, &mut vals);
+        (vals, self.state.clone())
+    }
+
+    /// Puts back what [`DenseStore::snapshot`] took, through the same versioned
+    /// block writes as a push (the slabs stay where they are, registered or not).
+    pub fn restore(&mut self, vals: &[f32], state: &[f32]) -> Result<(), String> {
+        let floats = self.layout.floats() as usize;
+        if vals.len() != floats || state.len() != self.state.len() {
+            return Err(format!(
+                "the checkpoint holds {} values and {} state floats; this shard owns {floats} and {}",
+                vals.len(),
+                state.len(),
+                self.state.len()
+            ));
+        }
+        self.values.update_span(0, floats, |w, off| w.copy_from_slice(&vals[off..off + w.len()]));
+        self.state.copy_from_slice(state);
+        Ok(())
+    }
+
     /// Reads `dim` floats per key for a key list.
     pub fn pull_keys(&self, keys: &[Key], out: &mut [f32]) -> Result<(), StoreError> {
         for (i, &key) in keys.iter().enumerate() {
@@ -498,6 +522,51 @@ impl SparseStore {
                 rule.apply(w, st, &g[off..off + w.len()], k);
             });
         }
+        Ok(())
+    }
+
+    /// Every key held, ascending, with its values and the rule's state (a checkpoint).
+    pub fn snapshot(&self) -> (Vec<Key>, Vec<f32>, Vec<f32>) {
+        let (dim, spv) = (self.dim, self.rule.state_per_value());
+        let mut keys = Vec::with_capacity(self.index.len());
+        let mut vals = vec![0f32; self.index.len() * dim];
+        let mut state = Vec::with_capacity(self.index.len() * dim * spv);
+        for (i, (k, s)) in self.index.iter().enumerate() {
+            keys.push(k);
+            self.values.read_span(self.slot_base(s), &mut vals[i * dim..(i + 1) * dim]);
+            let st = s as usize * dim * spv;
+            state.extend_from_slice(&self.state[st..st + dim * spv]);
+        }
+        (keys, vals, state)
+    }
+
+    /// Puts back what [`SparseStore::snapshot`] took into an empty store.
+    pub fn restore(&mut self, keys: &[Key], vals: &[f32], state: &[f32]) -> Result<(), String> {
+        let (dim, spv) = (self.dim, self.rule.state_per_value());
+        if !self.index.is_empty() {
+            return Err("a sparse store is restored only when empty".into());
+        }
+        if vals.len() != keys.len() * dim || state.len() != keys.len() * dim * spv {
+            return Err(format!(
+                "the checkpoint's {} keys come with {} values and {} state floats",
+                keys.len(),
+                vals.len(),
+                state.len()
+            ));
+        }
+        crate::keys::check_sorted(keys).map_err(|e| e.to_string())?;
+        self.prepare_pull(keys).map_err(|e| e.to_string())?;
+        self.insert_missing(keys).map_err(|e| e.to_string())?;
+        self.prepare_pull(keys).map_err(|e| e.to_string())?;
+        let slots = std::mem::take(&mut self.batch_slots);
+        for (i, &s) in slots.iter().enumerate() {
+            let base = self.slot_base(s);
+            let v = &vals[i * dim..(i + 1) * dim];
+            self.values.update_span(base, dim, |w, off| w.copy_from_slice(&v[off..off + w.len()]));
+            let st = s as usize * dim * spv;
+            self.state[st..st + dim * spv].copy_from_slice(&state[i * dim * spv..(i + 1) * dim * spv]);
+        }
+        self.batch_slots = slots;
         Ok(())
     }
 

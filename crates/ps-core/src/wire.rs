@@ -62,6 +62,9 @@ pub enum Kind {
     /// keeps one outstanding per shard, so every frame a shard sends still
     /// answers exactly one request (the RDMA rings' credit rule)
     Watch = 18,
+    /// worker -> shard: "write a checkpoint labelled `a` of your tables";
+    /// answered with an `Ack` once it is on disk (or an `Error`)
+    Checkpoint = 19,
     /// a JSON control message (manager traffic)
     Control = 20,
 }
@@ -81,6 +84,7 @@ impl Kind {
             16 => Kind::Clock,
             17 => Kind::Refresh,
             18 => Kind::Watch,
+            19 => Kind::Checkpoint,
             20 => Kind::Control,
             _ => return None,
         })
@@ -97,6 +101,7 @@ impl Kind {
                 | Kind::Error
                 | Kind::Clock
                 | Kind::Refresh
+                | Kind::Checkpoint
         )
     }
 }

@@ -300,30 +300,61 @@ impl WorkerCore {
             return Err(PsError::TooManyInFlight(self.pending.len()));
         }
         self.clocks += 1;
+        let (clocks, rank) = (self.clocks, rank as u64);
+        self.send_to_every_shard(tx, "clock", |ts, sub| DataHeader {
+            kind: Kind::Clock,
+            dense: false,
+            table: 0,
+            sub,
+            ts,
+            a: clocks,
+            b: rank,
+        })
+    }
+
+    /// Sends one small frame (`header(ts, n)` for the n-th) to every shard
+    /// under a new timestamp, which completes when every shard has answered.
+    fn send_to_every_shard(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        what: &str,
+        header: impl Fn(Timestamp, u32) -> DataHeader,
+    ) -> Result<Timestamp, PsError> {
         let ts = self.next_ts;
         self.next_ts += 1;
         let mut sent = 0u32;
         for row in &self.peers {
             for &peer in row {
-                let h = DataHeader {
-                    kind: Kind::Clock,
-                    dense: false,
-                    table: 0,
-                    sub: sent,
-                    ts,
-                    a: self.clocks,
-                    b: rank as u64,
-                };
-                let len = h.frame_len().expect("a clock frame is small");
+                let h = header(ts, sent);
+                let len = h.frame_len().expect("a small frame");
                 if let Err(e) = tx.frame(peer, len).map(|buf| h.write(buf)) {
                     self.pending.insert(ts, Pending::new(sent, Some(tx_error(e)), None));
-                    return Err(PsError::Transport("send queue refused a clock frame".into()));
+                    return Err(PsError::Transport(format!("send queue refused a {what} frame")));
                 }
                 sent += 1;
             }
         }
         self.pending.insert(ts, Pending::new(sent, None, None));
         Ok(ts)
+    }
+
+    /// Asks every shard to write a checkpoint labelled `label`; the timestamp
+    /// completes once every shard has it on disk. Call it when every worker
+    /// has finished the same clock (after a barrier), so the checkpoint is
+    /// one consistent state of all tables.
+    pub fn checkpoint(&mut self, tx: &mut dyn FrameSink, label: u64) -> Result<Timestamp, PsError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        self.send_to_every_shard(tx, "checkpoint", |ts, sub| DataHeader {
+            kind: Kind::Checkpoint,
+            dense: false,
+            table: 0,
+            sub,
+            ts,
+            a: label,
+            b: 0,
+        })
     }
 
     pub fn in_flight(&self) -> usize {

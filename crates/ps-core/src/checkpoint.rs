@@ -1,0 +1,157 @@
+//! Checkpoints: one shard's tables as bytes, and back. I/O-free: the server
+//! writes the bytes to one file per shard and memory-maps it to restore.
+//!
+//! ```text
+//!  0  8 bytes "PSLABCK1"
+//!  8  u64     header bytes (JSON: server, shard, label, tables)
+//! 16  header, zero-padded to 8
+//!     per table, in the header's order: keys (u64, sparse tables only), then
+//!     values (f32), then the update rule's state (f32), each zero-padded to 8
+//! ```
+//!
+//! A restore checks that the checkpoint was taken by the same server and
+//! shard of a job with the same tables (ids, dims, layouts and sizes): a
+//! checkpoint of another ring is refused with what differs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{Key, TableId};
+
+const MAGIC: &[u8; 8] = b"PSLABCK1";
+
+/// One table's part on one shard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableImage {
+    pub id: TableId,
+    pub dim: u32,
+    /// the keys of a sparse table (ascending); empty for a dense one
+    pub sparse: bool,
+    pub keys: Vec<Key>,
+    pub vals: Vec<f32>,
+    pub state: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub server: u32,
+    pub shard: u32,
+    /// what the job called this checkpoint (the lr app: the sweep it was taken after)
+    pub label: u64,
+    pub tables: Vec<TableHeader>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableHeader {
+    pub id: u32,
+    pub dim: u32,
+    pub sparse: bool,
+    pub keys: u64,
+    pub values: u64,
+    pub state: u64,
+}
+
+fn pad(out: &mut Vec<u8>) {
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
+pub fn encode(server: u32, shard: u32, label: u64, tables: &[TableImage]) -> Vec<u8> {
+    let header = Header {
+        server,
+        shard,
+        label,
+        tables: tables
+            .iter()
+            .map(|t| TableHeader {
+                id: t.id.0,
+                dim: t.dim,
+                sparse: t.sparse,
+                keys: t.keys.len() as u64,
+                values: t.vals.len() as u64,
+                state: t.state.len() as u64,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&header).expect("a header serialises");
+    let body: usize = tables.iter().map(|t| 8 * t.keys.len() + 4 * (t.vals.len() + t.state.len()) + 24).sum();
+    let mut out = Vec::with_capacity(16 + json.len() + 8 + body);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    pad(&mut out);
+    for t in tables {
+        out.extend_from_slice(bytemuck::cast_slice(&t.keys));
+        out.extend_from_slice(bytemuck::cast_slice(&t.vals));
+        pad(&mut out);
+        out.extend_from_slice(bytemuck::cast_slice(&t.state));
+        pad(&mut out);
+    }
+    out
+}
+
+/// The header alone (what `pslab lr --resume` reads the label from).
+pub fn header(bytes: &[u8]) -> Result<Header, String> {
+    if bytes.len() < 16 || &bytes[..8] != MAGIC {
+        return Err("not a pslab checkpoint (no PSLABCK1 at its start)".into());
+    }
+    let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8")) as usize;
+    let json = bytes.get(16..16usize.checked_add(n).ok_or("header length")?).ok_or("the header is cut short")?;
+    serde_json::from_slice(json).map_err(|e| format!("checkpoint header: {e}"))
+}
+
+/// The header and tables of a checkpoint; every count is checked against the bytes.
+pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<TableImage>), String> {
+    let header = header(bytes)?;
+    let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8")) as usize;
+    let mut at = (16 + n).next_multiple_of(8);
+    // `size`-byte items, then padding to 8
+    let take = |at: &mut usize, count: u64, size: usize| -> Result<&[u8], String> {
+        let len = usize::try_from(count).ok().and_then(|c| c.checked_mul(size)).ok_or("counts overflow")?;
+        let end = at.checked_add(len).ok_or("counts overflow")?;
+        let s = bytes.get(*at..end).ok_or("the checkpoint is cut short")?;
+        *at = end.next_multiple_of(8);
+        Ok(s)
+    };
+    let mut tables = Vec::with_capacity(header.tables.len());
+    for t in &header.tables {
+        let keys: Vec<Key> =
+            take(&mut at, t.keys, 8)?.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect();
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect()
+        };
+        // (keys are 8 bytes each: no padding falls between them and the values)
+        let vals = f32s(take(&mut at, t.values, 4)?);
+        let state = f32s(take(&mut at, t.state, 4)?);
+        tables.push(TableImage { id: TableId(t.id), dim: t.dim, sparse: t.sparse, keys, vals, state });
+    }
+    Ok((header, tables))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let tables = vec![
+            TableImage {
+                id: TableId(0),
+                dim: 2,
+                sparse: false,
+                keys: vec![],
+                vals: vec![1.0, 2.0, 3.0],
+                state: vec![4.0],
+            },
+            TableImage { id: TableId(3), dim: 1, sparse: true, keys: vec![5, 9], vals: vec![0.5, -1.0], state: vec![] },
+        ];
+        let bytes = encode(1, 2, 40, &tables);
+        assert_eq!(bytes.len() % 8, 0);
+        let (h, back) = decode(&bytes).unwrap();
+        assert_eq!((h.server, h.shard, h.label), (1, 2, 40));
+        assert_eq!(back, tables);
+        assert!(decode(&bytes[..bytes.len() - 8]).is_err());
+        assert!(decode(b"PSLABCK2........").is_err());
+        for cut in 0..bytes.len() {
+            let _ = decode(&bytes[..cut]);
+        }
+    }
+}
