@@ -67,6 +67,8 @@ step sequential-rdma pslab --transport rdma local --servers 2 --workers 3 --no-p
 #     host fetched them (rdma-test.sh copies its LIBSVM files to /bin)
 step filters-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app check \
   --params '{"rounds": 8, "keys": 800, "filters": [{"filter": "significantly_modified", "threshold": 2.5}, {"filter": "random_skip", "p": 0.3, "seed": 1}, {"filter": "key_cache"}, {"filter": "lz4"}]}'
+step quantize-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app check \
+  --params '{"rounds": 8, "keys": 800, "tolerance": 1e-4, "filters": [{"filter": "quantize", "bits": 8}, {"filter": "key_cache"}]}'
 if [ -e /bin/train.libsvm ]; then
   step lr-rdma pslab --transport rdma local --servers 2 --workers 2 --no-pin --app lr \
     --params '{"data": "/bin", "sweeps": 30, "tau": 1, "objective_max": 3400, "checkpoint_every": 15, "filters": [{"filter": "key_cache"}, {"filter": "lz4"}]}'

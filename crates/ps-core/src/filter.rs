@@ -32,6 +32,12 @@
 //! ```
 //!
 //! Pull requests of key lists use key caching too; responses are not coded.
+//! Dense range pushes are not quantised (they carry no keys to keep residuals
+//! by). The sender remembers a key list when it codes the frame: a frame the
+//! transport then refuses leaves the two FIFOs apart, and the next list sent
+//! by hash is refused by the shard, which drops the connection (a refused
+//! frame already fails the worker's request and means the connection is
+//! going).
 //! Coded frames travel through both transports unchanged (over RDMA, pushes
 //! are ring frames; a coded pull is never served by a one-sided READ).
 
