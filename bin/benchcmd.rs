@@ -125,6 +125,9 @@ fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
         app: "bench".into(),
         params: o.params.clone(),
         pin: o.pin,
+        // the data path alone, as ps-lite and perftest measure it
+        copies: 1,
+        kills: Vec::new(),
     };
     eprintln!(
         "bench: {} server(s) x {} shard(s), {} worker(s), one op in flight per worker",

@@ -6,6 +6,7 @@
 //! servers = 2                   # ranks 1..=2 are servers under --role auto
 //! # servers_per_node = 1        # or: this many on every node (ranks in blocks)
 //! shards = 1                    # shard threads per server (default: one per core)
+//! copies = 2                    # copies of every shard (chain replication; 1: none)
 //! port = 7070                   # the manager's port
 //! manager = "10.0.0.1:7070"     # optional: else the allocation's first host (or 127.0.0.1)
 //! cpus = [0, 2]                 # optional: pin shard threads here
@@ -25,6 +26,8 @@ pub struct JobFile {
     pub servers: Option<u32>,
     pub servers_per_node: Option<u32>,
     pub workers: Option<u32>,
+    /// copies of every shard (chain replication; 1: none)
+    pub copies: Option<u32>,
     pub shards: Option<usize>,
     pub port: Option<u16>,
     pub manager: Option<String>,

@@ -20,6 +20,32 @@ pub struct ClusterSpec {
     pub app: String,
     pub params: serde_json::Value,
     pub pin: bool,
+    /// copies of every shard (chain replication; 1: none)
+    pub copies: u32,
+    /// processes to kill with SIGKILL while the job runs (fault injection)
+    pub kills: Vec<Kill>,
+}
+
+/// `--kill NAME@MS`: SIGKILL the process `NAME` (`server1`, `worker2`,
+/// `manager`) `MS` milliseconds after the job started running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kill {
+    pub name: String,
+    pub after_ms: u64,
+}
+
+impl std::str::FromStr for Kill {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, ms) = s.split_once('@').ok_or_else(|| format!("--kill {s:?}: write NAME@MS, e.g. server1@1500"))?;
+        let after_ms = ms.parse().map_err(|_| format!("--kill {s:?}: {ms:?} is not a number of milliseconds"))?;
+        let ok = name == "manager"
+            || ["server", "worker"].iter().any(|r| name.strip_prefix(r).is_some_and(|n| n.parse::<u32>().is_ok()));
+        if !ok {
+            return Err(format!("--kill {s:?}: name a process as manager, serverN or workerN"));
+        }
+        Ok(Kill { name: name.to_string(), after_ms })
+    }
 }
 
 /// What the processes said.
@@ -97,6 +123,15 @@ fn kill_all(procs: &mut [Proc]) {
 
 /// Runs the cluster to the end; `on_event` sees every line. `Ok` iff every process exited 0.
 pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), String> {
+    for k in &spec.kills {
+        let n = |p: &str| k.name.strip_prefix(p).and_then(|n| n.parse::<u32>().ok());
+        let exists = k.name == "manager"
+            || n("server").is_some_and(|i| i < spec.servers)
+            || n("worker").is_some_and(|i| i < spec.workers);
+        if !exists {
+            return Err(format!("--kill {}: this job has no such process", k.name));
+        }
+    }
     let secret = ps_tcp_fallback::generate_secret()?.to_hex();
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -122,6 +157,8 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
             spec.app.clone(),
             "--params".into(),
             params,
+            "--copies".into(),
+            spec.copies.to_string(),
         ],
         &secret,
         &tx,
@@ -175,40 +212,75 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
         procs.push(spawn(&format!("worker{w}"), &args, &secret, &tx)?);
     }
     drop(tx);
+    // the manager decides whether the job can go on without a process that
+    // died (a failover, a worker left behind); the launcher follows it: the
+    // job ends when the manager does, and fails if the manager failed or a
+    // process it did not kill itself ended badly
     let mut failure: Option<String> = None;
+    let mut running_since: Option<Instant> = None;
+    let mut kills = spec.kills.clone();
+    let mut killed: Vec<String> = Vec::new();
+    let mut manager_done: Option<Instant> = None;
     loop {
-        while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(50)) {
+        // lines until there are none for a moment, or 50 ms passed (kills are due on time)
+        let until = Instant::now() + Duration::from_millis(50);
+        while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(20)) {
+            if running_since.is_none() && role == "manager" && line.contains("job running") {
+                running_since = Some(Instant::now());
+            }
             on_event(parse(role, line));
+            if Instant::now() > until {
+                break;
+            }
         }
         if interrupted.load(Ordering::SeqCst) {
             kill_all(&mut procs);
             failure.get_or_insert("interrupted (Ctrl-C): stopped every process".into());
             break;
         }
+        if let Some(t0) = running_since {
+            let due: Vec<Kill> =
+                kills.iter().filter(|k| t0.elapsed() >= Duration::from_millis(k.after_ms)).cloned().collect();
+            kills.retain(|k| !due.contains(k));
+            for k in due {
+                if let Some(p) = procs.iter_mut().find(|p| p.role == k.name && p.status.is_none()) {
+                    let pid = p.child.id();
+                    let _ = p.child.kill();
+                    killed.push(k.name.clone());
+                    on_event(Event::At {
+                        role: "launcher".into(),
+                        kind: "killed".into(),
+                        value: serde_json::json!({"name": k.name, "pid": pid, "at_s": t0.elapsed().as_secs_f64()}),
+                    });
+                }
+            }
+        }
         for p in procs.iter_mut() {
             if p.status.is_none() {
-                if let Ok(Some(s)) = p.child.try_wait() {
-                    p.status = Some(s);
-                    if !s.success() && failure.is_none() {
-                        failure = Some(format!("{} exited with {s}", p.role));
+                if let Ok(Some(st)) = p.child.try_wait() {
+                    p.status = Some(st);
+                    let ours = killed.contains(&p.role);
+                    if p.role == "manager" {
+                        manager_done = Some(Instant::now());
+                        if !st.success() {
+                            failure.get_or_insert(format!("manager exited with {st}"));
+                        }
+                    } else if !st.success() && !ours {
+                        on_event(Event::Line {
+                            role: "launcher".into(),
+                            line: format!("{} exited with {st}; the manager decides whether the job goes on", p.role),
+                        });
+                        failure.get_or_insert(format!("{} exited with {st}", p.role));
                     }
                 }
             }
         }
-        if failure.is_some() {
-            // give the others a moment to say why, then stop them
-            let until = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < until
-                && procs.iter_mut().any(|p| p.status.is_none() && p.child.try_wait().ok().flatten().is_none())
-            {
-                while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(50)) {
-                    on_event(parse(role, line));
-                }
-            }
-            kill_all(&mut procs);
+        if procs.iter().all(|p| p.status.is_some()) {
             break;
         }
-        if procs.iter().all(|p| p.status.is_some()) {
+        // the manager is gone: the others follow it within moments, or are stopped
+        if manager_done.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            kill_all(&mut procs);
             break;
         }
     }

@@ -91,6 +91,14 @@ enum Cmd {
         /// Draw the objective per sweep (apps that report `@iter`: lr) into this PNG.
         #[arg(long)]
         png: Option<String>,
+        /// Copies of every shard's key ranges (chain replication over
+        /// consecutive servers; 1: none). At most the number of servers count.
+        #[arg(long, default_value_t = 2)]
+        copies: u32,
+        /// Fault injection: SIGKILL a process NAME (manager, serverN, workerN)
+        /// MS milliseconds after the job starts running; repeatable.
+        #[arg(long, value_name = "NAME@MS")]
+        kill: Vec<local::Kill>,
     },
     /// Run one role of a job (what launchers start).
     Node {
@@ -115,6 +123,9 @@ enum Cmd {
         /// Manager: program parameters (JSON).
         #[arg(long, env = "PS_PARAMS", default_value = "{}")]
         params: String,
+        /// Manager: copies of every shard's key ranges (chain replication; 1: none).
+        #[arg(long, env = "PS_COPIES", default_value_t = 2)]
+        copies: u32,
         /// Server: shard threads (default: one per core).
         #[arg(long, env = "PS_SHARDS")]
         shards: Option<usize>,
@@ -249,6 +260,9 @@ enum Cmd {
         no_pin: bool,
         #[arg(long, short)]
         verbose: bool,
+        /// Copies of every shard's key ranges (chain replication; 1: none).
+        #[arg(long, default_value_t = 2)]
+        copies: u32,
     },
     /// Prepare a fetched dataset for the apps (scripts/fetch-clothing.sh runs it).
     Prepare {
@@ -341,6 +355,7 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         mut workers,
         mut app,
         mut params,
+        mut copies,
         mut shards,
         host,
         port_base,
@@ -360,6 +375,7 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         servers = f.servers.unwrap_or(servers);
         servers_per_node = f.servers_per_node.or(servers_per_node);
         workers = f.workers.unwrap_or(workers);
+        copies = f.copies.unwrap_or(copies);
         shards = f.shards.or(shards);
         cpus = f.cpus.clone().unwrap_or(cpus);
         manager = f.manager.clone().or(manager);
@@ -384,7 +400,7 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         RoleArg::Manager => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
-            let job = apps::job_spec(&app, &params, servers)?;
+            let job = apps::job_spec(&app, &params, servers, copies)?;
             node::run_manager(secret, node::resolve(&listen)?, job, servers, workers)
         }
         RoleArg::Server => {
@@ -444,23 +460,17 @@ fn auto_role(servers: u32, per_node: Option<u32>, manager: Option<String>, liste
     Ok(AutoRole { role: arg, rank, workers, servers, manager })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_local(
-    servers: u32,
-    shards: u32,
-    workers: u32,
-    app: String,
-    params: String,
-    pin: bool,
-    verbose: bool,
-    png: Option<String>,
-) -> Result<(), String> {
-    let params: serde_json::Value = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
-    apps::job_spec(&app, &params, servers)?; // fail fast on bad parameters
-    let spec = local::ClusterSpec { servers, shards, workers, app: app.clone(), params, pin };
+fn run_local(spec: local::ClusterSpec, verbose: bool, png: Option<String>) -> Result<(), String> {
+    let (servers, shards, workers, app) = (spec.servers, spec.shards, spec.workers, spec.app.clone());
+    apps::job_spec(&app, &spec.params, servers, spec.copies)?; // fail fast on bad parameters
+    let copies = spec.copies.min(servers);
     eprintln!(
-        "pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}"
+        "pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}{}",
+        if copies > 1 { format!(", {copies} copies of every shard") } else { String::new() }
     );
+    let mut failovers: Vec<serde_json::Value> = Vec::new();
+    let mut kills: Vec<serde_json::Value> = Vec::new();
+    let mut last_kill: Option<std::time::Instant> = None;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}")
@@ -504,6 +514,25 @@ fn run_local(
             )
         }),
         local::Event::At { kind, value, .. } if kind == "result" => result = Some(value),
+        local::Event::At { kind, mut value, .. } if kind == "failover" => {
+            // the launcher's own measure: from its kill to the line of the first answer
+            if let Some(k) = last_kill {
+                value["since_kill_ms"] = (k.elapsed().as_secs_f64() * 1e3).into();
+            }
+            failovers.push(value)
+        }
+        local::Event::At { kind, value, .. } if kind == "killed" => {
+            bar.suspend(|| {
+                eprintln!(
+                    "[launcher] killed {} (pid {}) with SIGKILL {:.2} s into the job",
+                    value["name"].as_str().unwrap_or("?"),
+                    value["pid"],
+                    value["at_s"].as_f64().unwrap_or(0.0)
+                )
+            });
+            last_kill = Some(std::time::Instant::now());
+            kills.push(value)
+        }
         local::Event::At { kind, value, role } => bar.suspend(|| println!("[{role}] {kind}: {value}")),
         local::Event::Line { role, line } => {
             if verbose
@@ -553,7 +582,27 @@ fn run_local(
         println!("test AUC               {:.4}", r["auc"].as_f64().unwrap_or(0.0));
         println!("----------------------------------------------------------------");
     }
+    if !failovers.is_empty() {
+        let ms: Vec<f64> = failovers.iter().filter_map(|f| f["ms"].as_f64()).collect();
+        let longest = ms.iter().copied().fold(0.0, f64::max);
+        let since_kill = failovers.iter().filter_map(|f| f["since_kill_ms"].as_f64()).fold(0.0, f64::max);
+        println!(
+            "failover: {} connections moved to new heads; from a lost connection to the new head's first answer: \
+             longest {longest:.0} ms, mean {:.0} ms (workers' clocks); from the kill to the last of those answers: \
+             {since_kill:.0} ms (the launcher's)",
+            ms.len(),
+            ms.iter().sum::<f64>() / ms.len().max(1) as f64
+        );
+    }
     match outcome {
+        Ok(()) if !kills.is_empty() => {
+            eprintln!(
+                "pslab local: the job completed after {:.1} s, with {} killed on purpose; every other process exited cleanly",
+                started.elapsed().as_secs_f64(),
+                kills.iter().filter_map(|k| k["name"].as_str()).collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
         Ok(()) => {
             eprintln!("pslab local: every process exited cleanly after {:.1} s", started.elapsed().as_secs_f64());
             Ok(())
@@ -570,8 +619,14 @@ fn main() {
     // the processes `local` and `bench` start run the same transport
     netopts.export_env();
     let r = match cli.cmd {
-        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose, png } => net::preflight(&netopts)
-            .and_then(|()| run_local(servers, shards, workers, app, params, !no_pin, verbose, png)),
+        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose, png, copies, kill } => {
+            net::preflight(&netopts).and_then(|()| {
+                let params = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
+                let spec =
+                    local::ClusterSpec { servers, shards, workers, app, params, pin: !no_pin, copies, kills: kill };
+                run_local(spec, verbose, png)
+            })
+        }
         cmd @ Cmd::Node { .. } => {
             watch_parent();
             run_node(cmd, &netopts).map(|msg| tracing::info!("{msg}"))
@@ -638,6 +693,7 @@ fn main() {
             params,
             no_pin,
             verbose,
+            copies,
         } => {
             serde_json::from_str::<serde_json::Value>(&params)
                 .map_err(|e| format!("--params is not JSON: {e}"))
@@ -661,7 +717,17 @@ fn main() {
                         p[k] = v.clone();
                     }
                     net::preflight(&netopts)?;
-                    run_local(servers, 1, workers, "lr".into(), p.to_string(), !no_pin, verbose, png)
+                    let spec = local::ClusterSpec {
+                        servers,
+                        shards: 1,
+                        workers,
+                        app: "lr".into(),
+                        params: p,
+                        pin: !no_pin,
+                        copies,
+                        kills: Vec::new(),
+                    };
+                    run_local(spec, verbose, png)
                 })
         }
         Cmd::Prepare { dataset: _, dir } => data::clothing::run(&dir),

@@ -190,6 +190,13 @@ fn tcp_of(t: &mut NodeTransport) -> &mut TcpTransport {
     t
 }
 
+/// Connects a copy of a replicated shard to the next copy of its chain:
+/// authenticated TCP whatever the data transport (the forwarded frames are
+/// what the shard thread wrote, and go as frames).
+pub fn connect_copy(t: &mut NodeTransport, addr: SocketAddr) -> Result<PeerId, String> {
+    tcp_of(t).connect(addr, Duration::from_secs(1)).map_err(|e| e.to_string())
+}
+
 /// Connects a worker to one shard (authenticated TCP), then moves it to RDMA
 /// where the settings and both ends allow. Returns the peer and how it is served.
 pub fn connect_shard(t: &mut NodeTransport, addr: SocketAddr, net: &NetOpts) -> Result<(PeerId, String), String> {

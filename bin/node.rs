@@ -3,12 +3,13 @@
 //! launchers start; everything I/O lives here, the logic in ps-core.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use ps_core::auth::JobSecret;
+use ps_core::chain::ChainCore;
 use ps_core::client::{Clock, Worker};
 use ps_core::control::{send_control, ClusterView, Control, JobSpec, Role};
 use ps_core::kernels::Kernels;
@@ -116,12 +117,54 @@ pub enum Notice {
     Abort(String),
 }
 
+/// The newest view the manager published (`Control::View`), shared by a
+/// node's threads: the control thread sets it and wakes the shard threads,
+/// which act on it between bursts; a worker's reconnections read it.
+pub struct ViewBoard {
+    epoch: AtomicU64,
+    view: Mutex<ClusterView>,
+    wakers: Mutex<Vec<Arc<mio::Waker>>>,
+}
+
+impl ViewBoard {
+    pub fn new(view: ClusterView) -> Arc<Self> {
+        Arc::new(Self { epoch: AtomicU64::new(view.epoch), view: Mutex::new(view), wakers: Mutex::new(Vec::new()) })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn get(&self) -> ClusterView {
+        self.view.lock().expect("view lock").clone()
+    }
+
+    /// Takes `view` if it is newer, and wakes every registered thread.
+    pub fn set(&self, view: ClusterView) {
+        let mut v = self.view.lock().expect("view lock");
+        if view.epoch <= v.epoch {
+            return;
+        }
+        self.epoch.store(view.epoch, Ordering::Release);
+        *v = view;
+        drop(v);
+        for w in self.wakers.lock().expect("wakers lock").iter() {
+            let _ = w.wake();
+        }
+    }
+
+    pub fn add_waker(&self, w: Arc<mio::Waker>) {
+        self.wakers.lock().expect("wakers lock").push(w);
+    }
+}
+
 /// A node's link to the manager: registration, then a thread that sends
 /// heartbeats and relays barriers and the end of the job.
 pub struct ControlLink {
     to_thread: Sender<Control>,
     notices: Receiver<Notice>,
     thread: Option<std::thread::JoinHandle<()>>,
+    board: Arc<ViewBoard>,
 }
 
 impl ControlLink {
@@ -180,15 +223,27 @@ impl ControlLink {
         };
         let (to_thread, from_main) = bounded::<Control>(64);
         let (notify, notices) = bounded::<Notice>(64);
+        let board = ViewBoard::new(view.clone());
+        let thread_board = board.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || control_loop(t, peer, from_main, notify))
+            .spawn(move || control_loop(t, peer, from_main, notify, thread_board))
             .map_err(|e| e.to_string())?;
-        Ok((rank, view, ControlLink { to_thread, notices, thread: Some(thread) }))
+        Ok((rank, view, ControlLink { to_thread, notices, thread: Some(thread), board }))
     }
 
     pub fn notices(&self) -> &Receiver<Notice> {
         &self.notices
+    }
+
+    /// The newest view the manager published.
+    pub fn board(&self) -> &Arc<ViewBoard> {
+        &self.board
+    }
+
+    /// Sends a control message to the manager.
+    pub fn send(&self, msg: Control) -> Result<(), String> {
+        self.to_thread.send(msg).map_err(|_| "control link is gone".to_string())
     }
 
     /// Blocks until every worker reached barrier `name`.
@@ -238,7 +293,13 @@ fn decode_control(frame: &[u8]) -> Result<Control, String> {
     }
 }
 
-fn control_loop(mut t: TcpTransport, peer: PeerId, from_main: Receiver<Control>, notify: Sender<Notice>) {
+fn control_loop(
+    mut t: TcpTransport,
+    peer: PeerId,
+    from_main: Receiver<Control>,
+    notify: Sender<Notice>,
+    board: Arc<ViewBoard>,
+) {
     let mut rx = Vec::new();
     let mut events = Vec::new();
     let interval = Duration::from_millis(ps_core::limits::HEARTBEAT_INTERVAL_MS);
@@ -277,6 +338,16 @@ fn control_loop(mut t: TcpTransport, peer: PeerId, from_main: Receiver<Control>,
                     tracing::error!("job aborted by the manager: {reason}");
                     eprintln!("error: job aborted: {reason}");
                     std::process::exit(1);
+                }
+                Ok(Control::View { view }) => {
+                    tracing::debug!(
+                        "view {}: dead servers {:?}, dead workers {:?}",
+                        view.epoch,
+                        view.dead_servers,
+                        view.dead_workers
+                    );
+                    board.set(view);
+                    continue;
                 }
                 Ok(other) => {
                     tracing::debug!("ignoring {other:?}");
@@ -385,19 +456,29 @@ pub fn run_server(
     netopts: &NetOpts,
 ) -> Result<String, String> {
     let shards = opts.shards.max(1);
-    let mut transports = Vec::with_capacity(shards);
-    let mut ports = Vec::with_capacity(shards);
-    for h in 0..shards {
+    let listen = |h: usize, what: &str| -> Result<TcpTransport, String> {
         let port = if opts.port_base == 0 { 0 } else { opts.port_base + h as u16 };
         let addr = resolve(&format!("{}:{port}", opts.host))?;
         let cfg = TcpConfig::new(secret.clone(), PeerHello { role: Role::Server as u8, node: h as u32 }, false);
-        let t = TcpTransport::listen(cfg, addr).map_err(|e| format!("shard {h} cannot listen on {addr}: {e}"))?;
+        TcpTransport::listen(cfg, addr).map_err(|e| format!("{what} cannot listen on {addr}: {e}"))
+    };
+    let mut transports = Vec::with_capacity(shards);
+    let mut ports = Vec::with_capacity(shards);
+    for h in 0..shards {
+        let t = listen(h, &format!("shard {h}"))?;
         ports.push(t.local_addr().expect("listening").port());
         transports.push(t);
     }
     let transports = net::server_transports(transports, netopts)?;
-    let (rank, view, link) =
-        ControlLink::register(secret, manager, Role::Server, &opts.host, ports.clone(), opts.rank, Default::default())?;
+    let (rank, view, link) = ControlLink::register(
+        secret.clone(),
+        manager,
+        Role::Server,
+        &opts.host,
+        ports.clone(),
+        opts.rank,
+        Default::default(),
+    )?;
     let kernels = kernels_from_env()?;
     // servers sharing a machine (`pslab local`) start at different cores
     let placement: Vec<Option<usize>> = if opts.pin {
@@ -419,29 +500,61 @@ pub fn run_server(
         kernels.isa,
         placement.iter().map(|c| c.map_or("-".to_string(), |c| c.to_string())).collect::<Vec<_>>()
     );
+    // a replicated job: this server also holds copies of the shards of the
+    // servers before it in the ring (chain replication), each a thread of its
+    // own on its shard's core, listening on a port of its own
+    let copies = view.copies() as usize;
+    let nr_servers = view.servers.len() as u32;
+    let mut units: Vec<(Owner, usize, String)> =
+        (0..shards).map(|h| (Owner { server: rank, shard: h as u32 }, h, format!("shard-{h}"))).collect();
+    let mut copy_tcps = Vec::new();
+    let mut copy_ports = Vec::new();
+    for i in 1..copies {
+        for h in 0..shards {
+            let owner = Owner { server: (rank + nr_servers - i as u32) % nr_servers, shard: h as u32 };
+            let port_at = if opts.port_base == 0 { 0 } else { i * shards + h };
+            let t = listen(port_at, &format!("copy {i} of shard {h}"))?;
+            copy_ports.push(t.local_addr().expect("listening").port());
+            copy_tcps.push(t);
+            units.push((owner, h, format!("copy-{}.{h}", owner.server)));
+        }
+    }
+    let mut all = transports;
+    all.extend(net::server_transports(copy_tcps, netopts)?);
+    if copies > 1 {
+        tracing::info!(
+            "server {rank}: {copies} copies of every shard; holds those of servers {:?} on ports {copy_ports:?}",
+            (1..copies).map(|i| (rank + nr_servers - i as u32) % nr_servers).collect::<Vec<_>>()
+        );
+        link.send(Control::Copies { ports: copy_ports })?;
+    }
+    let board = link.board().clone();
     let stop = Arc::new(AtomicBool::new(false));
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
-    for (h, mut t) in transports.into_iter().enumerate() {
+    for ((owner, h, name), mut t) in units.into_iter().zip(all) {
         t.set_limits(view.job.limits);
-        wakers.push(net::waker_of(&mut t).map_err(|e| e.to_string())?);
-        let mut core =
-            ShardCore::new(&view, Owner { server: rank, shard: h as u32 }, &RuleRegistry::default(), kernels)?;
+        let waker = net::waker_of(&mut t).map_err(|e| e.to_string())?;
+        board.add_waker(waker.clone());
+        wakers.push(waker);
+        let mut core = ShardCore::new(&view, owner, &RuleRegistry::default(), kernels)?;
         resume(&mut core)?;
         net::export_slabs(&mut t, &core)?;
-        let stop = stop.clone();
+        let chain = ChainCore::new(core, rank, view.chain(owner));
+        let (stop, board) = (stop.clone(), board.clone());
         let cpu = placement[h];
-        threads.push(
+        threads.push((
+            name.clone(),
             std::thread::Builder::new()
-                .name(format!("shard-{h}"))
+                .name(name)
                 .spawn(move || {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
                     }
-                    shard_loop(core, t, &stop)
+                    shard_loop(chain, t, &stop, &board)
                 })
                 .map_err(|e| e.to_string())?,
-        );
+        ));
     }
     let outcome = loop {
         match link.notices().recv() {
@@ -456,18 +569,26 @@ pub fn run_server(
         let _ = w.wake();
     }
     let mut lines = Vec::new();
-    for (h, th) in threads.into_iter().enumerate() {
+    for (name, th) in threads {
         match th.join() {
-            Ok(s) => {
+            Ok((s, c)) => {
                 if s.held_refused > 0 {
                     tracing::error!(
-                        "server {rank} shard {h}: {} acknowledged pushes to sequential tables could not be merged \
+                        "server {rank} {name}: {} acknowledged pushes to sequential tables could not be merged \
                          at the end of their clock (a sparse slab is full: give the table more room)",
                         s.held_refused
                     );
                 }
+                let chain = if copies > 1 {
+                    format!(
+                        "; chain: {} forwarded, {} sent again to a new downstream, {} skipped as applied already",
+                        c.forwarded, c.replayed, c.skipped
+                    )
+                } else {
+                    String::new()
+                };
                 lines.push(format!(
-                    "shard {h}: {} push frames, {} pull frames, {:.1} MB in, {:.1} MB out, {} refused",
+                    "{name}: {} push frames, {} pull frames, {:.1} MB in, {:.1} MB out, {} refused{chain}",
                     s.push_frames,
                     s.pull_frames,
                     s.bytes_in as f64 / 1e6,
@@ -475,7 +596,7 @@ pub fn run_server(
                     s.errors_sent
                 ))
             }
-            Err(_) => lines.push(format!("shard {h}: thread panicked")),
+            Err(_) => lines.push(format!("{name}: thread panicked")),
         }
     }
     for l in &lines {
@@ -485,15 +606,55 @@ pub fn run_server(
     outcome.map(|r| format!("server {rank} stopped: {r}"))
 }
 
-fn shard_loop(mut core: ShardCore, mut t: NodeTransport, stop: &AtomicBool) -> ps_core::shard::ShardStats {
+/// How long a copy waits before trying its downstream link again.
+const LINK_RETRY: Duration = Duration::from_millis(50);
+
+fn shard_loop(
+    mut chain: ChainCore,
+    mut t: NodeTransport,
+    stop: &AtomicBool,
+    board: &ViewBoard,
+) -> (ps_core::shard::ShardStats, ps_core::chain::ChainStats) {
     let mut rx = Vec::with_capacity(64);
     let mut events = Vec::new();
+    let o = chain.owner();
+    let me = format!("copy of shard ({}, {})", o.server, o.shard);
     // fault injection for the tests: a slow shard (credit exhaustion, back-pressure)
     let delay =
         std::env::var("PS_TEST_SHARD_DELAY_US").ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_micros);
+    let mut seen_epoch = 0u64;
+    let mut link_at = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        if let Err(e) = t.rx_burst(&mut rx, Some(Duration::from_millis(200))) {
-            tracing::error!("shard {}: {e}", core.owner().shard);
+        if board.epoch() != seen_epoch {
+            let v = board.get();
+            seen_epoch = v.epoch;
+            let dead = v.dead_servers.iter().copied().collect();
+            let dead_workers = v.dead_workers.iter().copied().collect();
+            for p in chain.set_view(&dead, &dead_workers, &mut t) {
+                t.close(p, "that copy is gone from the chain");
+            }
+        }
+        if let (Some(server), true) = (chain.link_wanted(), Instant::now() >= link_at) {
+            let v = board.get();
+            let addr = v.copy_port(o, server).map(|port| format!("{}:{port}", v.servers[server as usize].host));
+            let r = addr.ok_or_else(|| "its port is not known yet".to_string()).and_then(|a| {
+                let peer = net::connect_copy(&mut t, resolve(&a)?)?;
+                chain.linked(peer, server, &mut t).map_err(|e| {
+                    t.close(peer, "the view moved on");
+                    e.to_string()
+                })
+            });
+            if let Err(e) = r {
+                tracing::debug!("{me}: no link to server {server} yet: {e}");
+                link_at = Instant::now() + LINK_RETRY;
+            }
+        }
+        for line in chain.drain_log() {
+            tracing::info!("{line}");
+        }
+        let wait = if chain.link_wanted().is_some() { 20 } else { 200 };
+        if let Err(e) = t.rx_burst(&mut rx, Some(Duration::from_millis(wait))) {
+            tracing::error!("{me}: {e}");
             break;
         }
         for f in rx.drain(..) {
@@ -501,43 +662,41 @@ fn shard_loop(mut core: ShardCore, mut t: NodeTransport, stop: &AtomicBool) -> p
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
-            let r = core.handle(peer, f.bytes(), &mut t);
+            let r = chain.handle(peer, f.bytes(), &mut t);
             t.release(f);
             if let Err(e) = r {
                 t.close(peer, &e.to_string());
             }
             // a clock frame may have released parked pulls whose peers are gone
-            for (p, e) in core.take_failed() {
+            for (p, e) in chain.take_failed() {
                 t.close(p, &e.to_string());
             }
         }
-        if let Some(label) = core.checkpoint_due() {
-            let r = write_checkpoint(&core, label);
+        if let Some(label) = chain.checkpoint_due() {
+            let r = write_checkpoint(chain.core(), label);
             if let Err(e) = &r {
-                tracing::error!("shard {}: checkpoint {label}: {e}", core.owner().shard);
+                tracing::error!("{me}: checkpoint {label}: {e}");
             }
-            core.checkpoint_written(&mut t, r);
+            chain.checkpoint_written(&mut t, r);
         }
         let _ = t.flush();
         t.events(&mut events);
         for e in events.drain(..) {
             match e {
-                PeerEvent::Opened { peer, hello } => {
-                    tracing::debug!("shard {}: {peer:?} joined as {hello:?}", core.owner().shard)
-                }
+                PeerEvent::Opened { peer, hello } => tracing::debug!("{me}: {peer:?} joined as {hello:?}"),
                 PeerEvent::Closed { peer, reason } => {
-                    tracing::debug!("shard {}: {peer:?} left: {reason}", core.owner().shard);
-                    core.on_closed(peer);
+                    tracing::debug!("{me}: {peer:?} left: {reason}");
+                    chain.on_closed(peer);
                 }
             }
         }
     }
     if let Some(line) = net::stats_line(&t) {
-        tracing::info!("shard {} {line}", core.owner().shard);
+        tracing::info!("{me} {line}");
     }
     // the transport (and the RDMA registration of the slabs) goes before the slabs
     drop(t);
-    core.stats()
+    (chain.core().stats(), chain.stats())
 }
 
 // ------------------------------------------------------------------ worker
@@ -580,10 +739,11 @@ pub fn connect_client(secret: JobSecret, view: &ClusterView, node: u32, netopts:
     let mut modes = std::collections::BTreeMap::<String, usize>::new();
     for s in &view.servers {
         let mut row = Vec::new();
-        for &port in &s.ports {
-            let addr = resolve(&format!("{}:{port}", s.host))?;
+        for h in 0..s.ports.len() {
+            let owner = Owner { server: s.rank, shard: h as u32 };
+            let addr = head_addr(view, owner)?;
             let (peer, mode) = net::connect_shard(&mut t, addr, netopts)
-                .map_err(|e| format!("server {} shard port {port}: {e}", s.rank))?;
+                .map_err(|e| format!("server {} shard {h} at {addr}: {e}", s.rank))?;
             *modes.entry(mode).or_default() += 1;
             row.push(peer);
         }
@@ -593,6 +753,45 @@ pub fn connect_client(secret: JobSecret, view: &ClusterView, node: u32, netopts:
     tracing::info!("client {node}: transport: {}", modes.join(", "));
     let core = WorkerCore::new(&view.job.tables, ring, peers, view.job.limits);
     Ok(Worker::new(core, t, StdClock(Instant::now()), Duration::from_secs(120)))
+}
+
+/// Where the copy of `owner` that is the head of its chain now listens.
+fn head_addr(view: &ClusterView, owner: Owner) -> Result<SocketAddr, String> {
+    let head =
+        view.head(owner).ok_or_else(|| format!("every copy of shard ({}, {}) is gone", owner.server, owner.shard))?;
+    let port = view.copy_port(owner, head).ok_or_else(|| {
+        format!("server {head} has not said where its copy of shard ({}, {}) is", owner.server, owner.shard)
+    })?;
+    resolve(&format!("{}:{port}", view.servers[head as usize].host))
+}
+
+/// Failover for a replicated job's worker (`--copies` above 1): a lost
+/// connection is replaced by one to the head the manager's newest view names,
+/// and each failover is reported (`@failover`: which shard, where to, and the
+/// time from noticing the loss to the new head's first answer).
+pub fn enable_failover(ps: &mut PsWorker, rank: u32, board: Arc<ViewBoard>, netopts: &NetOpts) -> Result<(), String> {
+    let net = netopts.clone();
+    let reconnect_board = board.clone();
+    let reconnect = Box::new(move |t: &mut NodeTransport, owner: Owner| {
+        let view = reconnect_board.get();
+        let addr = head_addr(&view, owner)?;
+        net::connect_shard(t, addr, &net).map(|(peer, _)| peer)
+    });
+    let on_failover = Box::new(move |owner: Owner, took: Duration| {
+        let view = board.get();
+        let head = view.head(owner).unwrap_or(owner.server);
+        tracing::info!(
+            "worker {rank}: shard ({}, {}) failed over to server {head}: {:.0} ms from the lost connection to its first answer",
+            owner.server,
+            owner.shard,
+            took.as_secs_f64() * 1e3
+        );
+        println!(
+            "@failover {}",
+            serde_json::json!({"worker": rank, "server": owner.server, "shard": owner.shard, "to": head, "ms": took.as_secs_f64() * 1e3})
+        );
+    });
+    ps.enable_failover(rank, reconnect, on_failover).map_err(|e| e.to_string())
 }
 
 pub fn run_worker(
@@ -616,6 +815,9 @@ pub fn run_worker(
     }
     let mut ps = connect_client(secret, &view, rank, netopts)?;
     ps.core_mut().set_rank(rank);
+    if view.copies() > 1 {
+        enable_failover(&mut ps, rank, link.board().clone(), netopts)?;
+    }
     let app = view.job.app.clone();
     let mut ctx = WorkerCtx { rank, view, ps, link };
     let result = crate::apps::run(&app, &mut ctx);

@@ -16,8 +16,9 @@ use crate::node::WorkerCtx;
 
 pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp", "mf", "lr"];
 
-/// The job spec for `app` with `params` (a JSON object; missing fields take defaults).
-pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<JobSpec, String> {
+/// The job spec for `app` with `params` (a JSON object; missing fields take
+/// defaults), its shards in `copies` copies.
+pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32, copies: u32) -> Result<JobSpec, String> {
     let partitions = (ps_core::limits::RING_PARTITIONS).max((64 * servers).next_power_of_two());
     let (tables, params) = match app {
         "train-lr" => train_lr::tables(params)?,
@@ -29,7 +30,7 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32) -> Result<J
         "lr" => lr::tables(params)?,
         other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
     };
-    let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions };
+    let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions, copies };
     spec.validate()?;
     Ok(spec)
 }

@@ -166,6 +166,15 @@ impl Cache {
         }
     }
 
+    /// Flat owner `owner` is served by another copy now (failover): that copy
+    /// knows nothing of what this worker read, so its refreshes do not vouch
+    /// for the rows read before; each is as fresh as its own stamp.
+    pub fn owner_moved(&mut self, owner: usize) {
+        for r in self.rows.values_mut().filter(|r| r.owner as usize == owner) {
+            r.behind = true;
+        }
+    }
+
     /// My push of `vals` to `keys`: added into the cached rows, and the rows
     /// held against overwrites until `pushed` says it was acknowledged.
     pub fn push(&mut self, keys: impl Iterator<Item = Key>, vals: &[f32]) {

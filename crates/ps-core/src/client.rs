@@ -18,13 +18,33 @@ use std::time::Duration;
 
 use crate::error::PsError;
 use crate::keys::{Key, TableId};
-use crate::transport::{PeerEvent, RxFrame, Transport};
+use crate::ring::Owner;
+use crate::transport::{PeerEvent, PeerId, RxFrame, Transport};
 use crate::wire::Kind;
 use crate::worker::{Keys, Timestamp, WorkerCore};
 
 /// Monotonic time since some origin, handed in so tests can run on simulated time.
 pub trait Clock {
     fn now(&self) -> Duration;
+}
+
+/// Connects to the copy that serves `owner` now (failover, `chain`): the
+/// node hands it in, with the manager's latest view behind it.
+pub type Reconnect<T> = Box<dyn FnMut(&mut T, Owner) -> Result<PeerId, String>>;
+
+/// Told of each failover once the new connection answered: the owner, and
+/// the time from noticing the lost connection to that first answer.
+pub type OnFailover = Box<dyn FnMut(Owner, Duration)>;
+
+/// How long a worker waits before trying a lost owner again.
+const RECONNECT_RETRY: Duration = Duration::from_millis(20);
+
+struct Failover<T> {
+    reconnect: Reconnect<T>,
+    on_failover: OnFailover,
+    /// owner -> when its connection was found lost, and when to try next
+    lost_since: std::collections::HashMap<Owner, Duration>,
+    retry_at: std::collections::HashMap<Owner, Duration>,
 }
 
 pub struct Worker<T: Transport, C: Clock> {
@@ -34,6 +54,7 @@ pub struct Worker<T: Transport, C: Clock> {
     rx: Vec<T::Rx>,
     events: Vec<PeerEvent>,
     op_timeout: Duration,
+    failover: Option<Failover<T>>,
 }
 
 impl<T: Transport, C: Clock> std::fmt::Debug for Worker<T, C> {
@@ -44,7 +65,51 @@ impl<T: Transport, C: Clock> std::fmt::Debug for Worker<T, C> {
 
 impl<T: Transport, C: Clock> Worker<T, C> {
     pub fn new(core: WorkerCore, transport: T, clock: C, op_timeout: Duration) -> Self {
-        Self { core, transport, clock, rx: Vec::with_capacity(64), events: Vec::new(), op_timeout }
+        Self { core, transport, clock, rx: Vec::with_capacity(64), events: Vec::new(), op_timeout, failover: None }
+    }
+
+    /// Turns on failover (a replicated job): binds to every shard as
+    /// `origin`, and from now on a lost connection is replaced through
+    /// `reconnect` while the operations in flight wait.
+    pub fn enable_failover(
+        &mut self,
+        origin: u32,
+        reconnect: Reconnect<T>,
+        on_failover: OnFailover,
+    ) -> Result<(), PsError> {
+        self.core.enable_failover(&mut self.transport, origin)?;
+        self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;
+        self.failover =
+            Some(Failover { reconnect, on_failover, lost_since: Default::default(), retry_at: Default::default() });
+        Ok(())
+    }
+
+    /// Connects lost owners to their new heads, and reports failovers done.
+    fn fail_over(&mut self) -> Result<(), PsError> {
+        let Some(f) = self.failover.as_mut() else { return Ok(()) };
+        let now = self.clock.now();
+        for o in self.core.lost_owners() {
+            f.lost_since.entry(o).or_insert(now);
+            if f.retry_at.get(&o).is_some_and(|&t| now < t) {
+                continue;
+            }
+            match (f.reconnect)(&mut self.transport, o) {
+                Ok(peer) => {
+                    f.retry_at.remove(&o);
+                    self.core.rebind(o, peer, &mut self.transport)?;
+                }
+                // not reachable yet (the manager has not named the new head): again shortly
+                Err(_) => {
+                    f.retry_at.insert(o, now + RECONNECT_RETRY);
+                }
+            }
+        }
+        for o in self.core.take_resumed() {
+            if let Some(since) = f.lost_since.remove(&o) {
+                (f.on_failover)(o, now.saturating_sub(since));
+            }
+        }
+        Ok(())
     }
 
     pub fn core(&self) -> &WorkerCore {
@@ -168,7 +233,8 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             if self.core.is_done(ts)? {
                 return Ok(());
             }
-            self.poll_once(Some(Duration::from_millis(50)))?;
+            let wait = if self.core.lost_owners().is_empty() { 50 } else { 5 };
+            self.poll_once(Some(Duration::from_millis(wait)))?;
             if self.clock.now().saturating_sub(start) > self.op_timeout {
                 return Err(PsError::Timeout(self.op_timeout));
             }
@@ -194,6 +260,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 self.core.on_closed(peer, &reason);
             }
         }
+        self.fail_over()?;
         // operations waiting on what just finished go out now
         self.core.pump(&mut self.transport);
         self.transport.flush().map_err(|e| PsError::Transport(e.to_string()))?;

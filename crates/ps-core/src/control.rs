@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::TableSpec;
 use crate::limits::WireLimits;
-use crate::ring::{Ring, RingError, RingServer};
+use crate::ring::{Owner, Ring, RingError, RingServer};
 
 /// A node's role. The handshake carries it as a byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,6 +52,14 @@ pub struct JobSpec {
     pub limits: WireLimits,
     /// Ring partitions (virtual nodes, all servers together): a power of two.
     pub partitions: u32,
+    /// Copies of every shard's key ranges, chained over consecutive servers
+    /// (`chain`): 1 is no replication; at most the number of servers count.
+    #[serde(default = "one")]
+    pub copies: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl JobSpec {
@@ -62,6 +70,9 @@ impl JobSpec {
             if !ids.insert(t.id) {
                 return Err(format!("table id {:?} is defined twice", t.id));
             }
+        }
+        if self.copies == 0 || self.copies > crate::limits::COPIES_MAX {
+            return Err(format!("copies must be 1..={}, not {}", crate::limits::COPIES_MAX, self.copies));
         }
         self.limits.validate()
     }
@@ -74,6 +85,12 @@ pub struct ServerInfo {
     /// One listening port per shard.
     pub ports: Vec<u16>,
     pub pid: u32,
+    /// In a replicated job, the ports of the copies this server holds of
+    /// other servers' shards: the copy `i` places down the chain of shard
+    /// `h` (`i` in 1..copies) at `(i - 1) * shards + h`. Reported after the
+    /// welcome (`Control::Copies`); empty until then.
+    #[serde(default)]
+    pub copy_ports: Vec<u16>,
 }
 
 /// Everything a node needs to take part: handed out once all nodes registered.
@@ -82,9 +99,65 @@ pub struct ClusterView {
     pub job: JobSpec,
     pub servers: Vec<ServerInfo>,
     pub workers: u32,
+    /// Moves on with every change the manager publishes (`Control::View`).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Servers and workers the manager found dead: their chains go on
+    /// without them, their clocks hold nobody back.
+    #[serde(default)]
+    pub dead_servers: Vec<u32>,
+    #[serde(default)]
+    pub dead_workers: Vec<u32>,
+}
+
+impl ServerInfo {
+    pub fn new(rank: u32, host: &str, ports: Vec<u16>, pid: u32) -> Self {
+        Self { rank, host: host.to_string(), ports, pid, copy_ports: Vec::new() }
+    }
 }
 
 impl ClusterView {
+    /// The first view of a job: nobody lost, copies not reported yet.
+    pub fn new(job: JobSpec, servers: Vec<ServerInfo>, workers: u32) -> Self {
+        Self { job, servers, workers, epoch: 0, dead_servers: Vec::new(), dead_workers: Vec::new() }
+    }
+
+    /// Copies of each shard in this job (the spec's, at most one per server).
+    pub fn copies(&self) -> u32 {
+        self.job.copies.clamp(1, self.servers.len().max(1) as u32)
+    }
+
+    /// The servers holding copies of `owner`, head first.
+    pub fn chain(&self, owner: Owner) -> Vec<u32> {
+        crate::chain::chain_of(owner, self.servers.len() as u32, self.copies())
+    }
+
+    /// The server whose copy of `owner` is the head now (`None`: every copy is gone).
+    pub fn head(&self, owner: Owner) -> Option<u32> {
+        self.chain(owner).into_iter().find(|s| !self.dead_servers.contains(s))
+    }
+
+    /// Where `server` listens for its copy of `owner` (`None`: it holds none,
+    /// or has not reported its copies yet).
+    pub fn copy_port(&self, owner: Owner, server: u32) -> Option<u16> {
+        let n = self.servers.len() as u32;
+        let s = self.servers.get(server as usize)?;
+        let i = (server + n - owner.server % n.max(1)) % n.max(1);
+        if i >= self.copies() {
+            return None;
+        }
+        if i == 0 {
+            return s.ports.get(owner.shard as usize).copied();
+        }
+        s.copy_ports.get(((i - 1) as usize) * s.ports.len() + owner.shard as usize).copied()
+    }
+
+    /// Whether every server has reported the ports of its copies.
+    pub fn copies_reported(&self) -> bool {
+        self.copies() == 1
+            || self.servers.iter().all(|s| s.copy_ports.len() == (self.copies() as usize - 1) * s.ports.len())
+    }
+
     pub fn ring(&self) -> Result<Ring, RingError> {
         let servers: Vec<RingServer> =
             self.servers.iter().map(|s| RingServer { id: s.rank, nr_shards: s.ports.len() as u32 }).collect();
@@ -120,6 +193,12 @@ pub enum Control {
     Shutdown { reason: String },
     /// manager -> all: stop now, the job failed.
     Abort { reason: String },
+    /// server -> manager, after its welcome in a replicated job: the ports of
+    /// the copies it holds (`ServerInfo::copy_ports`).
+    Copies { ports: Vec<u16> },
+    /// manager -> all: the view changed (copies reported, a server or a
+    /// worker lost); nodes act on the newest epoch.
+    View { view: ClusterView },
 }
 
 impl Control {

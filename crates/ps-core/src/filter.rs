@@ -289,6 +289,12 @@ pub fn has_codecs(specs: &[FilterSpec]) -> bool {
 }
 
 impl Encoder {
+    /// A connection closed: the key lists it was sent are gone with the
+    /// shard's side of it, so the next frames send them whole again.
+    pub fn forget(&mut self, peer: PeerId) {
+        self.sent.retain(|(p, _), _| *p != peer);
+    }
+
     /// Encodes the plain frame `plain` (a Push, Pull or PushPull of `table`
     /// for `peer`, values `dim` per key) by `specs`. `lossy` false sends
     /// values exactly (a flush of residuals).

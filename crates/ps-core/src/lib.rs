@@ -40,6 +40,7 @@ compile_error!("the wire format and slab layout assume a little-endian host");
 
 pub mod auth;
 pub mod cache;
+pub mod chain;
 pub mod checkpoint;
 pub mod client;
 pub mod clock;

@@ -81,6 +81,16 @@ pub const ESSP_SUBSCRIBED_KEYS_MAX: usize = 4 << 20;
 /// Operations a worker may have in flight before `push`/`pull` refuse.
 pub const OPS_IN_FLIGHT_MAX: usize = 1024;
 
+/// Bytes a copy of a replicated shard keeps forwarded but not yet
+/// acknowledged by the next copy (`chain`): what it sends again to a new
+/// downstream. Beyond it a client's push is refused (its connection dropped;
+/// it binds again and sends it again), so a stalled downstream cannot take a
+/// server's memory.
+pub const CHAIN_LOG_BYTES_MAX: usize = 512 << 20;
+
+/// Copies of each shard's key ranges in a replicated job, at most.
+pub const COPIES_MAX: u32 = 8;
+
 /// Default ring partitions (virtual nodes, all servers together). A power of two.
 pub const RING_PARTITIONS: u32 = 1024;
 
@@ -112,6 +122,11 @@ const _: () = {
     assert!(FRAME_BYTES_MAX >= CHUNK_BYTES + 4096, "a full chunk plus its header must fit a frame");
     assert!(TX_QUEUE_BYTES_MAX >= 2 * FRAME_BYTES_MAX, "a sender must be able to queue one frame while another drains");
     assert!(CONTROL_BYTES_MAX <= FRAME_BYTES_MAX);
+    assert!(
+        CHUNK_BYTES + 2 * 4096 <= FRAME_BYTES_MAX,
+        "a request chunk wrapped in a Forward frame (chain replication) must fit a frame"
+    );
+    assert!(CHAIN_LOG_BYTES_MAX >= 4 * FRAME_BYTES_MAX, "a copy must be able to forward several frames ahead");
     assert!(RX_BUFFER_BYTES_MIN <= FRAME_BYTES_MAX);
     assert!(RING_PARTITIONS.is_power_of_two());
     assert!(BLOCK_BYTES.is_power_of_two() && BLOCK_BYTES >= 64);

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use crate::control::{send_control, ClusterView, Control, JobSpec, Role, ServerInfo};
+use crate::ring::Owner;
 use crate::transport::{FrameSink, PeerHello, PeerId};
 use crate::wire::{self, Frame};
 
@@ -72,6 +73,10 @@ pub struct ManagerCore {
     barriers: BTreeMap<String, BTreeSet<u32>>,
     outcome: Option<Result<String, String>>,
     log: Vec<String>,
+    /// the view handed out, kept up to date once the job runs
+    view: Option<ClusterView>,
+    /// what the job lost and went on without, for the summary
+    losses: Vec<String>,
 }
 
 impl ManagerCore {
@@ -88,6 +93,113 @@ impl ManagerCore {
             barriers: BTreeMap::new(),
             outcome: None,
             log: Vec::new(),
+            view: None,
+            losses: Vec::new(),
+        }
+    }
+
+    /// The current view (once every node registered).
+    pub fn view(&self) -> Option<&ClusterView> {
+        self.view.as_ref()
+    }
+
+    fn dead(&self, role: Role, rank: u32) -> bool {
+        let Some(v) = &self.view else { return false };
+        match role {
+            Role::Server => v.dead_servers.contains(&rank),
+            Role::Worker => v.dead_workers.contains(&rank),
+            Role::Manager => false,
+        }
+    }
+
+    fn live_workers(&self) -> u32 {
+        self.expect_workers - self.view.as_ref().map_or(0, |v| v.dead_workers.len() as u32)
+    }
+
+    fn publish(&mut self, tx: &mut dyn FrameSink) {
+        let Some(v) = self.view.as_mut() else { return };
+        v.epoch += 1;
+        let msg = Control::View { view: v.clone() };
+        self.broadcast(tx, &[Role::Server, Role::Worker], &msg);
+    }
+
+    /// Node `i` died (or went silent) while the job runs: a server is failed
+    /// over when every chain keeps a live copy, a worker is left behind (the
+    /// application decides what happens to its data); anything else aborts.
+    fn lose(&mut self, i: usize, why: String, now: Duration, tx: &mut dyn FrameSink) {
+        let (role, rank, peer, connected) = {
+            let n = &self.nodes[i];
+            (n.role, n.rank, n.peer, n.connected)
+        };
+        let who = self.nodes[i].describe();
+        if self.phase != Phase::Running || self.dead(role, rank) {
+            if !self.dead(role, rank) {
+                self.abort(tx, format!("{who} {why}"));
+            }
+            return;
+        }
+        let Some(v) = self.view.as_mut() else { return };
+        match role {
+            Role::Server if v.copies() > 1 => {
+                v.dead_servers.push(rank);
+                let orphan = (0..v.servers.len() as u32).find_map(|s| {
+                    let shards = v.servers[s as usize].ports.len() as u32;
+                    (0..shards).map(|h| Owner { server: s, shard: h }).find(|&o| v.head(o).is_none())
+                });
+                if let Some(o) = orphan {
+                    let reason = format!(
+                        "{who} {why}, and with it the last copy of server {} shard {}'s key ranges",
+                        o.server, o.shard
+                    );
+                    self.abort(tx, reason);
+                    return;
+                }
+                self.log.push(format!("{who} {why}: failing over to the next copies (view {})", v.epoch + 1));
+                self.losses.push(format!("{who} (failed over)"));
+            }
+            Role::Worker if v.dead_workers.len() + 1 < self.expect_workers as usize => {
+                v.dead_workers.push(rank);
+                self.log.push(format!("{who} {why}: the job goes on without it (view {})", v.epoch + 1));
+                self.losses.push(format!("{who} (left behind)"));
+            }
+            _ => {
+                self.abort(tx, format!("{who} {why}"));
+                return;
+            }
+        }
+        if connected {
+            // presumed dead but still there: it must not go on as if it were in the job
+            self.send(tx, peer, &Control::Abort { reason: format!("the manager presumed {who} dead: {why}") });
+        }
+        self.publish(tx);
+        self.release_barriers(tx);
+        self.check_done(now, tx);
+    }
+
+    /// Releases every barrier every live worker has reached.
+    fn release_barriers(&mut self, tx: &mut dyn FrameSink) {
+        let live: BTreeSet<u32> = (0..self.expect_workers).filter(|&w| !self.dead(Role::Worker, w)).collect();
+        let ready: Vec<String> =
+            self.barriers.iter().filter(|(_, set)| live.is_subset(set)).map(|(n, _)| n.clone()).collect();
+        for name in ready {
+            self.barriers.remove(&name);
+            self.broadcast(tx, &[Role::Worker], &Control::Released { name });
+        }
+    }
+
+    /// Every live worker is done: the servers are told to stop.
+    fn check_done(&mut self, now: Duration, tx: &mut dyn FrameSink) {
+        let done = self.nodes.iter().filter(|n| n.role == Role::Worker && n.done && !self.dead(Role::Worker, n.rank));
+        let all = done.count() as u32;
+        if all == self.live_workers() && self.phase == Phase::Running {
+            self.phase = Phase::Stopping;
+            self.phase_since = now;
+            self.log.push(format!("all {all} workers finished; stopping the servers"));
+            self.broadcast(
+                tx,
+                &[Role::Server, Role::Worker],
+                &Control::Shutdown { reason: "all workers finished".into() },
+            );
         }
     }
 
@@ -164,11 +276,25 @@ impl ManagerCore {
                     return Err("only workers take part in barriers".into());
                 }
                 let rank = node.rank;
-                let set = self.barriers.entry(name.clone()).or_default();
-                set.insert(rank);
-                if set.len() as u32 == self.expect_workers {
-                    self.barriers.remove(&name);
-                    self.broadcast(tx, &[Role::Worker], &Control::Released { name });
+                self.barriers.entry(name).or_default().insert(rank);
+                self.release_barriers(tx);
+                Ok(())
+            }
+            Control::Copies { ports } => {
+                let node = self.node_of(peer)?;
+                if node.role != Role::Server {
+                    return Err("only servers hold copies".into());
+                }
+                let rank = node.rank;
+                let Some(v) = self.view.as_mut() else { return Err("copies before the job started".into()) };
+                let want = (v.copies() as usize - 1) * v.servers[rank as usize].ports.len();
+                if ports.len() != want {
+                    return Err(format!("server {rank} reported {} copy ports, the job needs {want}", ports.len()));
+                }
+                v.servers[rank as usize].copy_ports = ports;
+                if v.copies_reported() {
+                    self.log.push(format!("every server reported its copies: {} copies of every shard", v.copies()));
+                    self.publish(tx);
                 }
                 Ok(())
             }
@@ -181,17 +307,7 @@ impl ManagerCore {
                     return Ok(());
                 }
                 self.log.push(format!("{who} finished: {message}"));
-                let all = self.nodes.iter().filter(|n| n.role == Role::Worker && n.done).count() as u32;
-                if all == self.expect_workers && self.phase == Phase::Running {
-                    self.phase = Phase::Stopping;
-                    self.phase_since = now;
-                    self.log.push(format!("all {all} workers finished; stopping the servers"));
-                    self.broadcast(
-                        tx,
-                        &[Role::Server, Role::Worker],
-                        &Control::Shutdown { reason: "all workers finished".into() },
-                    );
-                }
+                self.check_done(now, tx);
                 Ok(())
             }
             other => Err(format!("a node may not send {other:?}")),
@@ -259,10 +375,10 @@ impl ManagerCore {
             .nodes
             .iter()
             .filter(|n| n.role == Role::Server)
-            .map(|n| ServerInfo { rank: n.rank, host: n.host.clone(), ports: n.ports.clone(), pid: n.pid })
+            .map(|n| ServerInfo::new(n.rank, &n.host, n.ports.clone(), n.pid))
             .collect();
         servers.sort_by_key(|s| s.rank);
-        let view = ClusterView { job: self.job.clone(), servers, workers: self.expect_workers };
+        let view = ClusterView::new(self.job.clone(), servers, self.expect_workers);
         if let Err(e) = view.ring() {
             self.abort(tx, format!("cannot build the ring: {e}"));
             return;
@@ -277,6 +393,7 @@ impl ManagerCore {
             "all {} servers and {} workers registered; job running",
             self.expect_servers, self.expect_workers
         ));
+        self.view = Some(view);
     }
 
     /// A connection ended.
@@ -284,12 +401,12 @@ impl ManagerCore {
         let Some(&i) = self.by_peer.get(&peer) else { return };
         self.nodes[i].connected = false;
         let node = &self.nodes[i];
-        let who = node.describe();
         let expected = self.phase == Phase::Ended
             || (node.role == Role::Worker && node.done)
-            || (self.phase == Phase::Stopping && node.role == Role::Server);
+            || (self.phase == Phase::Stopping && node.role == Role::Server)
+            || self.dead(node.role, node.rank);
         if !expected {
-            self.abort(tx, format!("{who} disconnected: {reason}"));
+            self.lose(i, format!("disconnected: {reason}"), now, tx);
             return;
         }
         self.check_stopped(now);
@@ -298,8 +415,12 @@ impl ManagerCore {
     fn check_stopped(&mut self, _now: Duration) {
         if self.phase == Phase::Stopping && self.nodes.iter().all(|n| n.role != Role::Server || !n.connected) {
             self.phase = Phase::Ended;
-            self.outcome =
-                Some(Ok(format!("{} workers finished; {} servers stopped", self.expect_workers, self.expect_servers)));
+            let live = self.expect_servers - self.view.as_ref().map_or(0, |v| v.dead_servers.len() as u32);
+            let mut summary = format!("{} workers finished; {live} servers stopped", self.live_workers());
+            if !self.losses.is_empty() {
+                summary += &format!("; lost and gone on without: {}", self.losses.join(", "));
+            }
+            self.outcome = Some(Ok(summary));
         }
     }
 
@@ -318,18 +439,25 @@ impl ManagerCore {
                 self.abort(tx, reason);
             }
             Phase::Running | Phase::Registering => {
-                let silent = self
-                    .nodes
-                    .iter()
-                    .find(|n| n.connected && !n.done && now.saturating_sub(n.last_seen) > self.timeouts.heartbeat);
-                if let Some(n) = silent {
-                    let reason = format!(
-                        "{} sent nothing for {:.1} s (heartbeat timeout {:.1} s): presumed dead",
-                        n.describe(),
+                let silent = self.nodes.iter().position(|n| {
+                    n.connected
+                        && !n.done
+                        && !self.dead(n.role, n.rank)
+                        && now.saturating_sub(n.last_seen) > self.timeouts.heartbeat
+                });
+                if let Some(i) = silent {
+                    let n = &self.nodes[i];
+                    let why = format!(
+                        "sent nothing for {:.1} s (heartbeat timeout {:.1} s): presumed dead",
                         now.saturating_sub(n.last_seen).as_secs_f64(),
                         self.timeouts.heartbeat.as_secs_f64()
                     );
-                    self.abort(tx, reason);
+                    if self.phase == Phase::Registering {
+                        let reason = format!("{} {why}", n.describe());
+                        self.abort(tx, reason);
+                    } else {
+                        self.lose(i, why, now, tx);
+                    }
                 }
             }
             Phase::Stopping if now.saturating_sub(self.phase_since) > self.timeouts.stopping => {
@@ -375,6 +503,7 @@ mod tests {
             params: serde_json::Value::Null,
             limits: Default::default(),
             partitions: 256,
+            copies: 1,
         }
     }
 

@@ -338,6 +338,14 @@ impl ShardCore {
 
     /// `peer` is gone: its parked pulls and remembered key lists go too.
     pub fn on_closed(&mut self, peer: PeerId) {
+        self.forget_connection(peer);
+        self.peer_rank.remove(&peer);
+    }
+
+    /// What belongs to one connection of `peer` goes (parked pulls, key lists,
+    /// subscriptions, watches), but not the worker rank its clocks named: a
+    /// replicated shard keeps that for the worker's next connection (`chain`).
+    pub fn forget_connection(&mut self, peer: PeerId) {
         self.decoder.forget(peer);
         let mut freed = 0;
         self.parked.retain(|p| {
@@ -347,12 +355,39 @@ impl ShardCore {
             p.peer != peer
         });
         self.parked_bytes -= freed;
-        self.peer_rank.remove(&peer);
         for e in self.eager.values_mut() {
             e.readers.remove(&peer);
             e.overflowed.remove(&peer);
         }
         self.watching.retain(|(p, _)| *p != peer);
+    }
+
+    /// Undoes a table filter's coding of `frame` (a coded request from `peer`,
+    /// whose connection's key lists it updates): the plain frame a replicated
+    /// shard forwards to the next copy.
+    pub fn decode_coded(&mut self, peer: PeerId, frame: &[u8]) -> Result<Vec<u8>, ShardError> {
+        Ok(self.decoder.decode(peer, frame, self.body_max)?)
+    }
+
+    /// Worker `rank` is gone for good (the manager said so): its clock no
+    /// longer holds anyone back. Pushes held for the clocks the others have
+    /// finished are merged and the reads waiting for them served.
+    pub fn worker_lost(&mut self, rank: u32, tx: &mut dyn FrameSink) {
+        let Some(c) = self.clocks.get_mut(rank as usize) else { return };
+        if *c == u64::MAX {
+            return;
+        }
+        *c = u64::MAX;
+        for (_, board) in self.boards.values_mut() {
+            board.finish(rank as usize, board.space(), u64::MAX);
+        }
+        let least = self.clocks.iter().copied().min().unwrap_or(0);
+        if least > self.min_clock {
+            self.min_clock = least;
+            self.merge_held(tx);
+            self.refresh(tx);
+        }
+        self.release(tx);
     }
 
     /// Keys `peer` is subscribed to for refreshes of `table` (eager tables).
@@ -971,17 +1006,15 @@ mod tests {
 
     /// One shard owning everything of `tables`, in a job of two workers.
     fn shard_of(tables: Vec<TableSpec>) -> ShardCore {
-        let view = ClusterView {
-            job: JobSpec {
-                tables,
-                app: "test".into(),
-                params: serde_json::Value::Null,
-                limits: WireLimits::default(),
-                partitions: 64,
-            },
-            servers: vec![ServerInfo { rank: 0, host: "t".into(), ports: vec![0], pid: 0 }],
-            workers: 2,
+        let job = JobSpec {
+            tables,
+            app: "test".into(),
+            params: serde_json::Value::Null,
+            limits: WireLimits::default(),
+            partitions: 64,
+            copies: 1,
         };
+        let view = ClusterView::new(job, vec![ServerInfo::new(0, "t", vec![0], 0)], 2);
         ShardCore::new(&view, Owner { server: 0, shard: 0 }, &RuleRegistry::default(), Kernels::best()).unwrap()
     }
 

@@ -52,6 +52,13 @@ impl SimNet {
         }
     }
 
+    /// Drops every frame in flight from `from` to `to` (their connection closed).
+    pub fn clear(&mut self, from: usize, to: usize) {
+        if let Some((_, q)) = self.links.iter_mut().find(|(k, _)| *k == (from, to)) {
+            q.clear();
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.links.iter().map(|(_, q)| q.len()).sum()
     }
@@ -89,8 +96,8 @@ mod tests {
     const WORKERS: usize = 3;
 
     fn view() -> ClusterView {
-        ClusterView {
-            job: JobSpec {
+        ClusterView::new(
+            JobSpec {
                 tables: vec![
                     TableSpec::sparse(0, "sparse1", KeyRange::FULL, 1, RuleSpec::Sum),
                     TableSpec::dense(1, "dense8", KeyRange::new(0, 4096), 8, RuleSpec::Sum),
@@ -101,12 +108,11 @@ mod tests {
                 // small chunks so requests split into many frames
                 limits: WireLimits { chunk_bytes: 4096, frame_bytes_max: 8192, tx_queue_bytes_max: 1 << 20 },
                 partitions: 256,
+                copies: 1,
             },
-            servers: (0..SERVERS as u32)
-                .map(|r| ServerInfo { rank: r, host: "sim".into(), ports: vec![0; SHARDS], pid: 0 })
-                .collect(),
-            workers: WORKERS as u32,
-        }
+            (0..SERVERS as u32).map(|r| ServerInfo::new(r, "sim", vec![0; SHARDS], 0)).collect(),
+            WORKERS as u32,
+        )
     }
 
     // endpoints: shards 0..S*H, then workers

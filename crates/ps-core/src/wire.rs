@@ -67,10 +67,20 @@ pub enum Kind {
     Checkpoint = 19,
     /// a JSON control message (manager traffic)
     Control = 20,
+    /// client -> a copy of a replicated shard (`chain`): "I am origin `a`;
+    /// the first push, push-pull or clock frame after this one is my frame
+    /// number `b` to this shard". Answered with an `Ack` (ts 0), or the
+    /// connection is dropped when this copy is not the head of its chain
+    Bind = 21,
+    /// a copy -> the next copy of its chain: one request frame of origin `a`,
+    /// its number `ts` among that origin's pushes and clocks to this shard,
+    /// the frame itself (decoded, prefix included: `b` x 4 bytes) as payload.
+    /// Answered, in order, with an `Ack` (ts and a echoed) once applied
+    Forward = 22,
 }
 
 impl Kind {
-    fn from_u8(v: u8) -> Option<Kind> {
+    pub fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             1 => Kind::Challenge,
             2 => Kind::Hello,
@@ -86,6 +96,8 @@ impl Kind {
             18 => Kind::Watch,
             19 => Kind::Checkpoint,
             20 => Kind::Control,
+            21 => Kind::Bind,
+            22 => Kind::Forward,
             _ => return None,
         })
     }
@@ -102,6 +114,8 @@ impl Kind {
                 | Kind::Clock
                 | Kind::Refresh
                 | Kind::Checkpoint
+                | Kind::Bind
+                | Kind::Forward
         )
     }
 }
@@ -192,6 +206,7 @@ impl DataHeader {
         let vals = usize::try_from(self.b).ok()?.checked_mul(4)?;
         Some(match self.kind {
             Kind::Push | Kind::PushPull | Kind::Refresh => (keys, vals),
+            Kind::Forward => (0, vals),
             Kind::Pull => (keys, 0),
             Kind::PullResp => (0, vals),
             Kind::Ack => (0, 0),

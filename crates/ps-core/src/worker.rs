@@ -11,13 +11,13 @@
 //! after my push (even before its ack) sees it; every pushed value is merged
 //! exactly once or the operation reports an error.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 
 use crate::cache::{Cache, CacheStats, Lookup};
 use crate::clock::Consistency;
 use crate::error::PsError;
-use crate::filter::{has_codecs, Encoder, PushFilter};
+use crate::filter::{has_codecs, Decoder, Encoder, PushFilter};
 use crate::keys::{check_sorted, Key, KeyRange, TableId, TableSpec};
 use crate::ring::{position, Owner, Ring};
 use crate::rules::RuleSpec;
@@ -131,6 +131,47 @@ struct Chunk {
     ranges: Range<usize>,
 }
 
+/// A request frame with no answer yet, kept for failover (replicated jobs):
+/// what the shard applies (a coded frame decoded), and its number among the
+/// counted frames to its owner (`chain::is_counted`).
+#[derive(Debug)]
+struct Unanswered {
+    ts: Timestamp,
+    sub: u32,
+    /// the request's `a`: a dense pull's answer carries its stamp in `sub`
+    /// (`wire::stamp_of`) and is matched by `a` instead
+    a: u64,
+    seq: Option<u64>,
+    frame: Vec<u8>,
+}
+
+/// One owner's stream, as failover needs it.
+#[derive(Debug, Default)]
+struct OwnerStream {
+    /// sent (or to send), not answered, in order
+    unanswered: VecDeque<Unanswered>,
+    /// the number the next counted frame gets
+    next_seq: u64,
+    /// the connection broke: why (until `rebind`)
+    lost: Option<String>,
+    /// rebound, and no request answered on the new connection yet
+    resumed: bool,
+}
+
+/// Chain replication on the worker's side (`chain`): it binds to every head
+/// as `origin`, keeps every request until it is answered, and after a lost
+/// connection binds to the new head and sends the unanswered ones again.
+#[derive(Debug)]
+struct Failover {
+    origin: u32,
+    streams: Vec<OwnerStream>,
+    /// decodes this worker's own coded frames as the shard will
+    mirror: Decoder,
+    body_max: usize,
+    /// owners answered since their rebind (`take_resumed`)
+    resumed: Vec<Owner>,
+}
+
 #[derive(Debug)]
 pub struct WorkerCore {
     tables: BTreeMap<TableId, TableSpec>,
@@ -164,6 +205,8 @@ pub struct WorkerCore {
     watch_out: std::collections::HashSet<(PeerId, TableId)>,
     /// flat owner index of the first shard of each server
     owner_base: Vec<u32>,
+    /// chain replication (replicated jobs, `enable_failover`)
+    failover: Option<Failover>,
     // scratch reused across calls
     groups: Vec<Vec<Range<usize>>>,
     chunks: Vec<Vec<Chunk>>,
@@ -220,6 +263,7 @@ impl WorkerCore {
             watch_out: Default::default(),
             caches,
             owner_base,
+            failover: None,
             groups: vec![Vec::new(); owners],
             chunks: vec![Vec::new(); owners],
             chunk_ranges: Vec::new(),
@@ -237,6 +281,142 @@ impl WorkerCore {
     /// This worker's rank among the job's workers: its clock frames carry it.
     pub fn set_rank(&mut self, rank: u32) {
         self.rank = Some(rank);
+    }
+
+    /// Turns on failover for a replicated job (every shard is a chain of
+    /// copies, `chain`): binds to every shard as `origin` (the worker's rank),
+    /// and from now on keeps each request until it is answered, so that when
+    /// a connection breaks the operations in flight wait for [`WorkerCore::rebind`]
+    /// to the new head instead of failing.
+    pub fn enable_failover(&mut self, tx: &mut dyn FrameSink, origin: u32) -> Result<(), PsError> {
+        let owners = self.peers.iter().map(|r| r.len()).sum();
+        self.failover = Some(Failover {
+            origin,
+            streams: (0..owners).map(|_| OwnerStream::default()).collect(),
+            mirror: Decoder::default(),
+            body_max: self.body_max,
+            resumed: Vec::new(),
+        });
+        for &peer in self.peers.iter().flatten() {
+            let f = crate::chain::bind_frame(origin, 0);
+            tx.frame(peer, f.len()).map_err(tx_error)?.copy_from_slice(&f);
+        }
+        Ok(())
+    }
+
+    /// Owners whose connection broke and that wait for [`WorkerCore::rebind`].
+    pub fn lost_owners(&self) -> Vec<Owner> {
+        let Some(f) = &self.failover else { return Vec::new() };
+        f.streams.iter().enumerate().filter(|(_, s)| s.lost.is_some()).map(|(g, _)| self.owner_of_flat(g)).collect()
+    }
+
+    /// Requests kept for failover that have no answer yet (0 once every
+    /// operation is answered: nothing is kept longer than it must be).
+    pub fn unanswered(&self) -> usize {
+        self.failover.as_ref().map_or(0, |f| f.streams.iter().map(|s| s.unanswered.len()).sum())
+    }
+
+    /// Owners that answered a request since they were rebound.
+    pub fn take_resumed(&mut self) -> Vec<Owner> {
+        self.failover.as_mut().map(|f| std::mem::take(&mut f.resumed)).unwrap_or_default()
+    }
+
+    /// `owner` is served on the new connection `peer` now (the head of its
+    /// chain): binds there, saying the number of the first counted frame it
+    /// has no answer for, and sends every unanswered request again, in order.
+    /// The head answers again, without applying, what it applied already.
+    pub fn rebind(&mut self, owner: Owner, peer: PeerId, tx: &mut dyn FrameSink) -> Result<(), PsError> {
+        let g = self.flat(owner);
+        let old = std::mem::replace(&mut self.peers[owner.server as usize][owner.shard as usize], peer);
+        self.peer_owner.remove(&old);
+        self.peer_owner.insert(peer, owner);
+        self.encoder.forget(old);
+        self.watch_out.retain(|(p, _)| *p != old);
+        self.watch_due.retain(|(p, _)| *p != old);
+        let mut eager: Vec<TableId> = self.caches.iter().filter(|(_, c)| c.is_eager()).map(|(t, _)| *t).collect();
+        eager.sort_unstable_by_key(|t| t.0);
+        self.watch_due.extend(eager.into_iter().map(|t| (peer, t)));
+        for c in self.caches.values_mut() {
+            c.owner_moved(g);
+        }
+        let f = self.failover.as_mut().ok_or(PsError::Transport("rebind without failover".into()))?;
+        f.mirror.forget(old);
+        let stream = &mut f.streams[g];
+        stream.lost = None;
+        stream.resumed = true;
+        let first = stream.unanswered.iter().find_map(|u| u.seq).unwrap_or(stream.next_seq);
+        // answers to counted frames come in order, so the unanswered ones are the end of the stream
+        let seqs: Vec<u64> = stream.unanswered.iter().filter_map(|u| u.seq).collect();
+        if seqs.iter().enumerate().any(|(i, &q)| q != first + i as u64) || first + seqs.len() as u64 != stream.next_seq
+        {
+            return Err(PsError::Transport(format!(
+                "server {} shard {}: unanswered frames {seqs:?} are not the end of the stream (next {})",
+                owner.server, owner.shard, stream.next_seq
+            )));
+        }
+        let bind = crate::chain::bind_frame(f.origin, first);
+        let mut send = |frame: &[u8]| tx.frame(peer, frame.len()).map(|b| b.copy_from_slice(frame));
+        // a failed send means this connection is going too: its close comes next
+        if send(&bind).is_ok() {
+            for u in &stream.unanswered {
+                if send(&u.frame).is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a frame built in memory to flat owner `g`: `wire` goes out (unless
+    /// that owner's connection is down), and with failover on `kept` (what the
+    /// shard applies: `wire` itself unless it is coded) is kept until answered.
+    #[allow(clippy::too_many_arguments)]
+    fn send_owned(
+        failover: &mut Option<Failover>,
+        tx: &mut dyn FrameSink,
+        g: usize,
+        peer: PeerId,
+        ts: Timestamp,
+        sub: u32,
+        kind: Kind,
+        wire: Vec<u8>,
+        kept: Option<Vec<u8>>,
+    ) -> Result<(), TxError> {
+        let Some(f) = failover.as_mut() else {
+            return tx.frame(peer, wire.len()).map(|b| b.copy_from_slice(&wire));
+        };
+        let stream = &mut f.streams[g];
+        let seq = crate::chain::is_counted(kind).then_some(stream.next_seq);
+        let a = u64::from_le_bytes(wire[24..32].try_into().expect("a data frame"));
+        if stream.lost.is_none() {
+            match tx.frame(peer, wire.len()) {
+                Ok(buf) => buf.copy_from_slice(&wire),
+                // its close event comes next; the frame goes again after the rebind
+                Err(TxError::Closed(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if seq.is_some() {
+            stream.next_seq += 1;
+        }
+        stream.unanswered.push_back(Unanswered { ts, sub, a, seq, frame: kept.unwrap_or(wire) });
+        Ok(())
+    }
+
+    /// The request `h` answers (to `peer`) need not go again.
+    fn answered(&mut self, peer: PeerId, h: &DataHeader) {
+        let Some(f) = self.failover.as_mut() else { return };
+        let Some(&o) = self.peer_owner.get(&peer) else { return };
+        let g = self.owner_base[o.server as usize] as usize + o.shard as usize;
+        let stream = &mut f.streams[g];
+        let by_a = h.kind == Kind::PullResp && h.dense;
+        let hit = |u: &Unanswered| u.ts == h.ts && if by_a { u.a == h.a } else { u.sub == h.sub };
+        if let Some(i) = stream.unanswered.iter().position(hit) {
+            stream.unanswered.remove(i);
+        }
+        if std::mem::take(&mut stream.resumed) {
+            f.resumed.push(o);
+        }
     }
 
     /// Tables whose reads a process cache may answer: a staleness bound to
@@ -323,16 +503,16 @@ impl WorkerCore {
         let ts = self.next_ts;
         self.next_ts += 1;
         let mut sent = 0u32;
-        for row in &self.peers {
-            for &peer in row {
-                let h = header(ts, sent);
-                let len = h.frame_len().expect("a small frame");
-                if let Err(e) = tx.frame(peer, len).map(|buf| h.write(buf)) {
-                    self.pending.insert(ts, Pending::new(sent, Some(tx_error(e)), None));
-                    return Err(PsError::Transport(format!("send queue refused a {what} frame")));
-                }
-                sent += 1;
+        let peers: Vec<PeerId> = self.peers.iter().flatten().copied().collect();
+        for (g, peer) in peers.into_iter().enumerate() {
+            let h = header(ts, sent);
+            let mut f = vec![0u8; h.frame_len().expect("a small frame")];
+            h.write(&mut f);
+            if let Err(e) = Self::send_owned(&mut self.failover, tx, g, peer, ts, sent, h.kind, f, None) {
+                self.pending.insert(ts, Pending::new(sent, Some(tx_error(e)), None));
+                return Err(PsError::Transport(format!("send queue refused a {what} frame")));
             }
+            sent += 1;
         }
         self.pending.insert(ts, Pending::new(sent, None, None));
         Ok(ts)
@@ -748,7 +928,11 @@ impl WorkerCore {
                 let fill = |buf: &mut [u8]| {
                     buf[..wire::DATA_HEADER_BYTES].copy_from_slice(&hdr);
                     let mut at = wire::DATA_HEADER_BYTES;
-                    if let Keys::List(k) = keys {
+                    if let (true, Some(v), true) = (dense, vals, carries_vals) {
+                        let off = (c.a - base_float) as usize;
+                        let src: &[u8] = bytemuck::cast_slice(&v[off..off + c.b as usize]);
+                        buf[at..at + src.len()].copy_from_slice(src);
+                    } else if let Keys::List(k) = keys {
                         for r in ranges {
                             let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
                             buf[at..at + src.len()].copy_from_slice(src);
@@ -764,17 +948,30 @@ impl WorkerCore {
                     }
                     buf[content..].fill(0);
                 };
-                let r = if coded {
+                let r = if coded || self.failover.is_some() {
                     let mut plain = vec![0u8; len];
                     fill(&mut plain);
-                    let dim = t.dim as usize;
-                    match self.encoder.encode(peer, table, &t.filters, &plain, dim, !self.lossless) {
-                        Ok(f) => tx.frame(peer, f.len()).map(|buf| {
-                            buf.copy_from_slice(&f);
-                            len = f.len();
-                        }),
-                        Err(e) => return Err(PsError::Transport(format!("filter coding: {e}"))),
-                    }
+                    let (wire, kept) = if coded {
+                        let dim = t.dim as usize;
+                        let f = match self.encoder.encode(peer, table, &t.filters, &plain, dim, !self.lossless) {
+                            Ok(f) => f,
+                            Err(e) => return Err(PsError::Transport(format!("filter coding: {e}"))),
+                        };
+                        // what the shard will apply, for sending again after a failover
+                        let kept = match self.failover.as_mut() {
+                            Some(fo) => Some(
+                                fo.mirror
+                                    .decode(peer, &f, fo.body_max)
+                                    .map_err(|e| PsError::Transport(format!("filter coding: {e}")))?,
+                            ),
+                            None => None,
+                        };
+                        (f, kept)
+                    } else {
+                        (plain, None)
+                    };
+                    len = wire.len();
+                    Self::send_owned(&mut self.failover, tx, g, peer, ts, sub, kind, wire, kept)
                 } else if need <= GATHER_PARTS_MAX {
                     let mut n = 0;
                     macro_rules! put {
@@ -902,7 +1099,10 @@ impl WorkerCore {
             Frame::Data { h, keys, vals } if h.kind == Kind::Refresh => {
                 self.on_refresh(peer, &h, keys, vals).map_err(bad)
             }
+            // a Bind's answer (failover)
+            Frame::Data { h, .. } if h.kind == Kind::Ack && h.ts == 0 && self.failover.is_some() => Ok(()),
             Frame::Data { h, vals, .. } if matches!(h.kind, Kind::Ack | Kind::PullResp) => {
+                self.answered(peer, &h);
                 let p = self
                     .pending
                     .get_mut(&h.ts)
@@ -948,6 +1148,7 @@ impl WorkerCore {
                 Ok(())
             }
             Frame::Error { h, message } => {
+                self.answered(peer, &h);
                 let p =
                     self.pending.get_mut(&h.ts).ok_or_else(|| bad(format!("error for unknown timestamp {}", h.ts)))?;
                 if p.frames_left == 0 {
@@ -968,11 +1169,20 @@ impl WorkerCore {
         }
     }
 
-    /// A connection to a shard is gone: every operation in flight fails (this
-    /// issue has no failover), and so does every later one.
+    /// A connection to a shard is gone. Without failover every operation in
+    /// flight fails, and so does every later one; with it, the owner waits for
+    /// [`WorkerCore::rebind`] and its requests for the new connection.
     pub fn on_closed(&mut self, peer: PeerId, reason: &str) {
         let owner = self.peer_owner.get(&peer).copied();
         let Some(owner) = owner else { return };
+        if let Some(f) = self.failover.as_mut() {
+            let g = self.owner_base[owner.server as usize] as usize + owner.shard as usize;
+            f.streams[g].lost.get_or_insert_with(|| reason.to_string());
+            f.mirror.forget(peer);
+            self.encoder.forget(peer);
+            self.watch_out.retain(|(p, _)| *p != peer);
+            return;
+        }
         let err = PsError::ServerLost { server: owner.server, shard: owner.shard, reason: reason.to_string() };
         for p in self.pending.values_mut() {
             p.frames_left = 0;

@@ -1,0 +1,66 @@
+//! Fault tolerance as real processes (`pslab local --kill NAME@MS` sends
+//! SIGKILL to one process of the running job):
+//!
+//! - a server killed while 3 workers push, with 2 copies of every shard: the
+//!   job completes, every parameter equals the sum of the acknowledged pushes
+//!   (invariant 1), and the time from the lost connection to the new head's
+//!   first answer is measured and under a second; for each server in turn;
+//! - the same kill without copies fails the job (tests/cluster.rs).
+
+use std::process::Command;
+
+fn pslab() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pslab"));
+    c.env("PS_LOG", "info");
+    c
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = pslab().args(args).output().expect("run pslab");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The numbers of the `failover:` summary line: (connections moved, longest
+/// ms by the workers' clocks, ms from the kill by the launcher's).
+fn failover_line(out: &str) -> (u64, f64, f64) {
+    let line = out.lines().find(|l| l.starts_with("failover: ")).unwrap_or_else(|| panic!("no failover line:\n{out}"));
+    let num_after = |key: &str| -> f64 {
+        let at = line.find(key).unwrap_or_else(|| panic!("{key:?} not in {line:?}")) + key.len();
+        line[at..].trim_start().split(|c: char| !c.is_ascii_digit() && c != '.').next().unwrap().parse().unwrap()
+    };
+    (num_after("failover: ") as u64, num_after("longest"), num_after("to the last of those answers:"))
+}
+
+#[test]
+fn a_server_killed_mid_push_fails_over_and_loses_no_acknowledged_push() {
+    for victim in 0..3 {
+        let kill = format!("server{victim}@400");
+        let (ok, out) = run(&[
+            "local",
+            "--app",
+            "check",
+            "--servers",
+            "3",
+            "--workers",
+            "3",
+            "--copies",
+            "2",
+            "--no-pin",
+            "-v",
+            "--kill",
+            &kill,
+            "--params",
+            r#"{"rounds": 300, "keys": 1500}"#,
+        ]);
+        assert!(ok, "killing server {victim}: the job failed:\n{out}");
+        assert!(out.contains(&format!("killed server{victim}")), "{out}");
+        assert!(out.contains(&format!("server {victim} (pid")) && out.contains("failing over"), "{out}");
+        assert_eq!(out.matches("finished: invariant 1 holds").count(), 3, "every worker verifies:\n{out}");
+        let (moved, longest_ms, since_kill_ms) = failover_line(&out);
+        // each of the 3 workers had one connection to the dead server's shard
+        assert_eq!(moved, 3, "{out}");
+        assert!(longest_ms < 1000.0, "failover took {longest_ms} ms:\n{out}");
+        eprintln!("server {victim}: failover {longest_ms:.0} ms (workers), {since_kill_ms:.0} ms from the kill");
+    }
+}
