@@ -580,6 +580,13 @@ fn run_local(spec: local::ClusterSpec, verbose: bool, png: Option<String>) -> Re
         println!("agreement with planted {:.4}", r["agreement_with_planted"].as_f64().unwrap_or(0.0));
         println!("test log-loss          {:.4}", r["test_logloss"].as_f64().unwrap_or(0.0));
         println!("test AUC               {:.4}", r["auc"].as_f64().unwrap_or(0.0));
+        for l in r["lost_workers"].as_array().into_iter().flatten() {
+            let done = if l["policy"] == "reassign" { "dealt out to the live workers" } else { "left out" };
+            println!(
+                "lost worker            {}: its {} examples {done} from epoch {} on",
+                l["worker"], l["examples"], l["from_epoch"]
+            );
+        }
         println!("----------------------------------------------------------------");
     }
     if !failovers.is_empty() {

@@ -720,6 +720,11 @@ impl WorkerCtx {
         self.view.workers
     }
 
+    /// Workers the manager found dead so far (the job goes on without them).
+    pub fn dead_workers(&self) -> std::collections::BTreeSet<u32> {
+        self.link.board().get().dead_workers.into_iter().collect()
+    }
+
     /// A machine-readable line for the launcher (`@kind {json}`).
     pub fn emit(&self, kind: &str, value: serde_json::Value) {
         println!("@{kind} {value}");

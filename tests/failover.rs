@@ -64,3 +64,33 @@ fn a_server_killed_mid_push_fails_over_and_loses_no_acknowledged_push() {
         eprintln!("server {victim}: failover {longest_ms:.0} ms (workers), {since_kill_ms:.0} ms from the kill");
     }
 }
+
+/// A worker killed mid-training: the job goes on without it, the others take
+/// its examples (or leave them out), the model still learns, and the result
+/// says what was done with that worker's data.
+#[test]
+fn a_killed_worker_is_left_behind_and_the_job_says_what_became_of_its_data() {
+    for (policy, says) in [("reassign", "dealt out to the live workers"), ("skip", "left out")] {
+        let params = format!(r#"{{"epochs": 4, "on_worker_loss": "{policy}"}}"#);
+        let (ok, out) = run(&[
+            "local",
+            "--servers",
+            "2",
+            "--workers",
+            "3",
+            "--no-pin",
+            "--kill",
+            "worker1@1200",
+            "--params",
+            &params,
+        ]);
+        assert!(ok, "{policy}: the job failed:\n{out}");
+        assert!(out.contains("killed worker1"), "{out}");
+        assert!(out.contains(&format!("lost worker            1: its 133333 examples {says}")), "{policy}:\n{out}");
+        let acc: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("test accuracy")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no accuracy:\n{out}"));
+        assert!(acc > 0.85, "{policy}: accuracy {acc}:\n{out}");
+    }
+}

@@ -13,6 +13,12 @@
 //! the log-loss (Adagrad on the servers scales each coordinate), push it; the push of batch t overlaps the pull of batch t+1
 //! (bounded delay 1). The per-epoch loss is summed through the PS itself (a
 //! small dense table with the sum rule) and reported by worker 0.
+//!
+//! Worker loss: when the manager names a worker dead (it was killed, or went
+//! silent), the others go on. `on_worker_loss` says what happens to its
+//! examples from the next epoch on: `reassign` (the default) deals them out to
+//! the live workers, `skip` leaves them out; what it pushed before it died
+//! stays in the model. The lowest live rank reports and evaluates.
 
 use std::time::Instant;
 
@@ -38,6 +44,8 @@ struct Params {
     lr: f32,
     noise: f64,
     seed: u64,
+    /// what the job does with a lost worker's examples: reassign or skip
+    on_worker_loss: String,
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
@@ -51,7 +59,11 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         lr: param(p, "lr", 0.2)?,
         noise: param(p, "noise", 0.3)?,
         seed: param(p, "seed", 42)?,
+        on_worker_loss: param(p, "on_worker_loss", "reassign".to_string())?,
     };
+    if !["reassign", "skip"].contains(&r.on_worker_loss.as_str()) {
+        return Err(format!("train-lr: on_worker_loss is reassign or skip, not {:?}", r.on_worker_loss));
+    }
     if r.examples == 0 || r.features == 0 || r.nnz == 0 || r.batch == 0 || r.epochs == 0 {
         return Err("train-lr: examples, features, nnz, batch and epochs must be positive".into());
     }
@@ -72,7 +84,7 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
     ];
     let filled = json!({
         "examples": r.examples, "test": r.test, "features": r.features, "nnz": r.nnz, "epochs": r.epochs,
-        "batch": r.batch, "lr": r.lr, "noise": r.noise, "seed": r.seed,
+        "batch": r.batch, "lr": r.lr, "noise": r.noise, "seed": r.seed, "on_worker_loss": r.on_worker_loss,
     });
     Ok((tables, filled))
 }
@@ -121,12 +133,31 @@ fn logloss(z: f64, y: f32) -> f64 {
     }
 }
 
+/// The training examples worker `rank` of `workers` works on while the
+/// workers in `dead` are gone: its own (every `workers`-th), and under
+/// `reassign` its share of each dead worker's, dealt out round-robin.
+fn share(p: &Params, rank: u64, workers: u64, dead: &std::collections::BTreeSet<u32>) -> Vec<u64> {
+    let live: Vec<u64> = (0..workers).filter(|w| !dead.contains(&(*w as u32))).collect();
+    (0..p.examples)
+        .filter(|&i| {
+            let owner = i % workers;
+            if !dead.contains(&(owner as u32)) {
+                owner == rank
+            } else {
+                p.on_worker_loss == "reassign" && live[(i / workers) as usize % live.len()] == rank
+            }
+        })
+        .collect()
+}
+
 pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);
-    let mine: Vec<u64> = (rank..p.examples).step_by(workers as usize).collect();
+    let mut dead = ctx.dead_workers();
+    let mut mine: Vec<u64> = share(&p, rank, workers, &dead);
+    let mut losses: Vec<serde_json::Value> = Vec::new();
     let batches_per_epoch = mine.len().div_ceil(p.batch);
-    let total = batches_per_epoch as u64 * p.epochs as u64;
+    let mut total = batches_per_epoch as u64 * p.epochs as u64;
     ctx.emit("progress", json!({"rank": rank, "done": 0, "total": total, "unit": "batches"}));
     let started = Instant::now();
     let mut w: Vec<f32> = Vec::new();
@@ -136,6 +167,26 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let mut batch: Vec<(Vec<u64>, f32)> = Vec::with_capacity(p.batch);
     let mut keys: Vec<u64> = Vec::new();
     for epoch in 0..p.epochs {
+        let now_dead = ctx.dead_workers();
+        if now_dead != dead {
+            let before = mine.len();
+            mine = share(&p, rank, workers, &now_dead);
+            for &w in now_dead.difference(&dead) {
+                let theirs = (w as u64..p.examples).step_by(workers as usize).count();
+                let what = if p.on_worker_loss == "reassign" {
+                    format!("its {theirs} examples dealt out to the live workers")
+                } else {
+                    format!("its {theirs} examples left out")
+                };
+                tracing::warn!("worker {rank}: worker {w} is lost; from epoch {} on {what}", epoch + 1);
+                losses.push(
+                    json!({"worker": w, "from_epoch": epoch + 1, "examples": theirs, "policy": p.on_worker_loss}),
+                );
+            }
+            total = done + (mine.len().div_ceil(p.batch) * (p.epochs - epoch) as usize) as u64;
+            tracing::info!("worker {rank}: {} examples per epoch now (was {before})", mine.len());
+            dead = now_dead;
+        }
         let (mut loss_sum, mut count) = (0f64, 0f64);
         // a different order every epoch
         let mut order = mine.clone();
@@ -183,7 +234,8 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             .map_err(|e| e.to_string())?;
         ctx.ps.wait(ts).map_err(|e| e.to_string())?;
         ctx.barrier(&format!("epoch-{epoch}"))?;
-        if rank == 0 {
+        let reporter = (0..workers).find(|w| !ctx.dead_workers().contains(&(*w as u32))).unwrap_or(0);
+        if rank == reporter {
             let ts = ctx.ps.pull_range(METRICS, 2 * epoch as u64, 2, Vec::new()).map_err(|e| e.to_string())?;
             let m = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
             ctx.emit(
@@ -194,7 +246,8 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         }
     }
     ctx.barrier("trained")?;
-    if rank != 0 {
+    let dead = ctx.dead_workers();
+    if rank != (0..workers).find(|w| !dead.contains(&(*w as u32))).unwrap_or(0) {
         return Ok(format!("trained on {} examples", mine.len()));
     }
     // evaluate on held-out examples against the planted model
@@ -236,7 +289,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let result = json!({
         "test_examples": p.test, "accuracy": correct as f64 / n, "planted_accuracy": planted_correct as f64 / n,
         "agreement_with_planted": agree as f64 / n, "test_logloss": loss / n, "auc": auc,
-        "train_secs": started.elapsed().as_secs_f64(),
+        "train_secs": started.elapsed().as_secs_f64(), "lost_workers": losses,
     });
     ctx.emit("result", result);
     let acc = correct as f64 / n;
@@ -246,7 +299,22 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             "test accuracy {acc:.4} is far below the planted model's {planted_acc:.4}: training did not converge"
         ));
     }
-    Ok(format!("test accuracy {acc:.4} (planted model {planted_acc:.4}), AUC {auc:.4}"))
+    let lost = if losses.is_empty() {
+        String::new()
+    } else {
+        let what: Vec<String> = losses
+            .iter()
+            .map(|l| {
+                let done = if l["policy"] == "reassign" { "dealt out to the others" } else { "left out" };
+                format!(
+                    "worker {} lost, its {} examples {done} from epoch {}",
+                    l["worker"], l["examples"], l["from_epoch"]
+                )
+            })
+            .collect();
+        format!("; {}", what.join("; "))
+    };
+    Ok(format!("test accuracy {acc:.4} (planted model {planted_acc:.4}), AUC {auc:.4}{lost}"))
 }
 
 /// Area under the ROC curve by the rank-sum formula (ties get average ranks).

@@ -634,6 +634,91 @@ mod tests {
         assert!(ranks.contains(&(p(0), 1)) && ranks.contains(&(p(3), 0)), "{ranks:?}");
     }
 
+    fn views(out: &mut Out) -> Vec<ClusterView> {
+        out.msgs()
+            .into_iter()
+            .filter_map(|(_, c)| match c {
+                Control::View { view } => Some(view),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replicated_job_fails_over_a_dead_server_until_a_chain_would_lose_its_last_copy() {
+        let mut j = job();
+        j.copies = 2;
+        let mut m = ManagerCore::new(j, 3, 1, ManagerTimeouts::default());
+        let mut out = Out::default();
+        for i in 0..3 {
+            reg(&mut m, &mut out, i, Role::Server, Duration::ZERO);
+        }
+        reg(&mut m, &mut out, 3, Role::Worker, Duration::ZERO);
+        out.msgs();
+        for i in 0..3 {
+            ctl(&mut m, &mut out, i, Role::Server, Control::Copies { ports: vec![2000 + i as u16] }, Duration::ZERO)
+                .unwrap();
+        }
+        let v = views(&mut out);
+        assert!(v.iter().all(|v| v.copies_reported()) && !v.is_empty(), "one view once every copy is known");
+        // server 1 dies: its chain's next copy (server 2) is the head now
+        m.on_closed(p(1), "reset", Duration::ZERO, &mut out);
+        assert_eq!(m.phase(), Phase::Running);
+        let v = views(&mut out);
+        assert_eq!(v.last().unwrap().dead_servers, vec![1]);
+        assert_eq!(v.last().unwrap().head(Owner { server: 1, shard: 0 }), Some(2));
+        // server 2 dies too: shard (1, 0) had its copies on 1 and 2 only
+        m.on_closed(p(2), "reset", Duration::ZERO, &mut out);
+        let Some(Err(reason)) = m.outcome() else { panic!("{:?}", m.outcome()) };
+        assert!(reason.contains("last copy of server 1 shard 0"), "{reason}");
+    }
+
+    #[test]
+    fn a_lost_worker_is_left_behind_barriers_and_the_end_count_the_live_ones() {
+        let mut m = ManagerCore::new(job(), 1, 3, ManagerTimeouts::default());
+        let mut out = Out::default();
+        reg(&mut m, &mut out, 0, Role::Server, Duration::ZERO);
+        for i in 1..4 {
+            reg(&mut m, &mut out, i, Role::Worker, Duration::ZERO);
+        }
+        out.msgs();
+        ctl(&mut m, &mut out, 1, Role::Worker, Control::Barrier { name: "b".into() }, Duration::ZERO).unwrap();
+        ctl(&mut m, &mut out, 2, Role::Worker, Control::Barrier { name: "b".into() }, Duration::ZERO).unwrap();
+        assert!(out.msgs().is_empty(), "worker 2 has not arrived");
+        // worker 2 (peer 3) goes silent: presumed dead, the barrier lets the others through
+        ctl(&mut m, &mut out, 1, Role::Worker, Control::Heartbeat, Duration::from_secs(6)).unwrap();
+        ctl(&mut m, &mut out, 2, Role::Worker, Control::Heartbeat, Duration::from_secs(6)).unwrap();
+        ctl(&mut m, &mut out, 0, Role::Server, Control::Heartbeat, Duration::from_secs(6)).unwrap();
+        m.on_tick(Duration::from_secs(6), &mut out);
+        assert_eq!(m.phase(), Phase::Running);
+        let msgs = out.msgs();
+        assert!(msgs.iter().any(|(_, c)| matches!(c, Control::View { view } if view.dead_workers == vec![2])));
+        assert!(msgs.iter().any(|(_, c)| matches!(c, Control::Released { .. })));
+        // told it is presumed dead, in case it is alive after all
+        assert!(msgs.iter().any(|(peer, c)| *peer == p(3) && matches!(c, Control::Abort { .. })));
+        for i in 1..3 {
+            ctl(&mut m, &mut out, i, Role::Worker, Control::Done { ok: true, message: "ok".into() }, Duration::ZERO)
+                .unwrap();
+        }
+        assert_eq!(m.phase(), Phase::Stopping);
+        m.on_closed(p(0), "eof", Duration::ZERO, &mut out);
+        let Some(Ok(summary)) = m.outcome() else { panic!() };
+        assert!(summary.contains("worker 2") && summary.contains("left behind"), "{summary}");
+    }
+
+    #[test]
+    fn losing_every_worker_fails_the_job() {
+        let mut m = ManagerCore::new(job(), 1, 2, ManagerTimeouts::default());
+        let mut out = Out::default();
+        reg(&mut m, &mut out, 0, Role::Server, Duration::ZERO);
+        reg(&mut m, &mut out, 1, Role::Worker, Duration::ZERO);
+        reg(&mut m, &mut out, 2, Role::Worker, Duration::ZERO);
+        m.on_closed(p(1), "reset", Duration::ZERO, &mut out);
+        assert_eq!(m.phase(), Phase::Running);
+        m.on_closed(p(2), "reset", Duration::ZERO, &mut out);
+        assert!(matches!(m.outcome(), Some(Err(_))));
+    }
+
     #[test]
     fn role_must_match_the_authenticated_one() {
         let mut m = ManagerCore::new(job(), 1, 1, ManagerTimeouts::default());
