@@ -128,6 +128,7 @@ fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
         // the data path alone, as ps-lite and perftest measure it
         copies: 1,
         kills: Vec::new(),
+        managers: 1,
     };
     eprintln!(
         "bench: {} server(s) x {} shard(s), {} worker(s), one op in flight per worker",

@@ -24,10 +24,13 @@ pub struct ClusterSpec {
     pub copies: u32,
     /// processes to kill with SIGKILL while the job runs (fault injection)
     pub kills: Vec<Kill>,
+    /// manager replicas (a Raft group; 1: a lone manager)
+    pub managers: u32,
 }
 
 /// `--kill NAME@MS`: SIGKILL the process `NAME` (`server1`, `worker2`,
-/// `manager`) `MS` milliseconds after the job started running.
+/// `manager`, `manager1` of replicas, or `leader`: the replica leading then)
+/// `MS` milliseconds after the job started running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kill {
     pub name: String,
@@ -40,9 +43,12 @@ impl std::str::FromStr for Kill {
         let (name, ms) = s.split_once('@').ok_or_else(|| format!("--kill {s:?}: write NAME@MS, e.g. server1@1500"))?;
         let after_ms = ms.parse().map_err(|_| format!("--kill {s:?}: {ms:?} is not a number of milliseconds"))?;
         let ok = name == "manager"
-            || ["server", "worker"].iter().any(|r| name.strip_prefix(r).is_some_and(|n| n.parse::<u32>().is_ok()));
+            || name == "leader"
+            || ["server", "worker", "manager"]
+                .iter()
+                .any(|r| name.strip_prefix(r).is_some_and(|n| n.parse::<u32>().is_ok()));
         if !ok {
-            return Err(format!("--kill {s:?}: name a process as manager, serverN or workerN"));
+            return Err(format!("--kill {s:?}: name a process as manager, managerN, leader, serverN or workerN"));
         }
         Ok(Kill { name: name.to_string(), after_ms })
     }
@@ -125,7 +131,9 @@ fn kill_all(procs: &mut [Proc]) {
 pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), String> {
     for k in &spec.kills {
         let n = |p: &str| k.name.strip_prefix(p).and_then(|n| n.parse::<u32>().ok());
-        let exists = k.name == "manager"
+        let exists = (k.name == "manager" && spec.managers == 1)
+            || (k.name == "leader" && spec.managers > 1)
+            || n("manager").is_some_and(|i| i < spec.managers && spec.managers > 1)
             || n("server").is_some_and(|i| i < spec.servers)
             || n("worker").is_some_and(|i| i < spec.workers);
         if !exists {
@@ -141,14 +149,13 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
     }
     let (tx, rx): (Sender<Line>, Receiver<Line>) = unbounded();
     let params = spec.params.to_string();
-    let mut procs = vec![spawn(
-        "manager",
-        &[
+    let manager_args = |listen: &str, replicas: &str| -> Vec<String> {
+        let mut a: Vec<String> = vec![
             "node".into(),
             "--role".into(),
             "manager".into(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen.into(),
             "--servers".into(),
             spec.servers.to_string(),
             "--workers".into(),
@@ -156,30 +163,49 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
             "--app".into(),
             spec.app.clone(),
             "--params".into(),
-            params,
+            params.clone(),
             "--copies".into(),
             spec.copies.to_string(),
-        ],
-        &secret,
-        &tx,
-    )?];
-    // the manager's first line tells its port
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let manager = loop {
-        let Ok((role, line)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            kill_all(&mut procs);
-            return Err("the manager did not start listening within 30 s".into());
-        };
-        match parse(role, line) {
-            Event::At { kind, value: serde_json::Value::String(addr), .. } if kind == "listening" => break addr,
-            e => on_event(e),
+        ];
+        if !replicas.is_empty() {
+            a.extend(["--replicas".into(), replicas.into()]);
         }
-        if let Ok(Some(s)) = procs[0].child.try_wait() {
-            // keep reading what it said
-            while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(200)) {
-                on_event(parse(role, line));
+        a
+    };
+    let mut procs = Vec::new();
+    let manager = if spec.managers > 1 {
+        // replicas must know each other's addresses before they start: free
+        // ports, found by binding and letting go (loopback, this launcher only)
+        let mut addrs = Vec::new();
+        for _ in 0..spec.managers {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+            addrs.push(l.local_addr().map_err(|e| e.to_string())?.to_string());
+        }
+        let all = addrs.join(",");
+        for (i, a) in addrs.iter().enumerate() {
+            procs.push(spawn(&format!("manager{i}"), &manager_args(a, &all), &secret, &tx)?);
+        }
+        all
+    } else {
+        procs.push(spawn("manager", &manager_args("127.0.0.1:0", ""), &secret, &tx)?);
+        // the manager's first line tells its port
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let Ok((role, line)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+                kill_all(&mut procs);
+                return Err("the manager did not start listening within 30 s".into());
+            };
+            match parse(role, line) {
+                Event::At { kind, value: serde_json::Value::String(addr), .. } if kind == "listening" => break addr,
+                e => on_event(e),
             }
-            return Err(format!("the manager exited before listening ({s})"));
+            if let Ok(Some(s)) = procs[0].child.try_wait() {
+                // keep reading what it said
+                while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(200)) {
+                    on_event(parse(role, line));
+                }
+                return Err(format!("the manager exited before listening ({s})"));
+            }
         }
     };
     for s in 0..spec.servers {
@@ -221,12 +247,24 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
     let mut kills = spec.kills.clone();
     let mut killed: Vec<String> = Vec::new();
     let mut manager_done: Option<Instant> = None;
+    let mut leader: Option<String> = None;
+    let mut manager_killed_at: Option<Instant> = None;
     loop {
         // lines until there are none for a moment, or 50 ms passed (kills are due on time)
         let until = Instant::now() + Duration::from_millis(50);
         while let Ok((role, line)) = rx.recv_timeout(Duration::from_millis(20)) {
-            if running_since.is_none() && role == "manager" && line.contains("job running") {
+            if running_since.is_none() && role.starts_with("manager") && line.contains("job running") {
                 running_since = Some(Instant::now());
+            }
+            if role.starts_with("manager") && line.contains(" leads (term ") {
+                leader = Some(role.clone());
+                if let Some(t) = manager_killed_at.take() {
+                    on_event(Event::At {
+                        role: "launcher".into(),
+                        kind: "leader".into(),
+                        value: serde_json::json!({"name": role, "since_kill_ms": t.elapsed().as_secs_f64() * 1e3}),
+                    });
+                }
             }
             on_event(parse(role, line));
             if Instant::now() > until {
@@ -243,14 +281,18 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
                 kills.iter().filter(|k| t0.elapsed() >= Duration::from_millis(k.after_ms)).cloned().collect();
             kills.retain(|k| !due.contains(k));
             for k in due {
-                if let Some(p) = procs.iter_mut().find(|p| p.role == k.name && p.status.is_none()) {
+                let name = if k.name == "leader" { leader.clone().unwrap_or_default() } else { k.name.clone() };
+                if let Some(p) = procs.iter_mut().find(|p| p.role == name && p.status.is_none()) {
                     let pid = p.child.id();
                     let _ = p.child.kill();
-                    killed.push(k.name.clone());
+                    if name.starts_with("manager") {
+                        manager_killed_at = Some(Instant::now());
+                    }
+                    killed.push(name.clone());
                     on_event(Event::At {
                         role: "launcher".into(),
                         kind: "killed".into(),
-                        value: serde_json::json!({"name": k.name, "pid": pid, "at_s": t0.elapsed().as_secs_f64()}),
+                        value: serde_json::json!({"name": name, "pid": pid, "at_s": t0.elapsed().as_secs_f64()}),
                     });
                 }
             }
@@ -260,10 +302,10 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
                 if let Ok(Some(st)) = p.child.try_wait() {
                     p.status = Some(st);
                     let ours = killed.contains(&p.role);
-                    if p.role == "manager" {
+                    if p.role.starts_with("manager") && !ours {
                         manager_done = Some(Instant::now());
                         if !st.success() {
-                            failure.get_or_insert(format!("manager exited with {st}"));
+                            failure.get_or_insert(format!("{} exited with {st}", p.role));
                         }
                     } else if !st.success() && !ours {
                         on_event(Event::Line {

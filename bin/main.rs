@@ -95,10 +95,14 @@ enum Cmd {
         /// consecutive servers; 1: none). At most the number of servers count.
         #[arg(long, default_value_t = 2)]
         copies: u32,
-        /// Fault injection: SIGKILL a process NAME (manager, serverN, workerN)
-        /// MS milliseconds after the job starts running; repeatable.
+        /// Fault injection: SIGKILL a process NAME (manager, serverN, workerN;
+        /// with replicas managerN, or `leader` for the leading one) MS
+        /// milliseconds after the job starts running; repeatable.
         #[arg(long, value_name = "NAME@MS")]
         kill: Vec<local::Kill>,
+        /// Manager replicas (a Raft group; the job survives the loss of a minority).
+        #[arg(long, default_value_t = 1)]
+        managers: u32,
     },
     /// Run one role of a job (what launchers start).
     Node {
@@ -126,6 +130,11 @@ enum Cmd {
         /// Manager: copies of every shard's key ranges (chain replication; 1: none).
         #[arg(long, env = "PS_COPIES", default_value_t = 2)]
         copies: u32,
+        /// Manager: every manager replica's address, comma-separated, this
+        /// one's --listen among them: the replicas keep the job's state in a
+        /// Raft log and one leads (servers and workers list them all in --manager).
+        #[arg(long, env = "PS_MANAGER_REPLICAS", value_delimiter = ',')]
+        replicas: Vec<String>,
         /// Server: shard threads (default: one per core).
         #[arg(long, env = "PS_SHARDS")]
         shards: Option<usize>,
@@ -356,6 +365,7 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         mut app,
         mut params,
         mut copies,
+        replicas,
         mut shards,
         host,
         port_base,
@@ -393,22 +403,24 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
         }
         r => (r, rank, workers, manager),
     };
-    let manager_addr = || -> Result<SocketAddr, String> {
-        node::resolve(manager.as_deref().ok_or("--manager (or PS_MANAGER) is required for servers and workers")?)
+    let manager_addrs = || -> Result<Vec<SocketAddr>, String> {
+        let list = manager.as_deref().ok_or("--manager (or PS_MANAGER) is required for servers and workers")?;
+        list.split(',').map(|a| node::resolve(a.trim())).collect()
     };
     match role {
         RoleArg::Manager => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
             let job = apps::job_spec(&app, &params, servers, copies)?;
-            node::run_manager(secret, node::resolve(&listen)?, job, servers, workers)
+            let replicas = replicas.iter().map(|a| node::resolve(a)).collect::<Result<Vec<_>, _>>()?;
+            node::run_manager(secret, node::resolve(&listen)?, replicas, job, servers, workers)
         }
         RoleArg::Server => {
             let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
             let opts = node::ServerOpts { host, shards: shards.unwrap_or(cores), port_base, cpus, pin: !no_pin, rank };
-            node::run_server(secret, manager_addr()?, opts, netopts)
+            node::run_server(secret, &manager_addrs()?, opts, netopts)
         }
-        RoleArg::Worker => node::run_worker(secret, manager_addr()?, &host, rank, netopts),
+        RoleArg::Worker => node::run_worker(secret, &manager_addrs()?, &host, rank, netopts),
         RoleArg::Auto => unreachable!("resolved above"),
     }
 }
@@ -521,6 +533,14 @@ fn run_local(spec: local::ClusterSpec, verbose: bool, png: Option<String>) -> Re
             }
             failovers.push(value)
         }
+        local::Event::At { kind, value, .. } if kind == "leader" => {
+            let line = format!(
+                "manager failover: {} leads, {:.0} ms after the kill of the leader",
+                value["name"].as_str().unwrap_or("?"),
+                value["since_kill_ms"].as_f64().unwrap_or(0.0)
+            );
+            bar.suspend(|| println!("{line}"));
+        }
         local::Event::At { kind, value, .. } if kind == "killed" => {
             bar.suspend(|| {
                 eprintln!(
@@ -626,11 +646,20 @@ fn main() {
     // the processes `local` and `bench` start run the same transport
     netopts.export_env();
     let r = match cli.cmd {
-        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose, png, copies, kill } => {
+        Cmd::Local { servers, shards, workers, app, params, no_pin, verbose, png, copies, kill, managers } => {
             net::preflight(&netopts).and_then(|()| {
                 let params = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
-                let spec =
-                    local::ClusterSpec { servers, shards, workers, app, params, pin: !no_pin, copies, kills: kill };
+                let spec = local::ClusterSpec {
+                    servers,
+                    shards,
+                    workers,
+                    app,
+                    params,
+                    pin: !no_pin,
+                    copies,
+                    kills: kill,
+                    managers,
+                };
                 run_local(spec, verbose, png)
             })
         }
@@ -733,6 +762,7 @@ fn main() {
                         pin: !no_pin,
                         copies,
                         kills: Vec::new(),
+                        managers: 1,
                     };
                     run_local(spec, verbose, png)
                 })

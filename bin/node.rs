@@ -43,40 +43,139 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
 
 // ------------------------------------------------------------------ manager
 
+/// Frames a manager wrote, held until the state they follow is committed.
+#[derive(Default)]
+struct Capture(Vec<(PeerId, Vec<u8>)>);
+
+impl ps_core::transport::FrameSink for Capture {
+    fn frame(&mut self, peer: PeerId, len: usize) -> Result<&mut [u8], ps_core::transport::TxError> {
+        self.0.push((peer, vec![0u8; len]));
+        Ok(&mut self.0.last_mut().expect("just pushed").1)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err("odd hex".into());
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string())).collect()
+}
+
+/// A committed entry of the managers' log: the state after change `seq`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Committed {
+    seq: u64,
+    state: ps_core::manager::ManagerState,
+}
+
+/// One manager replica (`replicas` lists every replica's address, this one's
+/// `listen` among them; empty: a lone manager). The replicas keep the
+/// manager's state in a Raft log (`ps_core::consensus`); the leader runs the
+/// job (`ManagerCore`) and sends what it decided only once the state that
+/// follows is committed, so a new leader takes over from exactly what the
+/// nodes were told. Nodes that reach a follower are told where the leader is.
 pub fn run_manager(
     secret: JobSecret,
     listen: SocketAddr,
+    replicas: Vec<SocketAddr>,
     job: JobSpec,
     servers: u32,
     workers: u32,
 ) -> Result<String, String> {
+    use ps_core::consensus::{Replica, TICK_MS};
+    use ps_core::manager::ManagerState;
     job.validate()?;
-    let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Manager as u8, node: 0 }, false);
+    let replicas = if replicas.is_empty() { vec![listen] } else { replicas };
+    let me = replicas.iter().position(|a| *a == listen).ok_or_else(|| {
+        format!("--listen {listen} must be one of the manager replicas {replicas:?} (this replica's own address)")
+    })?;
+    let mut cfg = TcpConfig::new(secret, PeerHello { role: Role::Manager as u8, node: me as u32 }, false);
     cfg.limits = job.limits;
     let mut t = TcpTransport::listen(cfg, listen).map_err(|e| format!("manager cannot listen on {listen}: {e}"))?;
     let addr = t.local_addr().expect("listening");
     // the launcher reads this line to learn the port
     println!("@listening {addr}");
-    tracing::info!("manager on {addr}: waiting for {servers} servers and {workers} workers (app {})", job.app);
+    let alone = replicas.len() == 1;
+    if alone {
+        tracing::info!("manager on {addr}: waiting for {servers} servers and {workers} workers (app {})", job.app);
+    } else {
+        tracing::info!("manager replica {me} of {} on {addr} (app {})", replicas.len(), job.app);
+    }
     let clock = StdClock(Instant::now());
-    let mut core = ManagerCore::new(job, servers, workers, ManagerTimeouts::default());
+    let mut raft = Replica::new(me as u64 + 1, replicas.len() as u64)?;
+    let mut core: Option<ManagerCore> = None;
+    let mut committed: Option<ManagerState> = None;
+    let (mut seq, mut proposed): (u64, Option<ManagerState>) = (0, None);
+    // frames waiting for the commit of the state change numbered with them
+    let mut held: std::collections::VecDeque<(u64, Capture)> = Default::default();
+    let mut links = std::collections::HashMap::<u64, PeerId>::new();
+    let mut link_at = std::collections::HashMap::<u64, Instant>::new();
     let mut hellos = std::collections::HashMap::<PeerId, PeerHello>::new();
     let mut rx = Vec::new();
     let mut events = Vec::new();
+    let tick = Duration::from_millis(TICK_MS);
+    let mut next_tick = Instant::now() + tick;
+    let send_frames = |t: &mut TcpTransport, frames: Vec<(PeerId, Vec<u8>)>| {
+        for (peer, f) in frames {
+            if let Ok(buf) = ps_core::transport::FrameSink::frame(t, peer, f.len()) {
+                buf.copy_from_slice(&f);
+            }
+        }
+    };
     loop {
-        t.rx_burst(&mut rx, Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+        if Instant::now() >= next_tick {
+            raft.tick();
+            next_tick += tick;
+        }
+        for id in (1..=replicas.len() as u64).filter(|&id| id != me as u64 + 1) {
+            if links.contains_key(&id) || link_at.get(&id).is_some_and(|&at| Instant::now() < at) {
+                continue;
+            }
+            match t.connect(replicas[id as usize - 1], Duration::from_millis(300)) {
+                Ok(p) => {
+                    links.insert(id, p);
+                }
+                Err(_) => {
+                    link_at.insert(id, Instant::now() + Duration::from_millis(200));
+                }
+            }
+        }
+        t.rx_burst(&mut rx, Some(Duration::from_millis(if alone { 100 } else { 10 }))).map_err(|e| e.to_string())?;
         t.events(&mut events);
         for e in &events {
             if let PeerEvent::Opened { peer, hello } = e {
                 hellos.insert(*peer, *hello);
             }
         }
+        let mut cap = Capture::default();
         for f in rx.drain(..) {
             let peer = f.peer();
             let hello = hellos.get(&peer).copied().unwrap_or(PeerHello { role: 0, node: 0 });
-            let r = core.on_frame(peer, hello, f.bytes(), clock.now(), &mut t);
+            let r = if hello.role == Role::Manager as u8 {
+                match decode_control(f.bytes()) {
+                    Ok(Control::Raft { bytes }) => unhex(&bytes).and_then(|b| raft.step(&b)),
+                    Ok(other) => Err(format!("a manager replica sent {other:?}")),
+                    Err(e) => Err(e),
+                }
+            } else if let Some(c) = core.as_mut() {
+                c.on_frame(peer, hello, f.bytes(), clock.now(), &mut cap)
+            } else {
+                // not the leader: say who is, and let the node go there
+                // (the node closes; every frame it sends meanwhile gets the same small answer)
+                let leader = raft.leader().map(|id| replicas[id as usize - 1].to_string());
+                let _ = send_control(&mut t, peer, &Control::NotLeader { leader });
+                Ok(())
+            };
             t.release(f);
             if let Err(why) = r {
+                if core.is_some() || hello.role == Role::Manager as u8 {
+                    tracing::debug!("dropping {peer:?}: {why}");
+                }
+                let _ = t.flush();
                 t.close(peer, &why);
             }
         }
@@ -84,25 +183,85 @@ pub fn run_manager(
         for e in events.drain(..) {
             if let PeerEvent::Closed { peer, reason } = e {
                 hellos.remove(&peer);
-                core.on_closed(peer, &reason, clock.now(), &mut t);
+                links.retain(|_, p| *p != peer);
+                if let Some(c) = core.as_mut() {
+                    c.on_closed(peer, &reason, clock.now(), &mut cap);
+                }
             }
         }
-        core.on_tick(clock.now(), &mut t);
-        for line in core.drain_log() {
-            tracing::info!("{line}");
+        if let Some(c) = core.as_mut() {
+            c.on_tick(clock.now(), &mut cap);
+            for line in c.drain_log() {
+                tracing::info!("{line}");
+            }
+            let state = c.state();
+            if proposed.as_ref() != Some(&state) {
+                seq += 1;
+                let entry = serde_json::to_vec(&Committed { seq, state: state.clone() }).expect("state serialises");
+                raft.propose(entry)?;
+                proposed = Some(state);
+                held.push_back((seq, cap));
+            } else if let Some(last) = held.back_mut() {
+                // keep the order: after what waits for a commit already
+                last.1 .0.extend(cap.0);
+            } else {
+                send_frames(&mut t, cap.0);
+            }
+        }
+        for (to, bytes) in raft.take_messages() {
+            if let Some(&p) = links.get(&to) {
+                let _ = send_control(&mut t, p, &Control::Raft { bytes: hex(&bytes) });
+            }
+        }
+        for data in raft.take_committed() {
+            let c: Committed = serde_json::from_slice(&data).map_err(|e| format!("a committed manager state: {e}"))?;
+            while held.front().is_some_and(|(s, _)| *s <= c.seq) {
+                let (_, frames) = held.pop_front().expect("looked at");
+                send_frames(&mut t, frames.0);
+            }
+            seq = seq.max(c.seq);
+            committed = Some(c.state);
+        }
+        if raft.is_leader() && core.is_none() {
+            let c = match committed.clone() {
+                Some(st) => ManagerCore::restore(st, ManagerTimeouts::default(), clock.now()),
+                None => ManagerCore::new(job.clone(), servers, workers, ManagerTimeouts::default()),
+            };
+            if !alone {
+                tracing::info!("manager replica {me} leads (term {})", raft.term());
+            }
+            proposed = committed.clone().or_else(|| Some(c.state()));
+            core = Some(c);
+        } else if !raft.is_leader() && core.is_some() {
+            tracing::info!("manager replica {me} no longer leads (term {}): its nodes go to the leader", raft.term());
+            core = None;
+            held.clear();
+            let nodes: Vec<PeerId> =
+                hellos.iter().filter(|(_, h)| h.role != Role::Manager as u8).map(|(p, _)| *p).collect();
+            for p in nodes {
+                t.close(p, "this manager replica no longer leads");
+            }
         }
         t.flush().map_err(|e| e.to_string())?;
-        if core.phase() == Phase::Ended {
-            // give the last messages a moment to leave
+        if let Some(st) = committed.as_ref().filter(|st| st.phase == Phase::Ended) {
+            // the end is committed: let the last messages leave
             let until = Instant::now() + Duration::from_millis(300);
             while Instant::now() < until {
+                for (to, bytes) in raft.take_messages() {
+                    if let Some(&p) = links.get(&to) {
+                        let _ = send_control(&mut t, p, &Control::Raft { bytes: hex(&bytes) });
+                    }
+                }
                 t.flush().ok();
                 let _ = t.rx_burst(&mut rx, Some(Duration::from_millis(20)));
                 for f in rx.drain(..) {
+                    if let Ok(Control::Raft { bytes }) = decode_control(f.bytes()) {
+                        let _ = unhex(&bytes).and_then(|b| raft.step(&b));
+                    }
                     t.release(f);
                 }
             }
-            return core.outcome().cloned().unwrap_or(Err("ended without an outcome".into()));
+            return st.outcome.clone().unwrap_or(Err("ended without an outcome".into()));
         }
     }
 }
@@ -168,10 +327,12 @@ pub struct ControlLink {
 }
 
 impl ControlLink {
-    /// Connects (retrying while the manager starts), registers, and waits for the view.
+    /// Connects (retrying while the manager starts), registers, and waits for
+    /// the view. `managers` lists the manager replicas: the leader accepts,
+    /// the others say where it is.
     pub fn register(
         secret: JobSecret,
-        manager: SocketAddr,
+        managers: &[SocketAddr],
         role: Role,
         host: &str,
         ports: Vec<u16>,
@@ -181,53 +342,78 @@ impl ControlLink {
         let mut cfg = TcpConfig::new(secret, PeerHello { role: role as u8, node: std::process::id() }, true);
         cfg.limits = limits;
         let mut t = TcpTransport::client(cfg).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let peer = loop {
-            match t.connect(manager, Duration::from_secs(5)) {
-                Ok(p) => break p,
-                Err(ps_tcp_fallback::ConnectError::Connect { .. }) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(format!("manager at {manager}: {e}")),
-            }
-        };
-        send_control(
-            &mut t,
-            peer,
-            &Control::Register { role, host: host.to_string(), ports, pid: std::process::id(), rank },
-        )
-        .map_err(|e| e.to_string())?;
-        t.flush().map_err(|e| e.to_string())?;
+        let register = Control::Register { role, host: host.to_string(), ports, pid: std::process::id(), rank };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut next = 0usize;
         let mut rx = Vec::new();
         let mut events = Vec::new();
-        let (rank, view) = 'wait: loop {
-            t.rx_burst(&mut rx, Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
-            for f in rx.drain(..) {
-                let msg = decode_control(f.bytes());
-                t.release(f);
-                match msg? {
-                    Control::Welcome { rank, view } => break 'wait (rank, view),
-                    Control::Abort { reason } => return Err(format!("the manager refused us: {reason}")),
-                    other => tracing::debug!("ignoring {other:?} before the welcome"),
+        let (peer, rank, view) = 'found: loop {
+            if Instant::now() > deadline {
+                return Err(format!("no cluster view from the manager at {managers:?} within 3 minutes"));
+            }
+            let addr = managers[next % managers.len()];
+            next += 1;
+            let peer = match t.connect(addr, Duration::from_secs(5)) {
+                Ok(p) => p,
+                Err(ps_tcp_fallback::ConnectError::Connect { .. }) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                // one of several replicas may be gone: the next one, then
+                Err(e) if managers.len() > 1 => {
+                    tracing::debug!("manager replica at {addr}: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => return Err(format!("manager at {addr}: {e}")),
+            };
+            send_control(&mut t, peer, &register).map_err(|e| e.to_string())?;
+            t.flush().map_err(|e| e.to_string())?;
+            'wait: loop {
+                t.rx_burst(&mut rx, Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+                for f in rx.drain(..) {
+                    let msg = decode_control(f.bytes());
+                    t.release(f);
+                    match msg? {
+                        Control::Welcome { rank, view } => break 'found (peer, rank, view),
+                        Control::Abort { reason } => return Err(format!("the manager refused us: {reason}")),
+                        Control::NotLeader { leader } => {
+                            // the leader next, if this replica knows it
+                            if let Some(i) = leader.and_then(|l| managers.iter().position(|m| m.to_string() == l)) {
+                                next = i;
+                            } else {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            t.close(peer, "not the leader");
+                            break 'wait;
+                        }
+                        other => tracing::debug!("ignoring {other:?} before the welcome"),
+                    }
+                }
+                t.events(&mut events);
+                if let Some(PeerEvent::Closed { reason, .. }) =
+                    events.drain(..).find(|e| matches!(e, PeerEvent::Closed { peer: p, .. } if *p == peer))
+                {
+                    if managers.len() == 1 {
+                        return Err(format!("the manager closed the connection before the job started: {reason}"));
+                    }
+                    break 'wait;
+                }
+                if Instant::now() > deadline {
+                    break 'wait;
                 }
             }
             t.events(&mut events);
-            if let Some(PeerEvent::Closed { reason, .. }) =
-                events.drain(..).find(|e| matches!(e, PeerEvent::Closed { .. }))
-            {
-                return Err(format!("the manager closed the connection before the job started: {reason}"));
-            }
-            if Instant::now() > deadline + Duration::from_secs(120) {
-                return Err("no cluster view from the manager within 3 minutes".into());
-            }
         };
         let (to_thread, from_main) = bounded::<Control>(64);
         let (notify, notices) = bounded::<Notice>(64);
         let board = ViewBoard::new(view.clone());
         let thread_board = board.clone();
+        let link =
+            Relink { managers: managers.to_vec(), rejoin: Control::Rejoin { role, rank, pid: std::process::id() } };
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || control_loop(t, peer, from_main, notify, thread_board))
+            .spawn(move || control_loop(t, peer, from_main, notify, thread_board, link))
             .map_err(|e| e.to_string())?;
         Ok((rank, view, ControlLink { to_thread, notices, thread: Some(thread), board }))
     }
@@ -293,17 +479,88 @@ fn decode_control(frame: &[u8]) -> Result<Control, String> {
     }
 }
 
+/// What a node needs to find a new manager leader after losing the old one.
+struct Relink {
+    managers: Vec<SocketAddr>,
+    rejoin: Control,
+}
+
+/// How long a node looks for a new manager leader before it gives up.
+const MANAGER_RELINK_S: u64 = 30;
+
+/// Connects to the manager replica that leads now and rejoins there (the
+/// others answer `NotLeader` and close); `None` after `MANAGER_RELINK_S`.
+fn relink(t: &mut TcpTransport, link: &Relink) -> Option<PeerId> {
+    let deadline = Instant::now() + Duration::from_secs(MANAGER_RELINK_S);
+    let mut rx = Vec::new();
+    let mut events = Vec::new();
+    let mut next = 0usize;
+    while Instant::now() < deadline {
+        let addr = link.managers[next % link.managers.len()];
+        next += 1;
+        let Ok(peer) = t.connect(addr, Duration::from_millis(500)) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        if send_control(t, peer, &link.rejoin).is_err() || t.flush().is_err() {
+            continue;
+        }
+        // the leader answers with the view; a follower says who leads
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut answer = None;
+        while answer.is_none() && Instant::now() < until {
+            if t.rx_burst(&mut rx, Some(Duration::from_millis(50))).is_err() {
+                break;
+            }
+            for f in rx.drain(..) {
+                answer = answer.or(Some(decode_control(f.bytes())));
+                t.release(f);
+            }
+            t.events(&mut events);
+            if events.drain(..).any(|e| matches!(e, PeerEvent::Closed { peer: p, .. } if p == peer)) && answer.is_none()
+            {
+                answer = Some(Err("closed".into()));
+            }
+        }
+        match answer {
+            Some(Ok(Control::View { view })) => {
+                tracing::info!("rejoined the manager leader at {addr} (view {})", view.epoch);
+                return Some(peer);
+            }
+            Some(Ok(Control::NotLeader { leader })) => {
+                if let Some(i) = leader.and_then(|l| link.managers.iter().position(|m| m.to_string() == l)) {
+                    next = i;
+                }
+            }
+            Some(Ok(Control::Abort { reason })) => {
+                tracing::error!("job aborted by the manager: {reason}");
+                eprintln!("error: job aborted: {reason}");
+                std::process::exit(1);
+            }
+            _ => {}
+        }
+        t.close(peer, "looking for the manager leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 fn control_loop(
     mut t: TcpTransport,
-    peer: PeerId,
+    mut peer: PeerId,
     from_main: Receiver<Control>,
     notify: Sender<Notice>,
     board: Arc<ViewBoard>,
+    link: Relink,
 ) {
     let mut rx = Vec::new();
     let mut events = Vec::new();
     let interval = Duration::from_millis(ps_core::limits::HEARTBEAT_INTERVAL_MS);
     let mut next_beat = Instant::now();
+    // what a new leader must hear again: it may have been lost with the old one
+    let mut waiting_barrier: Option<Control> = None;
+    let mut sent_done: Option<Control> = None;
+    let mut sent_copies: Option<Control> = None;
     loop {
         if Instant::now() >= next_beat {
             let _ = send_control(&mut t, peer, &Control::Heartbeat);
@@ -312,6 +569,12 @@ fn control_loop(
         loop {
             match from_main.try_recv() {
                 Ok(msg) => {
+                    match &msg {
+                        Control::Barrier { .. } => waiting_barrier = Some(msg.clone()),
+                        Control::Done { .. } => sent_done = Some(msg.clone()),
+                        Control::Copies { .. } => sent_copies = Some(msg.clone()),
+                        _ => {}
+                    }
                     let _ = send_control(&mut t, peer, &msg);
                 }
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
@@ -330,7 +593,12 @@ fn control_loop(
             let msg = decode_control(f.bytes());
             t.release(f);
             let n = match msg {
-                Ok(Control::Released { name }) => Notice::Released(name),
+                Ok(Control::Released { name }) => {
+                    if matches!(&waiting_barrier, Some(Control::Barrier { name: n }) if *n == name) {
+                        waiting_barrier = None;
+                    }
+                    Notice::Released(name)
+                }
                 Ok(Control::Shutdown { reason }) => Notice::Shutdown(reason),
                 Ok(Control::Abort { reason }) => {
                     // the job is over: whatever the main thread is blocked in (a wait
@@ -358,10 +626,29 @@ fn control_loop(
             let _ = notify.send(n);
         }
         t.events(&mut events);
-        for e in events.drain(..) {
-            if let PeerEvent::Closed { reason, .. } = e {
+        let lost = events.drain(..).find_map(|e| match e {
+            PeerEvent::Closed { peer: p, reason } if p == peer => Some(reason),
+            _ => None,
+        });
+        if let Some(reason) = lost {
+            if link.managers.len() == 1 {
                 let _ = notify.send(Notice::Abort(format!("lost the manager: {reason}")));
                 return;
+            }
+            tracing::warn!("lost the manager leader ({reason}); looking for the new one");
+            match relink(&mut t, &link) {
+                Some(p) => {
+                    peer = p;
+                    for msg in [&sent_copies, &waiting_barrier, &sent_done].into_iter().flatten() {
+                        let _ = send_control(&mut t, peer, msg);
+                    }
+                }
+                None => {
+                    let _ = notify.send(Notice::Abort(format!(
+                        "lost the manager ({reason}) and found no new leader within {MANAGER_RELINK_S} s"
+                    )));
+                    return;
+                }
             }
         }
     }
@@ -451,7 +738,7 @@ fn kernels_from_env() -> Result<&'static Kernels, String> {
 
 pub fn run_server(
     secret: JobSecret,
-    manager: SocketAddr,
+    managers: &[SocketAddr],
     opts: ServerOpts,
     netopts: &NetOpts,
 ) -> Result<String, String> {
@@ -472,7 +759,7 @@ pub fn run_server(
     let transports = net::server_transports(transports, netopts)?;
     let (rank, view, link) = ControlLink::register(
         secret.clone(),
-        manager,
+        managers,
         Role::Server,
         &opts.host,
         ports.clone(),
@@ -801,13 +1088,13 @@ pub fn enable_failover(ps: &mut PsWorker, rank: u32, board: Arc<ViewBoard>, neto
 
 pub fn run_worker(
     secret: JobSecret,
-    manager: SocketAddr,
+    managers: &[SocketAddr],
     host: &str,
     rank: Option<u32>,
     netopts: &NetOpts,
 ) -> Result<String, String> {
     let (rank, view, link) =
-        ControlLink::register(secret.clone(), manager, Role::Worker, host, vec![], rank, Default::default())?;
+        ControlLink::register(secret.clone(), managers, Role::Worker, host, vec![], rank, Default::default())?;
     match crate::placement::topology() {
         Ok(topo) => match crate::placement::plan_worker(&topo, net::device_name(netopts).as_deref()) {
             (Some(cpus), why) => match crate::placement::bind_current(&topo, &cpus) {

@@ -94,3 +94,65 @@ fn a_killed_worker_is_left_behind_and_the_job_says_what_became_of_its_data() {
         assert!(acc > 0.85, "{policy}: accuracy {acc}:\n{out}");
     }
 }
+
+/// The manager's leader killed (3 replicas keep its state in a Raft log): a
+/// new leader within a few seconds, every node rejoins it, and the job
+/// completes with invariant 1 intact; then the same while training, where
+/// every epoch ends at a barrier the new leader must release, and with a
+/// server killed too, which the new leader fails over.
+#[test]
+fn killing_the_manager_leader_elects_another_and_the_job_completes() {
+    let (ok, out) = run(&[
+        "local",
+        "--app",
+        "check",
+        "--managers",
+        "3",
+        "--servers",
+        "3",
+        "--workers",
+        "3",
+        "--no-pin",
+        "-v",
+        "--kill",
+        "leader@800",
+        "--params",
+        r#"{"rounds": 300, "keys": 1500}"#,
+    ]);
+    assert!(ok, "the job failed:\n{out}");
+    assert_eq!(out.matches("finished: invariant 1 holds").count(), 3, "{out}");
+    let ms = leader_after_kill_ms(&out);
+    assert!(ms < 5000.0, "a new leader {ms} ms after the kill:\n{out}");
+    eprintln!("check: new manager leader {ms:.0} ms after the kill");
+
+    let (ok, out) = run(&[
+        "local",
+        "--managers",
+        "3",
+        "--servers",
+        "3",
+        "--workers",
+        "3",
+        "--no-pin",
+        "--kill",
+        "leader@1200",
+        "--kill",
+        "server2@2500",
+        "--params",
+        r#"{"epochs": 5}"#,
+    ]);
+    assert!(ok, "the job failed:\n{out}");
+    assert_eq!(out.matches("train loss").count(), 5, "every epoch's barrier released:\n{out}");
+    assert!(out.contains("failover: 3 connections"), "the new leader failed the server over:\n{out}");
+    let ms = leader_after_kill_ms(&out);
+    eprintln!("train-lr: new manager leader {ms:.0} ms after the kill");
+}
+
+fn leader_after_kill_ms(out: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("manager failover: "))
+        .unwrap_or_else(|| panic!("no manager failover line:\n{out}"));
+    let at = line.find("leads, ").expect("leads") + "leads, ".len();
+    line[at..].split(' ').next().unwrap().parse().unwrap()
+}

@@ -199,6 +199,14 @@ pub enum Control {
     /// manager -> all: the view changed (copies reported, a server or a
     /// worker lost); nodes act on the newest epoch.
     View { view: ClusterView },
+    /// node -> a new manager leader: I registered with the one before (and
+    /// was welcomed as `rank`); answered with the current view.
+    Rejoin { role: Role, rank: u32, pid: u32 },
+    /// manager replica -> node: I do not lead; try `leader` (its address), or
+    /// the others.
+    NotLeader { leader: Option<String> },
+    /// manager replica -> manager replica: a Raft message (`consensus`), hex.
+    Raft { bytes: String },
 }
 
 impl Control {

@@ -44,6 +44,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod client;
 pub mod clock;
+pub mod consensus;
 pub mod control;
 pub mod error;
 pub mod filter;

@@ -15,7 +15,7 @@ use crate::ring::Owner;
 use crate::transport::{FrameSink, PeerHello, PeerId};
 use crate::wire::{self, Frame};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     Registering,
     Running,
@@ -34,7 +34,38 @@ struct Node {
     last_seen: Duration,
     connected: bool,
     done: bool,
+    /// restored by a new leader, not yet connected to it (`Rejoin`)
+    rejoining: bool,
 }
+
+/// A node as the replicated state keeps it (no connection, no clock).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    pub role: Role,
+    pub rank: u32,
+    pub host: String,
+    pub ports: Vec<u16>,
+    pub pid: u32,
+    pub done: bool,
+}
+
+/// Everything a manager replica must know to take over as leader: what the
+/// leader replicates after every change (`consensus`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ManagerState {
+    pub job: JobSpec,
+    pub expect_servers: u32,
+    pub expect_workers: u32,
+    pub nodes: Vec<NodeRecord>,
+    pub phase: Phase,
+    pub barriers: BTreeMap<String, BTreeSet<u32>>,
+    pub outcome: Option<Result<String, String>>,
+    pub view: Option<ClusterView>,
+    pub losses: Vec<String>,
+}
+
+/// The peer of a node restored from the replicated state, until it rejoins.
+const NO_PEER: PeerId = PeerId { index: u32::MAX, generation: u32::MAX - 1 };
 
 impl Node {
     fn describe(&self) -> String {
@@ -101,6 +132,102 @@ impl ManagerCore {
     /// The current view (once every node registered).
     pub fn view(&self) -> Option<&ClusterView> {
         self.view.as_ref()
+    }
+
+    /// What the replicas replicate (see [`ManagerState`]).
+    pub fn state(&self) -> ManagerState {
+        ManagerState {
+            job: self.job.clone(),
+            expect_servers: self.expect_servers,
+            expect_workers: self.expect_workers,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeRecord {
+                    role: n.role,
+                    rank: n.rank,
+                    host: n.host.clone(),
+                    ports: n.ports.clone(),
+                    pid: n.pid,
+                    done: n.done,
+                })
+                .collect(),
+            phase: self.phase,
+            barriers: self.barriers.clone(),
+            outcome: self.outcome.clone(),
+            view: self.view.clone(),
+            losses: self.losses.clone(),
+        }
+    }
+
+    /// A new leader's manager, from the last committed state: every node is
+    /// expected to rejoin (`Control::Rejoin`) within the heartbeat timeout,
+    /// else it is lost as a silent node would be.
+    pub fn restore(state: ManagerState, timeouts: ManagerTimeouts, now: Duration) -> Self {
+        let mut m = Self::new(state.job, state.expect_servers, state.expect_workers, timeouts);
+        m.nodes = state
+            .nodes
+            .into_iter()
+            .map(|r| Node {
+                peer: NO_PEER,
+                role: r.role,
+                rank: r.rank,
+                host: r.host,
+                ports: r.ports,
+                pid: r.pid,
+                last_seen: now,
+                connected: false,
+                done: r.done,
+                rejoining: true,
+            })
+            .collect();
+        m.phase = state.phase;
+        m.phase_since = now;
+        m.barriers = state.barriers;
+        m.outcome = state.outcome;
+        m.view = state.view;
+        m.losses = state.losses;
+        m.log.push(format!("took over as leader: {} nodes to rejoin, phase {:?}", m.nodes.len(), m.phase));
+        m
+    }
+
+    /// A node that registered with an earlier leader connects to this one.
+    fn rejoin(
+        &mut self,
+        peer: PeerId,
+        role: Role,
+        rank: u32,
+        pid: u32,
+        now: Duration,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), String> {
+        let Some(i) = self.nodes.iter().position(|n| n.role == role && n.rank == rank && n.pid == pid) else {
+            let reason = format!("no {} {rank} (pid {pid}) is in this job", role.name());
+            self.send(tx, peer, &Control::Abort { reason: reason.clone() });
+            return Err(reason);
+        };
+        if self.dead(role, rank) {
+            let reason = format!("{} was found dead meanwhile and left out of the job", self.nodes[i].describe());
+            self.send(tx, peer, &Control::Abort { reason: reason.clone() });
+            return Err(reason);
+        }
+        let n = &mut self.nodes[i];
+        if n.connected {
+            self.by_peer.remove(&n.peer);
+        }
+        n.peer = peer;
+        n.connected = true;
+        n.rejoining = false;
+        n.last_seen = now;
+        self.by_peer.insert(peer, i);
+        self.log.push(format!("{} rejoined", self.nodes[i].describe()));
+        if let Some(v) = self.view.clone() {
+            self.send(tx, peer, &Control::View { view: v });
+        }
+        if self.phase == Phase::Stopping && role != Role::Manager {
+            self.send(tx, peer, &Control::Shutdown { reason: "all workers finished".into() });
+        }
+        Ok(())
     }
 
     fn dead(&self, role: Role, rank: u32) -> bool {
@@ -267,7 +394,22 @@ impl ManagerCore {
         }
         match msg {
             Control::Register { role, host, ports, pid, rank } => {
+                // registered with an earlier leader already (its welcome not sent): the same node again
+                if let Some(n) = self.nodes.iter().find(|n| n.role == role && n.pid == pid && n.host == host) {
+                    let rank = n.rank;
+                    self.rejoin(peer, role, rank, pid, now, tx)?;
+                    if let (Some(view), Phase::Running) = (self.view.clone(), self.phase) {
+                        self.send(tx, peer, &Control::Welcome { rank, view });
+                    }
+                    return Ok(());
+                }
                 self.register(peer, hello, role, host, ports, pid, rank, now, tx)
+            }
+            Control::Rejoin { role, rank, pid } => {
+                if Role::from_u8(hello.role) != Some(role) {
+                    return Err(format!("rejoined as {} but authenticated as role {}", role.name(), hello.role));
+                }
+                self.rejoin(peer, role, rank, pid, now, tx)
             }
             Control::Heartbeat => Ok(()),
             Control::Barrier { name } => {
@@ -290,6 +432,10 @@ impl ManagerCore {
                 let want = (v.copies() as usize - 1) * v.servers[rank as usize].ports.len();
                 if ports.len() != want {
                     return Err(format!("server {rank} reported {} copy ports, the job needs {want}", ports.len()));
+                }
+                if v.servers[rank as usize].copy_ports == ports {
+                    // told again after it rejoined a new leader: nothing changed
+                    return Ok(());
                 }
                 v.servers[rank as usize].copy_ports = ports;
                 if v.copies_reported() {
@@ -360,7 +506,8 @@ impl ManagerCore {
             Some(r) => r,
             None => (0..want).find(|&r| !taken(r)).expect("fewer than `want` registered"),
         };
-        let node = Node { peer, role, rank, host, ports, pid, last_seen: now, connected: true, done: false };
+        let node =
+            Node { peer, role, rank, host, ports, pid, last_seen: now, connected: true, done: false, rejoining: false };
         self.log.push(format!("{} registered", node.describe()));
         self.by_peer.insert(peer, self.nodes.len());
         self.nodes.push(node);
@@ -440,21 +587,29 @@ impl ManagerCore {
             }
             Phase::Running | Phase::Registering => {
                 let silent = self.nodes.iter().position(|n| {
-                    n.connected
+                    (n.connected || n.rejoining)
                         && !n.done
                         && !self.dead(n.role, n.rank)
                         && now.saturating_sub(n.last_seen) > self.timeouts.heartbeat
                 });
                 if let Some(i) = silent {
                     let n = &self.nodes[i];
-                    let why = format!(
-                        "sent nothing for {:.1} s (heartbeat timeout {:.1} s): presumed dead",
-                        now.saturating_sub(n.last_seen).as_secs_f64(),
-                        self.timeouts.heartbeat.as_secs_f64()
-                    );
+                    let why = if n.rejoining {
+                        format!(
+                            "did not rejoin the new leader within {:.1} s: presumed dead",
+                            self.timeouts.heartbeat.as_secs_f64()
+                        )
+                    } else {
+                        format!(
+                            "sent nothing for {:.1} s (heartbeat timeout {:.1} s): presumed dead",
+                            now.saturating_sub(n.last_seen).as_secs_f64(),
+                            self.timeouts.heartbeat.as_secs_f64()
+                        )
+                    };
+                    let who = n.describe();
+                    self.nodes[i].rejoining = false;
                     if self.phase == Phase::Registering {
-                        let reason = format!("{} {why}", n.describe());
-                        self.abort(tx, reason);
+                        self.abort(tx, format!("{who} {why}"));
                     } else {
                         self.lose(i, why, now, tx);
                     }
@@ -717,6 +872,44 @@ mod tests {
         assert_eq!(m.phase(), Phase::Running);
         m.on_closed(p(2), "reset", Duration::ZERO, &mut out);
         assert!(matches!(m.outcome(), Some(Err(_))));
+    }
+
+    #[test]
+    fn a_new_leader_takes_over_from_the_replicated_state_and_its_nodes_rejoin() {
+        let mut m = ManagerCore::new(job(), 1, 2, ManagerTimeouts::default());
+        let mut out = Out::default();
+        reg(&mut m, &mut out, 0, Role::Server, Duration::ZERO);
+        reg(&mut m, &mut out, 1, Role::Worker, Duration::ZERO);
+        reg(&mut m, &mut out, 2, Role::Worker, Duration::ZERO);
+        ctl(&mut m, &mut out, 1, Role::Worker, Control::Barrier { name: "b".into() }, Duration::ZERO).unwrap();
+        out.msgs();
+        // the state survives serialisation, as the Raft log carries it
+        let state = m.state();
+        let bytes = serde_json::to_vec(&state).unwrap();
+        let state: ManagerState = serde_json::from_slice(&bytes).unwrap();
+        let t = Duration::from_secs(100);
+        let mut n = ManagerCore::restore(state, ManagerTimeouts::default(), t);
+        assert_eq!(n.phase(), Phase::Running);
+        assert_eq!(n.state(), m.state(), "nothing lost in the hand-over");
+        // the server and worker 0 rejoin on new connections and get the view
+        let rejoin = |n: &mut ManagerCore, out: &mut Out, peer: u32, role: Role, rank: u32, pid: u32| {
+            ctl(n, out, peer, role, Control::Rejoin { role, rank, pid }, t)
+        };
+        rejoin(&mut n, &mut out, 10, Role::Server, 0, 0).unwrap();
+        rejoin(&mut n, &mut out, 11, Role::Worker, 0, 1).unwrap();
+        assert_eq!(views(&mut out).len(), 2);
+        // a stranger is turned away
+        assert!(rejoin(&mut n, &mut out, 12, Role::Worker, 1, 999).is_err());
+        out.msgs();
+        // worker 1 (pid 2) never rejoins: lost after the heartbeat timeout, and the
+        // barrier worker 0 reached before the hand-over lets it through
+        ctl(&mut n, &mut out, 10, Role::Server, Control::Heartbeat, t + Duration::from_secs(6)).unwrap();
+        ctl(&mut n, &mut out, 11, Role::Worker, Control::Heartbeat, t + Duration::from_secs(6)).unwrap();
+        n.on_tick(t + Duration::from_secs(6), &mut out);
+        assert_eq!(n.phase(), Phase::Running);
+        let msgs = out.msgs();
+        assert!(msgs.iter().any(|(_, c)| matches!(c, Control::View { view } if view.dead_workers == vec![1])));
+        assert!(msgs.iter().any(|(p, c)| *p == super::tests::p(11) && matches!(c, Control::Released { .. })));
     }
 
     #[test]
