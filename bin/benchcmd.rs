@@ -44,6 +44,9 @@ pub struct BenchOpts {
     pub pin: bool,
     /// Runs of the whole bench (cluster and baseline); the table shows medians.
     pub repeat: u32,
+    /// Copies of every shard (chain replication): 1 measures the data path
+    /// alone, as ps-lite and perftest do; 2 what replication costs.
+    pub copies: u32,
 }
 
 fn baseline_of(op: &str) -> &'static str {
@@ -125,14 +128,17 @@ fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
         app: "bench".into(),
         params: o.params.clone(),
         pin: o.pin,
-        // the data path alone, as ps-lite and perftest measure it
-        copies: 1,
+        copies: o.copies,
         kills: Vec::new(),
         managers: 1,
     };
     eprintln!(
-        "bench: {} server(s) x {} shard(s), {} worker(s), one op in flight per worker",
-        o.servers, o.shards, o.workers
+        "bench: {} server(s) x {} shard(s), {} worker(s), {} cop{} of every shard, one op in flight per worker",
+        o.servers,
+        o.shards,
+        o.workers,
+        o.copies.min(o.servers),
+        if o.copies.min(o.servers) == 1 { "y" } else { "ies" }
     );
     // (layout, op, size) -> per-worker reports
     let mut reports: BTreeMap<(String, String, u64), Vec<serde_json::Value>> = BTreeMap::new();

@@ -204,6 +204,10 @@ enum Cmd {
         /// suite's runs beside perftest, which measures nothing else.
         #[arg(long)]
         window_only: bool,
+        /// Copies of every shard (1: the data path alone, as ps-lite measures;
+        /// 2 or more: what chain replication costs; at most --servers count).
+        #[arg(long, default_value_t = 1)]
+        copies: u32,
     },
     /// Print a fresh job secret (64 hex digits) for PS_JOB_SECRET.
     Secret,
@@ -682,6 +686,7 @@ fn main() {
             repeat,
             window,
             window_only,
+            copies,
         } => {
             if window_only && window < 2 {
                 eprintln!("pslab bench: --window-only needs --window 2 or more");
@@ -708,6 +713,7 @@ fn main() {
                     plot,
                     pin: !no_pin,
                     repeat,
+                    copies,
                 })
             })
         }

@@ -517,10 +517,10 @@ impl ChainCore {
     fn forward(&mut self, origin: u32, seq: u64, inner: &[u8], release: Vec<Release>, tx: &mut dyn FrameSink) {
         let frame = forward_frame(origin, seq, inner);
         if let Some(p) = self.down.peer {
-            match tx.frame(p, frame.len()) {
-                Ok(buf) => buf.copy_from_slice(&frame),
+            // from the log's copy (TCP sends straight from it when it can)
+            if tx.frame_gather(p, &[&frame]).is_err() {
                 // the link is going: the frame goes again on the next one
-                Err(_) => self.down.peer = None,
+                self.down.peer = None;
             }
         }
         self.stats.forwarded += 1;
@@ -609,7 +609,10 @@ impl ChainCore {
             return Ok(());
         }
         let has_down = self.down.server.is_some();
-        let applied_frame = if kind == Kind::PushPull && has_down { push_of(frame) } else { frame.to_vec() };
+        // what this copy applies and the next ones get: a push-pull's push
+        // half when the pull must wait for them (`Release::PullPart`)
+        let push_half = (kind == Kind::PushPull && has_down).then(|| push_of(frame));
+        let applied_frame: &[u8] = push_half.as_deref().unwrap_or(frame);
         self.captured.clear();
         {
             let mut sink = Routed {
@@ -619,7 +622,7 @@ impl ChainCore {
                 captured: &mut self.captured,
                 void: &mut self.void,
             };
-            self.core.handle(vpeer, &applied_frame, &mut sink)?;
+            self.core.handle(vpeer, applied_frame, &mut sink)?;
         }
         *self.applied.entry(origin).or_default() += 1;
         let release: Vec<Release> = if kind == Kind::PushPull && has_down {
@@ -630,8 +633,7 @@ impl ChainCore {
             self.captured.drain(..).map(|f| Release::Send(peer, f)).collect()
         };
         if has_down {
-            let inner = if kind == Kind::PushPull { push_of(frame) } else { frame.to_vec() };
-            self.forward(origin, seq, &inner, release, tx);
+            self.forward(origin, seq, applied_frame, release, tx);
         } else {
             self.release(release, tx);
         }
@@ -674,8 +676,7 @@ impl ChainCore {
         self.captured.clear();
         *self.applied.entry(origin).or_default() += 1;
         if self.down.server.is_some() {
-            let inner = inner.to_vec();
-            self.forward(origin, seq, &inner, vec![Release::Send(peer, ack)], tx);
+            self.forward(origin, seq, inner, vec![Release::Send(peer, ack)], tx);
         } else {
             tx.frame(peer, ack.len())?.copy_from_slice(&ack);
         }

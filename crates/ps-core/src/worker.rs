@@ -389,10 +389,10 @@ impl WorkerCore {
         let seq = crate::chain::is_counted(kind).then_some(stream.next_seq);
         let a = u64::from_le_bytes(wire[24..32].try_into().expect("a data frame"));
         if stream.lost.is_none() {
-            match tx.frame(peer, wire.len()) {
-                Ok(buf) => buf.copy_from_slice(&wire),
+            // TCP sends straight from the kept copy when nothing is queued ahead
+            match tx.frame_gather(peer, &[&wire]) {
                 // its close event comes next; the frame goes again after the rebind
-                Err(TxError::Closed(_)) => {}
+                Ok(()) | Err(TxError::Closed(_)) => {}
                 Err(e) => return Err(e),
             }
         }
