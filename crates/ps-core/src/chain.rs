@@ -1156,6 +1156,54 @@ mod tests {
         }
     }
 
+    /// Invariant 4 for the chain's own frames: random and truncated Bind,
+    /// Forward and Ack frames (and random bytes) from a peer never panic a
+    /// copy; they are refused or dropped, and a good client is served after.
+    #[test]
+    fn garbage_chain_frames_never_panic_a_copy() {
+        let v = view(2);
+        let owner = Owner { server: 0, shard: 0 };
+        let core = ShardCore::new(&v, owner, &RuleRegistry::default(), Kernels::best()).unwrap();
+        let mut head = ChainCore::new(core, 0, chain_of(owner, SERVERS, 2));
+        let mut rng = crate::rng::SplitMix64::new(0xBAD);
+        let mut sink = SimSink::default();
+        for i in 0..20_000u32 {
+            let kind = [Kind::Bind, Kind::Forward, Kind::Ack, Kind::Push, Kind::Clock][rng.below(5) as usize];
+            let h = DataHeader {
+                kind,
+                dense: rng.below(2) == 0,
+                table: rng.below(4) as u32,
+                sub: rng.below(3) as u32,
+                ts: rng.below(5),
+                a: if rng.below(2) == 0 { rng.below(8) } else { rng.next_u64() },
+                b: if rng.below(2) == 0 { rng.below(64) } else { rng.next_u64() },
+            };
+            let mut f = match h.frame_len() {
+                Some(len) if len <= 1 << 16 => vec![0u8; len],
+                _ => vec![0u8; 48],
+            };
+            let n = f.len().min(40);
+            let head_bytes = h.encode(f.len().max(40));
+            f[..n].copy_from_slice(&head_bytes[..n]);
+            for b in f.iter_mut().skip(40) {
+                *b = rng.below(256) as u8;
+            }
+            if rng.below(10) == 0 {
+                let cut = rng.below(f.len() as u64) as usize;
+                f.truncate(cut);
+            }
+            let peer = PeerId { index: i % 7, generation: 0 };
+            if head.handle(peer, &f, &mut sink).is_err() {
+                head.on_closed(peer);
+            }
+            sink.frames.clear();
+        }
+        // a good client still binds and gets its push acknowledged once the tail is linked
+        let client = PeerId { index: 100, generation: 0 };
+        head.handle(client, &bind_frame(0, 0), &mut sink).unwrap();
+        assert!(sink.frames.iter().any(|(p, _)| *p == client), "the bind is answered");
+    }
+
     fn sim_seeds(default: u64) -> u64 {
         std::env::var("PS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
     }

@@ -1044,6 +1044,47 @@ mod tests {
         out
     }
 
+    /// Invariant 4: well-formed frames with any counts (a clock flagged dense
+    /// with a huge clock count once panicked the ack's length) and truncated
+    /// ones never panic a shard.
+    #[test]
+    fn frames_with_any_counts_never_panic_a_shard() {
+        let mut sh = shard(Consistency::Bounded { staleness: 1 });
+        let mut sink = SimSink::default();
+        let mut rng = crate::rng::SplitMix64::new(0x5EED);
+        let kinds = [Kind::Push, Kind::Pull, Kind::PushPull, Kind::Clock, Kind::Watch, Kind::Checkpoint, Kind::Ack];
+        for i in 0..30_000u32 {
+            let h = DataHeader {
+                kind: kinds[rng.below(kinds.len() as u64) as usize],
+                dense: rng.below(2) == 0,
+                table: rng.below(3) as u32,
+                sub: rng.below(3) as u32,
+                ts: rng.below(5),
+                a: if rng.below(2) == 0 { rng.below(2000) } else { rng.next_u64() >> rng.below(64) },
+                b: if rng.below(2) == 0 { rng.below(64) } else { rng.next_u64() >> rng.below(64) },
+            };
+            let len = h.frame_len().filter(|&l| l <= 1 << 16).unwrap_or(40);
+            let mut f = vec![0u8; len.max(40)];
+            let bytes = h.encode(f.len());
+            f[..40].copy_from_slice(&bytes);
+            for b in f.iter_mut().skip(40) {
+                *b = rng.below(256) as u8;
+            }
+            if rng.below(8) == 0 {
+                f.truncate(rng.below(f.len() as u64) as usize);
+            }
+            let peer = PeerId { index: i % 5, generation: 0 };
+            if sh.handle(peer, &f, &mut sink).is_err() {
+                sh.on_closed(peer);
+            }
+            sink.frames.clear();
+        }
+        let clock = DataHeader { kind: Kind::Clock, dense: true, table: 0, sub: 0, ts: 1, a: u64::MAX >> 2, b: 0 };
+        let mut f = vec![0u8; clock.frame_len().unwrap()];
+        clock.write(&mut f);
+        let _ = sh.handle(PeerId { index: 9, generation: 0 }, &f, &mut sink);
+    }
+
     #[test]
     fn a_pull_ahead_of_the_slowest_worker_waits_for_its_clock() {
         let mut s = shard(Consistency::Bounded { staleness: 1 });

@@ -197,18 +197,21 @@ pub struct DataHeader {
 impl DataHeader {
     /// Bytes of the frame this header describes (payload implied by kind, a, b).
     pub fn frame_len(&self) -> Option<usize> {
-        Some(padded_len(DATA_HEADER_BYTES - PREFIX_BYTES + self.payload_len()?))
+        let content = (DATA_HEADER_BYTES - PREFIX_BYTES).checked_add(self.payload_len()?)?;
+        content.checked_add(PREFIX_BYTES + 7).map(|_| padded_len(content))
     }
 
     /// (key bytes, value bytes) of the payload.
     pub fn payload_parts(&self) -> Option<(usize, usize)> {
-        let keys = if self.dense { 0 } else { usize::try_from(self.a).ok()?.checked_mul(8)? };
-        let vals = usize::try_from(self.b).ok()?.checked_mul(4)?;
+        // counted only for the kinds that carry them: an ack or a clock echoes
+        // a and b as numbers, whatever they are
+        let keys = || if self.dense { Some(0) } else { usize::try_from(self.a).ok()?.checked_mul(8) };
+        let vals = || usize::try_from(self.b).ok()?.checked_mul(4);
         Some(match self.kind {
-            Kind::Push | Kind::PushPull | Kind::Refresh => (keys, vals),
-            Kind::Forward => (0, vals),
-            Kind::Pull => (keys, 0),
-            Kind::PullResp => (0, vals),
+            Kind::Push | Kind::PushPull | Kind::Refresh => (keys()?, vals()?),
+            Kind::Forward => (0, vals()?),
+            Kind::Pull => (keys()?, 0),
+            Kind::PullResp => (0, vals()?),
             Kind::Ack => (0, 0),
             // error frames carry their message bytes as "values": b is the byte count / 4 rounded up
             _ => (0, 0),
