@@ -427,6 +427,11 @@ impl ControlLink {
         &self.board
     }
 
+    /// A sender for other threads' messages to the manager.
+    pub fn sender(&self) -> Sender<Control> {
+        self.to_thread.clone()
+    }
+
     /// Sends a control message to the manager.
     pub fn send(&self, msg: Control) -> Result<(), String> {
         self.to_thread.send(msg).map_err(|_| "control link is gone".to_string())
@@ -743,8 +748,13 @@ pub fn run_server(
     netopts: &NetOpts,
 ) -> Result<String, String> {
     let shards = opts.shards.max(1);
-    let listen = |h: usize, what: &str| -> Result<TcpTransport, String> {
-        let port = if opts.port_base == 0 { 0 } else { opts.port_base + h as u16 };
+    // `h`: the port's place after --port-base (none: any free port)
+    let listen = |h: Option<usize>, what: &str| -> Result<TcpTransport, String> {
+        let port = match h {
+            Some(h) if opts.port_base != 0 => opts.port_base + h as u16,
+            _ => 0,
+        };
+        let h = h.unwrap_or(0);
         let addr = resolve(&format!("{}:{port}", opts.host))?;
         let cfg = TcpConfig::new(secret.clone(), PeerHello { role: Role::Server as u8, node: h as u32 }, false);
         TcpTransport::listen(cfg, addr).map_err(|e| format!("{what} cannot listen on {addr}: {e}"))
@@ -752,7 +762,7 @@ pub fn run_server(
     let mut transports = Vec::with_capacity(shards);
     let mut ports = Vec::with_capacity(shards);
     for h in 0..shards {
-        let t = listen(h, &format!("shard {h}"))?;
+        let t = listen(Some(h), &format!("shard {h}"))?;
         ports.push(t.local_addr().expect("listening").port());
         transports.push(t);
     }
@@ -799,8 +809,7 @@ pub fn run_server(
     for i in 1..copies {
         for h in 0..shards {
             let owner = Owner { server: (rank + nr_servers - i as u32) % nr_servers, shard: h as u32 };
-            let port_at = if opts.port_base == 0 { 0 } else { i * shards + h };
-            let t = listen(port_at, &format!("copy {i} of shard {h}"))?;
+            let t = listen(Some(i * shards + h), &format!("copy {i} of shard {h}"))?;
             copy_ports.push(t.local_addr().expect("listening").port());
             copy_tcps.push(t);
             units.push((owner, h, format!("copy-{}.{h}", owner.server)));
@@ -820,35 +829,44 @@ pub fn run_server(
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
     for ((owner, h, name), mut t) in units.into_iter().zip(all) {
-        t.set_limits(view.job.limits);
-        let waker = net::waker_of(&mut t).map_err(|e| e.to_string())?;
-        board.add_waker(waker.clone());
-        wakers.push(waker);
         let mut core = ShardCore::new(&view, owner, &RuleRegistry::default(), kernels)?;
         resume(&mut core)?;
         net::export_slabs(&mut t, &core)?;
         let chain = ChainCore::new(core, rank, view.chain(owner));
-        let (stop, board) = (stop.clone(), board.clone());
-        let cpu = placement[h];
-        threads.push((
-            name.clone(),
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
-                    }
-                    shard_loop(chain, t, &stop, &board)
-                })
-                .map_err(|e| e.to_string())?,
-        ));
+        threads
+            .push((name.clone(), start_unit(&view, &board, &stop, &link, t, chain, name, placement[h], &mut wakers)?));
     }
+    // copies placed on this server after a failover (rebuilds), started as the views name them
+    let mut started: Vec<u64> = Vec::new();
+    let mut seen_epoch = board.epoch();
     let outcome = loop {
-        match link.notices().recv() {
+        match link.notices().recv_timeout(Duration::from_millis(100)) {
             Ok(Notice::Shutdown(r)) => break Ok(r),
             Ok(Notice::Abort(r)) => break Err(format!("job aborted: {r}")),
-            Ok(Notice::Released(_)) => {}
-            Err(_) => break Err("control link is gone".into()),
+            Ok(Notice::Released(_)) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break Err("control link is gone".into()),
+        }
+        if board.epoch() == seen_epoch {
+            continue;
+        }
+        let v = board.get();
+        seen_epoch = v.epoch;
+        let mine: Vec<ps_core::control::PlacedCopy> =
+            v.placed.iter().filter(|p| p.server == rank && !p.ready && !started.contains(&p.id)).copied().collect();
+        for p in &mine {
+            started.push(p.id);
+            let h = p.owner.shard as usize;
+            let tcp = listen(None, &format!("rebuilt copy of shard ({}, {h})", p.owner.server))?;
+            let port = tcp.local_addr().expect("listening").port();
+            let mut t = net::server_transports(vec![tcp], netopts)?.pop().expect("one transport");
+            let core = ShardCore::new(&v, p.owner, &RuleRegistry::default(), kernels)?;
+            net::export_slabs(&mut t, &core)?;
+            let chain = ChainCore::new_joining(core, rank, p.id);
+            let name = format!("rebuilt-{}.{h}", p.owner.server);
+            tracing::info!("server {rank}: rebuilding a copy of shard ({}, {h}) on port {port}", p.owner.server);
+            let cpu = placement.get(h).copied().flatten();
+            threads.push((name.clone(), start_unit(&v, &board, &stop, &link, t, chain, name, cpu, &mut wakers)?));
+            link.send(Control::CopyAdded { owner: p.owner, id: p.id, port })?;
         }
     };
     stop.store(true, Ordering::Release);
@@ -868,8 +886,13 @@ pub fn run_server(
                 }
                 let chain = if copies > 1 {
                     format!(
-                        "; chain: {} forwarded, {} sent again to a new downstream, {} skipped as applied already",
-                        c.forwarded, c.replayed, c.skipped
+                        "; chain: {} forwarded, {} sent again to a new downstream, {} skipped as applied already, \
+                         {} snapshots ({:.1} MB) sent to rebuilt copies",
+                        c.forwarded,
+                        c.replayed,
+                        c.skipped,
+                        c.snapshots,
+                        c.snapshot_bytes as f64 / 1e6
                     )
                 } else {
                     String::new()
@@ -893,6 +916,35 @@ pub fn run_server(
     outcome.map(|r| format!("server {rank} stopped: {r}"))
 }
 
+/// Starts the thread of one copy (`shard_loop`) on its shard's core.
+#[allow(clippy::too_many_arguments)]
+fn start_unit(
+    view: &ClusterView,
+    board: &Arc<ViewBoard>,
+    stop: &Arc<AtomicBool>,
+    link: &ControlLink,
+    mut t: NodeTransport,
+    chain: ChainCore,
+    name: String,
+    cpu: Option<usize>,
+    wakers: &mut Vec<Arc<mio::Waker>>,
+) -> Result<std::thread::JoinHandle<(ps_core::shard::ShardStats, ps_core::chain::ChainStats)>, String> {
+    t.set_limits(view.job.limits);
+    let waker = net::waker_of(&mut t).map_err(|e| e.to_string())?;
+    board.add_waker(waker.clone());
+    wakers.push(waker);
+    let (stop, board, to_manager) = (stop.clone(), board.clone(), link.sender());
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+            }
+            shard_loop(chain, t, &stop, &board, &to_manager)
+        })
+        .map_err(|e| e.to_string())
+}
+
 /// How long a copy waits before trying its downstream link again.
 const LINK_RETRY: Duration = Duration::from_millis(50);
 
@@ -901,6 +953,7 @@ fn shard_loop(
     mut t: NodeTransport,
     stop: &AtomicBool,
     board: &ViewBoard,
+    to_manager: &Sender<Control>,
 ) -> (ps_core::shard::ShardStats, ps_core::chain::ChainStats) {
     let mut rx = Vec::with_capacity(64);
     let mut events = Vec::new();
@@ -915,17 +968,18 @@ fn shard_loop(
         if board.epoch() != seen_epoch {
             let v = board.get();
             seen_epoch = v.epoch;
-            let dead = v.dead_servers.iter().copied().collect();
-            let dead_workers = v.dead_workers.iter().copied().collect();
-            for p in chain.set_view(&dead, &dead_workers, &mut t) {
+            for p in chain.set_view(&v, &mut t) {
                 t.close(p, "that copy is gone from the chain");
             }
         }
-        if let (Some(server), true) = (chain.link_wanted(), Instant::now() >= link_at) {
+        let copy_addr = |server: u32| -> Result<SocketAddr, String> {
             let v = board.get();
-            let addr = v.copy_port(o, server).map(|port| format!("{}:{port}", v.servers[server as usize].host));
-            let r = addr.ok_or_else(|| "its port is not known yet".to_string()).and_then(|a| {
-                let peer = net::connect_copy(&mut t, resolve(&a)?)?;
+            let port = v.copy_port(o, server).ok_or("its port is not known yet")?;
+            resolve(&format!("{}:{port}", v.servers[server as usize].host))
+        };
+        if let (Some(server), true) = (chain.link_wanted(), Instant::now() >= link_at) {
+            let r = copy_addr(server).and_then(|a| {
+                let peer = net::connect_copy(&mut t, a)?;
                 chain.linked(peer, server, &mut t).map_err(|e| {
                     t.close(peer, "the view moved on");
                     e.to_string()
@@ -936,10 +990,41 @@ fn shard_loop(
                 link_at = Instant::now() + LINK_RETRY;
             }
         }
+        // a copy being rebuilt elsewhere: this tail sends it its state, then its frames
+        if let (Some(server), true) = (chain.shadow_wanted(), Instant::now() >= link_at) {
+            match copy_addr(server).and_then(|a| net::connect_copy(&mut t, a)) {
+                Ok(peer) => chain.shadow_linked(peer, server),
+                Err(e) => {
+                    tracing::debug!("{me}: no link to the copy being rebuilt on server {server} yet: {e}");
+                    link_at = Instant::now() + LINK_RETRY;
+                }
+            }
+        }
+        if let Some(p) = chain.shadow_peer() {
+            let budget = ps_core::limits::TX_QUEUE_BYTES_MAX.saturating_sub(t.tx_pending_bytes(p)) / 2;
+            chain.pump_shadow(&mut t, budget);
+        }
+        if chain.take_synced() {
+            let id = chain.placement().expect("only placed copies are rebuilt");
+            let _ = to_manager.send(Control::CopySynced { owner: o, id });
+        }
+        if let Some(id) = chain.take_caught_up() {
+            let _ = to_manager.send(Control::CopyReady { owner: o, id });
+        }
+        if chain.retired() {
+            tracing::info!("{me}: placed copy given up (its rebuild starts over elsewhere); thread ends");
+            break;
+        }
         for line in chain.drain_log() {
             tracing::info!("{line}");
         }
-        let wait = if chain.link_wanted().is_some() { 20 } else { 200 };
+        let wait = if chain.shadow_peer().is_some() {
+            1
+        } else if chain.link_wanted().is_some() || chain.shadow_wanted().is_some() {
+            20
+        } else {
+            200
+        };
         if let Err(e) = t.rx_burst(&mut rx, Some(Duration::from_millis(wait))) {
             tracing::error!("{me}: {e}");
             break;

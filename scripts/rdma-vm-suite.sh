@@ -75,6 +75,19 @@ failover_rdma() {
     && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
 }
 step failover-rdma failover_rdma
+# ... and then the lost copies rebuilt on the others (a bulk copy from each
+# chain's tail while the workers push), so a second server may die later: the
+# workers then READ from rebuilt copies, whose slabs were registered when
+# they were placed
+rebuild_rdma() {
+  out=$(pslab --transport rdma local --servers 3 --workers 3 --copies 2 --no-pin -v --app check \
+    --kill server1@1500 --kill server2@7000 --params '{"rounds": 150, "keys": 800}' 2>&1)
+  rc=$?
+  echo "$out" | grep -E "killed|rebuilt|joined its chain|failover:|completed|error" | head -20
+  [ $rc -eq 0 ] && [ "$(echo "$out" | grep -c 'joined its chain: 2 copies again')" -eq 2 ] \
+    && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
+}
+step rebuild-rdma rebuild_rdma
 
 # 7b. filters over RDMA: coded pushes (key caching, LZ4) and held-back values
 #     (significantly-modified, random skip; flushed at the end) through the

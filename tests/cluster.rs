@@ -251,7 +251,11 @@ fn mf_on_movielens_reaches_the_reference_rmse() {
         std::path::Path::new(data).is_file(),
         "MovieLens 100k is missing: run scripts/fetch-movielens.sh (the test command does)"
     );
-    let params = format!(r#"{{"data": "{data}", "clocks": 400, "model": "bounded:1"}}"#);
+    // lr 0.015, not the default 0.02: four workers' deltas from the same
+    // point overshoot at 0.02, and under load (other tests beside it) the
+    // objective oscillated from clock 10 on and sometimes diverged; at 0.015 it
+    // descends smoothly to the same RMSE
+    let params = format!(r#"{{"data": "{data}", "clocks": 400, "model": "bounded:1", "lr": 0.015}}"#);
     let (ok, out) = local_job("mf", 2, 1, 4, &params);
     assert!(ok, "job failed:\n{out}");
     let key = "\"test_rmse\":";

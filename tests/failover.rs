@@ -156,3 +156,36 @@ fn leader_after_kill_ms(out: &str) -> f64 {
     let at = line.find("leads, ").expect("leads") + "leads, ".len();
     line[at..].split(' ').next().unwrap().parse().unwrap()
 }
+
+/// A copy lost with its server is rebuilt on another (bulk-copied from its
+/// chain's tail while the workers push, then the frames since; it joins the
+/// chain once it acknowledged them): so a second server can die later and
+/// the job still completes with invariant 1 intact. Without the rebuild that
+/// second death would take the last copy of a shard.
+#[test]
+fn a_lost_copy_is_rebuilt_so_a_second_server_may_die_later() {
+    let (ok, out) = run(&[
+        "local",
+        "--app",
+        "check",
+        "--servers",
+        "3",
+        "--workers",
+        "3",
+        "--copies",
+        "2",
+        "--no-pin",
+        "-v",
+        "--kill",
+        "server1@400",
+        "--kill",
+        "server2@2500",
+        "--params",
+        r#"{"rounds": 600, "keys": 1500}"#,
+    ]);
+    assert!(ok, "the job failed:\n{out}");
+    assert_eq!(out.matches("joined its chain: 2 copies again").count(), 2, "both lost copies rebuilt:\n{out}");
+    assert!(out.contains("killed server2"), "{out}");
+    assert!(!out.contains("last copy"), "{out}");
+    assert_eq!(out.matches("finished: invariant 1 holds").count(), 3, "every worker verifies:\n{out}");
+}

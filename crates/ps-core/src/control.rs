@@ -108,6 +108,28 @@ pub struct ClusterView {
     pub dead_servers: Vec<u32>,
     #[serde(default)]
     pub dead_workers: Vec<u32>,
+    /// Copies placed after failovers to bring chains back to `copies`: each
+    /// is bulk-copied from its chain's tail and joins it once caught up.
+    #[serde(default)]
+    pub placed: Vec<PlacedCopy>,
+}
+
+/// A copy of `owner`'s key ranges rebuilt on `server` (`ClusterView::placed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedCopy {
+    pub owner: Owner,
+    pub server: u32,
+    /// tells this placement from an earlier one of the same shard (a rebuild
+    /// that lost its source starts over as a new placement)
+    pub id: u64,
+    /// where it listens (0 until the server reported it)
+    pub port: u16,
+    /// it has the tail's snapshot: the tail waits for it from now on
+    #[serde(default)]
+    pub synced: bool,
+    /// it has every frame the tail answered before: a member of the chain
+    /// (at its end), which a failover may make head
+    pub ready: bool,
 }
 
 impl ServerInfo {
@@ -119,7 +141,7 @@ impl ServerInfo {
 impl ClusterView {
     /// The first view of a job: nobody lost, copies not reported yet.
     pub fn new(job: JobSpec, servers: Vec<ServerInfo>, workers: u32) -> Self {
-        Self { job, servers, workers, epoch: 0, dead_servers: Vec::new(), dead_workers: Vec::new() }
+        Self { job, servers, workers, epoch: 0, dead_servers: Vec::new(), dead_workers: Vec::new(), placed: Vec::new() }
     }
 
     /// Copies of each shard in this job (the spec's, at most one per server).
@@ -129,7 +151,32 @@ impl ClusterView {
 
     /// The servers holding copies of `owner`, head first.
     pub fn chain(&self, owner: Owner) -> Vec<u32> {
-        crate::chain::chain_of(owner, self.servers.len() as u32, self.copies())
+        let mut c = crate::chain::chain_of(owner, self.servers.len() as u32, self.copies());
+        c.extend(self.placed.iter().filter(|p| p.owner == owner && p.ready).map(|p| p.server));
+        c
+    }
+
+    /// The copy of `owner` being rebuilt that waits for its snapshot, if any.
+    pub fn joining(&self, owner: Owner) -> Option<PlacedCopy> {
+        self.placed
+            .iter()
+            .copied()
+            .find(|p| p.owner == owner && !p.synced && !p.ready && !self.dead_servers.contains(&p.server))
+    }
+
+    /// The copy of `owner` being rebuilt that has its snapshot and catches up
+    /// (the tail forwards to it and waits for it; not yet a member).
+    pub fn syncing(&self, owner: Owner) -> Option<PlacedCopy> {
+        self.placed
+            .iter()
+            .copied()
+            .find(|p| p.owner == owner && p.synced && !p.ready && !self.dead_servers.contains(&p.server))
+    }
+
+    /// Live copies of `owner`, members and joining.
+    pub fn live_copies(&self, owner: Owner) -> usize {
+        let members = self.chain(owner).into_iter().filter(|s| !self.dead_servers.contains(s)).count();
+        members + (self.joining(owner).is_some() || self.syncing(owner).is_some()) as usize
     }
 
     /// The server whose copy of `owner` is the head now (`None`: every copy is gone).
@@ -140,6 +187,9 @@ impl ClusterView {
     /// Where `server` listens for its copy of `owner` (`None`: it holds none,
     /// or has not reported its copies yet).
     pub fn copy_port(&self, owner: Owner, server: u32) -> Option<u16> {
+        if let Some(p) = self.placed.iter().find(|p| p.owner == owner && p.server == server) {
+            return Some(p.port).filter(|&port| port != 0);
+        }
         let n = self.servers.len() as u32;
         let s = self.servers.get(server as usize)?;
         let i = (server + n - owner.server % n.max(1)) % n.max(1);
@@ -150,6 +200,40 @@ impl ClusterView {
             return s.ports.get(owner.shard as usize).copied();
         }
         s.copy_ports.get(((i - 1) as usize) * s.ports.len() + owner.shard as usize).copied()
+    }
+
+    /// Places a copy for every chain with fewer live copies than the job's
+    /// (after a failover): on the first live server after the chain that
+    /// holds no copy of it. Returns what it did, for the log.
+    pub fn place_copies(&mut self) -> Vec<String> {
+        let n = self.servers.len() as u32;
+        let want = self.copies() as usize;
+        let mut lines = Vec::new();
+        for s in 0..n {
+            for h in 0..self.servers[s as usize].ports.len() as u32 {
+                let owner = Owner { server: s, shard: h };
+                if self.live_copies(owner) >= want || self.head(owner).is_none() {
+                    continue;
+                }
+                let holds = |v: &Self, c: u32| {
+                    v.chain(owner).contains(&c) || v.placed.iter().any(|p| p.owner == owner && p.server == c)
+                };
+                let start = s + self.copies();
+                let free =
+                    (0..n).map(|d| (start + d) % n).find(|&c| !self.dead_servers.contains(&c) && !holds(self, c));
+                let Some(at) = free else {
+                    lines.push(format!(
+                        "shard ({s}, {h}) stays with {} copies: every live server holds one",
+                        self.live_copies(owner)
+                    ));
+                    continue;
+                };
+                let id = self.placed.iter().map(|p| p.id).max().unwrap_or(0) + 1;
+                self.placed.push(PlacedCopy { owner, server: at, id, port: 0, synced: false, ready: false });
+                lines.push(format!("shard ({s}, {h}): a new copy is rebuilt on server {at}"));
+            }
+        }
+        lines
     }
 
     /// Whether every server has reported the ports of its copies.
@@ -199,6 +283,15 @@ pub enum Control {
     /// manager -> all: the view changed (copies reported, a server or a
     /// worker lost); nodes act on the newest epoch.
     View { view: ClusterView },
+    /// server -> manager: the copy of `owner` placed on me (placement `id`)
+    /// listens on `port`.
+    CopyAdded { owner: Owner, id: u64, port: u16 },
+    /// server -> manager: that copy has its chain's tail's snapshot (and the
+    /// frames after it follow): the tail may wait for it.
+    CopySynced { owner: Owner, id: u64 },
+    /// the chain's tail's server -> manager: the rebuilt copy acknowledged
+    /// every frame the tail answered before it waited for it: a member now.
+    CopyReady { owner: Owner, id: u64 },
     /// node -> a new manager leader: I registered with the one before (and
     /// was welcomed as `rank`); answered with the current view.
     Rejoin { role: Role, rank: u32, pid: u32 },

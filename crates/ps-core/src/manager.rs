@@ -283,6 +283,13 @@ impl ManagerCore {
                 }
                 self.log.push(format!("{who} {why}: failing over to the next copies (view {})", v.epoch + 1));
                 self.losses.push(format!("{who} (failed over)"));
+                // every chain short of a copy gets one placed on the next live
+                // server that holds none
+                // rebuilds not finished start over (their source may have been the dead one)
+                v.placed.retain(|p| p.server != rank && p.ready);
+                for line in v.place_copies() {
+                    self.log.push(line);
+                }
             }
             Role::Worker if v.dead_workers.len() + 1 < self.expect_workers as usize => {
                 v.dead_workers.push(rank);
@@ -442,6 +449,51 @@ impl ManagerCore {
                     self.log.push(format!("every server reported its copies: {} copies of every shard", v.copies()));
                     self.publish(tx);
                 }
+                Ok(())
+            }
+            Control::CopyAdded { owner, id, port } => {
+                let rank = self.node_of(peer)?.rank;
+                let Some(v) = self.view.as_mut() else { return Err("a copy before the job started".into()) };
+                let Some(p) =
+                    v.placed.iter_mut().find(|p| p.id == id && p.owner == owner && p.server == rank && p.port == 0)
+                else {
+                    return Ok(()); // told again after a new leader: known already
+                };
+                p.port = port;
+                self.publish(tx);
+                Ok(())
+            }
+            Control::CopySynced { owner, id } => {
+                let rank = self.node_of(peer)?.rank;
+                let Some(v) = self.view.as_mut() else { return Err("a copy before the job started".into()) };
+                let Some(p) =
+                    v.placed.iter_mut().find(|p| p.id == id && p.owner == owner && p.server == rank && !p.synced)
+                else {
+                    return Ok(());
+                };
+                p.synced = true;
+                self.publish(tx);
+                Ok(())
+            }
+            Control::CopyReady { owner, id } => {
+                let rank = self.node_of(peer)?.rank;
+                let Some(v) = self.view.as_mut() else { return Err("a copy before the job started".into()) };
+                // from the chain's tail, which saw the copy acknowledge what it answered before
+                if !v.chain(owner).contains(&rank) {
+                    return Err(format!("server {rank} holds no copy of shard ({}, {})", owner.server, owner.shard));
+                }
+                let Some(p) = v.placed.iter_mut().find(|p| p.id == id && p.owner == owner && p.synced && !p.ready)
+                else {
+                    return Ok(());
+                };
+                p.ready = true;
+                let rank = p.server;
+                let n = v.live_copies(owner);
+                self.log.push(format!(
+                    "server {rank}'s rebuilt copy of shard ({}, {}) joined its chain: {n} copies again",
+                    owner.server, owner.shard
+                ));
+                self.publish(tx);
                 Ok(())
             }
             Control::Done { ok, message } => {

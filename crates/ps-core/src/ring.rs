@@ -24,7 +24,7 @@ use crate::keys::{Key, KeyRange, TableSpec};
 use crate::rng::mix64;
 
 /// Who owns a partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Owner {
     /// Index of the server in the view's server list (its rank).
     pub server: u32,

@@ -151,6 +151,15 @@ impl Eager {
     }
 }
 
+/// The part of a shard's state that is not its tables (`live_snapshot`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LiveState {
+    clocks: Vec<u64>,
+    min_clock: u64,
+    ranks: Vec<(u32, u32, usize)>,
+    held: Vec<(u32, u32, u64, Vec<u8>)>,
+}
+
 /// A push to a sequential table, merged once every worker has finished `clock`.
 #[derive(Debug)]
 struct Held {
@@ -287,6 +296,57 @@ impl ShardCore {
             })
             .collect();
         crate::checkpoint::encode(self.owner.server, self.owner.shard, label, &images)
+    }
+
+    /// Everything this shard holds, for a copy being rebuilt (`chain`): the
+    /// tables as a checkpoint, then (JSON) every worker's clocks, which
+    /// connection's clocks named which worker, and the pushes held for the
+    /// end of a clock.
+    pub fn live_snapshot(&self) -> Vec<u8> {
+        let tables = self.snapshot(0);
+        let live = LiveState {
+            clocks: self.clocks.clone(),
+            min_clock: self.min_clock,
+            ranks: self.peer_rank.iter().map(|(p, r)| (p.index, p.generation, *r)).collect(),
+            held: self.held.iter().map(|h| (h.peer.index, h.peer.generation, h.clock, h.frame.clone())).collect(),
+        };
+        let json = serde_json::to_vec(&live).expect("the live state serialises");
+        let mut out = Vec::with_capacity(8 + tables.len() + json.len());
+        out.extend_from_slice(&(tables.len() as u64).to_le_bytes());
+        out.extend_from_slice(&tables);
+        out.extend_from_slice(&json);
+        out
+    }
+
+    /// Takes the state of [`ShardCore::live_snapshot`] (this shard is new:
+    /// nothing merged yet). Refused, with why, if it does not fit.
+    pub fn restore_live(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let n =
+            bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8"))).ok_or("a live snapshot cut short")?;
+        let n = usize::try_from(n).map_err(|_| "a live snapshot's length")?;
+        let end = n.checked_add(8).filter(|&e| e <= bytes.len()).ok_or("a live snapshot cut short")?;
+        self.restore(&bytes[8..end])?;
+        let live: LiveState = serde_json::from_slice(&bytes[end..]).map_err(|e| format!("a live snapshot: {e}"))?;
+        if live.clocks.len() != self.clocks.len() {
+            return Err(format!("a live snapshot of {} workers, the job has {}", live.clocks.len(), self.clocks.len()));
+        }
+        for (rank, &c) in live.clocks.iter().enumerate() {
+            self.clocks[rank] = c;
+            for (_, board) in self.boards.values_mut() {
+                board.finish(rank, board.space(), c);
+            }
+        }
+        self.min_clock = live.min_clock;
+        for (index, generation, rank) in live.ranks {
+            if rank < self.clocks.len() {
+                self.peer_rank.insert(PeerId { index, generation }, rank);
+            }
+        }
+        for (index, generation, clock, frame) in live.held {
+            self.held_bytes += frame.len();
+            self.held.push_back(Held { peer: PeerId { index, generation }, clock, frame });
+        }
+        Ok(())
     }
 
     /// Answers the checkpoint request: an `Ack` once written, or an `Error` with why not.

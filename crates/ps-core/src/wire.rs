@@ -77,6 +77,10 @@ pub enum Kind {
     /// the frame itself (decoded, prefix included: `b` x 4 bytes) as payload.
     /// Answered, in order, with an `Ack` (ts and a echoed) once applied
     Forward = 22,
+    /// a chain's tail -> a copy being rebuilt: chunk of the tail's whole
+    /// state (`ts`: offset, `a`: total bytes, `b` x 4 bytes of payload; `sub`
+    /// is 1 on the last chunk), sent before the frames it applies after
+    Snapshot = 23,
 }
 
 impl Kind {
@@ -98,6 +102,7 @@ impl Kind {
             20 => Kind::Control,
             21 => Kind::Bind,
             22 => Kind::Forward,
+            23 => Kind::Snapshot,
             _ => return None,
         })
     }
@@ -116,6 +121,7 @@ impl Kind {
                 | Kind::Checkpoint
                 | Kind::Bind
                 | Kind::Forward
+                | Kind::Snapshot
         )
     }
 }
@@ -209,7 +215,7 @@ impl DataHeader {
         let vals = || usize::try_from(self.b).ok()?.checked_mul(4);
         Some(match self.kind {
             Kind::Push | Kind::PushPull | Kind::Refresh => (keys()?, vals()?),
-            Kind::Forward => (0, vals()?),
+            Kind::Forward | Kind::Snapshot => (0, vals()?),
             Kind::Pull => (keys()?, 0),
             Kind::PullResp => (0, vals()?),
             Kind::Ack => (0, 0),
