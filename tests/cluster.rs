@@ -13,17 +13,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn pslab() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pslab"));
-    c.env("PS_LOG", "info");
-    c
-}
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = pslab().args(args).output().expect("run pslab");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
+mod common;
+use common::{pslab, run};
 
 /// `pslab local -v --no-pin --app APP` with `servers` x `shards`, `workers` and `params`.
 fn local_job(app: &str, servers: u32, shards: u32, workers: u32, params: &str) -> (bool, String) {

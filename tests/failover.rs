@@ -7,19 +7,8 @@
 //!   first answer is measured and under a second; for each server in turn;
 //! - the same kill without copies fails the job (tests/cluster.rs).
 
-use std::process::Command;
-
-fn pslab() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pslab"));
-    c.env("PS_LOG", "info");
-    c
-}
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = pslab().args(args).output().expect("run pslab");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
+mod common;
+use common::run;
 
 /// The numbers of the `failover:` summary line: (connections moved, longest
 /// ms by the workers' clocks, ms from the kill by the launcher's).

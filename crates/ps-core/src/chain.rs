@@ -535,6 +535,19 @@ impl ChainCore {
         self.stats
     }
 
+    /// Runs `f` on the shard with its frames routed (`Routed`): to virtual
+    /// peers' current connections, into `captured` for `capture`'s origin.
+    fn routed<R>(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        capture: Option<u32>,
+        f: impl FnOnce(&mut ShardCore, &mut dyn FrameSink) -> R,
+    ) -> R {
+        let mut sink =
+            Routed { inner: tx, clients: &self.clients, capture, captured: &mut self.captured, void: &mut self.void };
+        f(&mut self.core, &mut sink)
+    }
+
     /// Lines for the server to log (promotions, relinks).
     pub fn drain_log(&mut self) -> Vec<String> {
         std::mem::take(&mut self.log)
@@ -625,14 +638,7 @@ impl ChainCore {
         let mut close = Vec::new();
         let dead_workers: BTreeSet<u32> = view.dead_workers.iter().copied().collect();
         for &w in dead_workers.difference(&self.dead_workers.clone()) {
-            let mut sink = Routed {
-                inner: tx,
-                clients: &self.clients,
-                capture: None,
-                captured: &mut self.captured,
-                void: &mut self.void,
-            };
-            self.core.worker_lost(w, &mut sink);
+            self.routed(tx, None, |core, sink| core.worker_lost(w, sink));
         }
         self.dead_workers = dead_workers;
         let next = self.successor();
@@ -791,15 +797,8 @@ impl ChainCore {
                     }
                 }
                 Release::PullPart { origin, frame } => {
-                    let mut sink = Routed {
-                        inner: tx,
-                        clients: &self.clients,
-                        capture: None,
-                        captured: &mut self.captured,
-                        void: &mut self.void,
-                    };
                     // the request was checked when it came; a refusal is an error frame
-                    let _ = self.core.handle(virtual_peer(origin), &frame, &mut sink);
+                    let _ = self.routed(tx, None, |core, sink| core.handle(virtual_peer(origin), &frame, sink));
                 }
             }
         }
@@ -859,14 +858,7 @@ impl ChainCore {
         };
         let vpeer = virtual_peer(origin);
         if !is_counted(kind) {
-            let mut sink = Routed {
-                inner: tx,
-                clients: &self.clients,
-                capture: None,
-                captured: &mut self.captured,
-                void: &mut self.void,
-            };
-            return self.core.handle(vpeer, frame, &mut sink);
+            return self.routed(tx, None, |core, sink| core.handle(vpeer, frame, sink));
         }
         if self.down.log_bytes + frame.len() > CHAIN_LOG_BYTES_MAX {
             // not counted: the client sends it again when it binds anew
@@ -906,16 +898,7 @@ impl ChainCore {
         let push_half = (kind == Kind::PushPull && has_down).then(|| push_of(frame));
         let applied_frame: &[u8] = push_half.as_deref().unwrap_or(frame);
         self.captured.clear();
-        {
-            let mut sink = Routed {
-                inner: tx,
-                clients: &self.clients,
-                capture: Some(origin),
-                captured: &mut self.captured,
-                void: &mut self.void,
-            };
-            self.core.handle(vpeer, applied_frame, &mut sink)?;
-        }
+        self.routed(tx, Some(origin), |core, sink| core.handle(vpeer, applied_frame, sink))?;
         *self.applied.entry(origin).or_default() += 1;
         let release: Vec<Release> = if kind == Kind::PushPull && has_down {
             // the push half's ack is not the client's answer: the pull half is, once replicated
@@ -962,16 +945,7 @@ impl ChainCore {
             return Ok(());
         }
         self.captured.clear();
-        {
-            let mut sink = Routed {
-                inner: tx,
-                clients: &self.clients,
-                capture: Some(origin),
-                captured: &mut self.captured,
-                void: &mut self.void,
-            };
-            self.core.handle(virtual_peer(origin), inner, &mut sink)?;
-        }
+        self.routed(tx, Some(origin), |core, sink| core.handle(virtual_peer(origin), inner, sink))?;
         // the head answers the client; what this copy would have said goes nowhere
         self.captured.clear();
         *self.applied.entry(origin).or_default() += 1;
@@ -1017,14 +991,7 @@ impl ChainCore {
 
     /// See [`ShardCore::checkpoint_written`]; the answer goes to the client that asked.
     pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), String>) {
-        let mut sink = Routed {
-            inner: tx,
-            clients: &self.clients,
-            capture: None,
-            captured: &mut self.captured,
-            void: &mut self.void,
-        };
-        self.core.checkpoint_written(&mut sink, r);
+        self.routed(tx, None, |core, sink| core.checkpoint_written(sink, r));
     }
 
     /// Peers whose parked pull, once released, could not be answered: drop them.
