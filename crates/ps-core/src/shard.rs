@@ -331,10 +331,7 @@ impl ShardCore {
             return Err(format!("a live snapshot of {} workers, the job has {}", live.clocks.len(), self.clocks.len()));
         }
         for (rank, &c) in live.clocks.iter().enumerate() {
-            self.clocks[rank] = c;
-            for (_, board) in self.boards.values_mut() {
-                board.finish(rank, board.space(), c);
-            }
+            self.finish_clock(rank, c);
         }
         self.min_clock = live.min_clock;
         for (index, generation, rank) in live.ranks {
@@ -433,14 +430,25 @@ impl ShardCore {
     /// longer holds anyone back. Pushes held for the clocks the others have
     /// finished are merged and the reads waiting for them served.
     pub fn worker_lost(&mut self, rank: u32, tx: &mut dyn FrameSink) {
-        let Some(c) = self.clocks.get_mut(rank as usize) else { return };
-        if *c == u64::MAX {
+        if self.clocks.get(rank as usize).is_none_or(|&c| c == u64::MAX) {
             return;
         }
-        *c = u64::MAX;
+        self.finish_clock(rank as usize, u64::MAX);
+        self.clocks_moved(tx);
+    }
+
+    /// Worker `rank` has finished `clock` clocks (every table's board too).
+    fn finish_clock(&mut self, rank: usize, clock: u64) {
+        self.clocks[rank] = clock;
         for (_, board) in self.boards.values_mut() {
-            board.finish(rank as usize, board.space(), u64::MAX);
+            board.finish(rank, board.space(), clock);
         }
+    }
+
+    /// A worker's clock moved: if the slowest worker's did, the held pushes
+    /// of the clocks now finished are merged and the eager readers refreshed;
+    /// then every parked pull whose bound holds is served.
+    fn clocks_moved(&mut self, tx: &mut dyn FrameSink) {
         let least = self.clocks.iter().copied().min().unwrap_or(0);
         if least > self.min_clock {
             self.min_clock = least;
@@ -709,22 +717,13 @@ impl ShardCore {
             }
         }
         if h.a > self.clocks[rank] {
-            self.clocks[rank] = h.a;
-            for (_, board) in self.boards.values_mut() {
-                board.finish(rank, board.space(), h.a);
-            }
+            self.finish_clock(rank, h.a);
         }
         let ack = DataHeader { kind: Kind::Ack, dense: false, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
         let len = ack.frame_len().expect("ack is small");
         ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
         self.stats.bytes_out += len as u64;
-        let least = self.clocks.iter().copied().min().unwrap_or(0);
-        if least > self.min_clock {
-            self.min_clock = least;
-            self.merge_held(tx);
-            self.refresh(tx);
-        }
-        self.release(tx);
+        self.clocks_moved(tx);
         Ok(())
     }
 
