@@ -3,6 +3,10 @@
 //! * `dense_add`: `dst += src` at 16 KiB (L1), 1 MiB (L2/L3) and 256 MiB (DRAM)
 //!   per operand, next to a `copy` of the same size as the memory-bandwidth
 //!   baseline of the same run. Throughput is bytes of one operand.
+//! * `bulk_copy`: the datapath's copy kernel (`Kernels::copy`, through which
+//!   `copy_bytes` sends values into send buffers and READ images into
+//!   responses) per instruction set, next to `copy_from_slice` (glibc's
+//!   `memcpy`) at 4 KiB, 64 KiB, 256 KiB (a chunk) and 4 MiB.
 //! * `axpy`: `dst += a * src` at the two cache-resident sizes.
 //! * `scatter_add`: keyed row adds into a 4M-float (16 MiB) table; throughput
 //!   is keys per second. `dim1` uses 1M random keys, `dim1_sorted` the same
@@ -87,6 +91,25 @@ fn dense_add(c: &mut Criterion) {
     group.finish();
 }
 
+fn bulk_copy(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bulk_copy");
+    for (bytes, label) in [(4 * KIB, "4KiB"), (64 * KIB, "64KiB"), (256 * KIB, "256KiB"), (4 * MIB, "4MiB")] {
+        let src: Vec<u8> = (0..bytes).map(|i| (i * 31 + 7) as u8).collect();
+        let mut dst = vec![0u8; bytes];
+        configure_for_size(&mut group, bytes);
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(format!("memcpy/{label}"), |b| {
+            b.iter(|| black_box(&mut dst[..]).copy_from_slice(black_box(&src)))
+        });
+        for k in Kernels::available() {
+            group.bench_function(format!("{}/{label}", k.isa), |b| {
+                b.iter(|| (k.copy)(black_box(&mut dst), black_box(&src)))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn axpy(c: &mut Criterion) {
     let mut group = c.benchmark_group("axpy");
     for (bytes, label) in DENSE_SIZES.into_iter().filter(|&(b, _)| b < BIG) {
@@ -144,5 +167,5 @@ fn report_isa(_: &mut Criterion) {
     debug_assert!(Kernels::for_isa(Isa::Scalar).is_some());
 }
 
-criterion_group!(benches, report_isa, dense_add, axpy, scatter_add);
+criterion_group!(benches, report_isa, dense_add, bulk_copy, axpy, scatter_add);
 criterion_main!(benches);

@@ -17,7 +17,10 @@
 //!
 //! ## The read check (anyone, e.g. a remote READ of the whole block)
 //! A block image is whole iff `head == tail` and both are even. If a reader reads
-//! the block in ascending address order (head first, tail last) and any data write
+//! the block in ascending address order (head first, tail last: one READ, or
+//! several on one RC queue pair, whose responder carries them out in the order
+//! posted, as the RDMA transport does when it cuts the unwanted end of a block
+//! off a pull's READ) and any data write
 //! overlapped its read of the data, then either it read the old head and a tail
 //! already marked odd or newer, or the new head before the new tail: in both cases
 //! `head != tail`. Release fences keep the compiler (and, on weaker CPUs than x86,

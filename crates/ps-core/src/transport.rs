@@ -72,7 +72,7 @@ pub trait FrameSink {
 pub fn gather_into(buf: &mut [u8], parts: &[&[u8]]) {
     let mut at = 0;
     for p in parts {
-        buf[at..at + p.len()].copy_from_slice(p);
+        crate::kernels::copy_bytes(&mut buf[at..at + p.len()], p);
         at += p.len();
     }
 }

@@ -483,7 +483,7 @@ pub fn vals_of<'a>(bytes: &'a [u8], scratch: &'a mut Vec<f32>) -> &'a [f32] {
 
 /// Copies little-endian f32 bytes into `dst` (whatever the alignment of `src`).
 pub fn copy_vals(dst: &mut [f32], src: &[u8]) {
-    bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(src);
+    crate::kernels::copy_bytes(bytemuck::cast_slice_mut::<f32, u8>(dst), src);
 }
 
 /// The handshake frames are tiny; this is the bound to use before authentication.

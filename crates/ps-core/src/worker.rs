@@ -931,17 +931,17 @@ impl WorkerCore {
                     if let (true, Some(v), true) = (dense, vals, carries_vals) {
                         let off = (c.a - base_float) as usize;
                         let src: &[u8] = bytemuck::cast_slice(&v[off..off + c.b as usize]);
-                        buf[at..at + src.len()].copy_from_slice(src);
+                        crate::kernels::copy_bytes(&mut buf[at..at + src.len()], src);
                     } else if let Keys::List(k) = keys {
                         for r in ranges {
                             let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
-                            buf[at..at + src.len()].copy_from_slice(src);
+                            crate::kernels::copy_bytes(&mut buf[at..at + src.len()], src);
                             at += src.len();
                         }
                         if let (Some(v), true) = (vals, carries_vals) {
                             for r in ranges {
                                 let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
-                                buf[at..at + src.len()].copy_from_slice(src);
+                                crate::kernels::copy_bytes(&mut buf[at..at + src.len()], src);
                                 at += src.len();
                             }
                         }

@@ -27,7 +27,8 @@
 //! layout. A client's dense range pull is then not sent: once every earlier
 //! request to that shard is answered (read-your-writes; an outstanding `Watch`
 //! changes nothing and does not count), the transport READs the
-//! blocks that hold the span, checks every block's head and tail versions
+//! blocks that hold the span (the unwanted part of an end block left out,
+//! [`READ_TRIM_MIN`]), checks every block's head and tail versions
 //! (`slab::check_block`), re-reads a torn block, and hands the caller a
 //! `PullResp` frame it built itself. The shard's CPU is not involved.
 
@@ -35,6 +36,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ps_core::kernels::copy_bytes;
 use ps_core::limits::{WireLimits, BLOCK_BYTES, RDMA_RING_SLOTS as RING_SLOTS};
 use ps_core::slab::{check_block, BLOCK_FLOATS};
 use ps_core::store::DenseLayout;
@@ -51,10 +53,11 @@ use crate::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps, RdmaError};
 /// Work requests posted per doorbell at most, and a WRITE is signalled at least
 /// this often (the rest complete silently: an RC send queue completes in order).
 pub const SIGNAL_EVERY: usize = 4;
-/// Send queue depth: every slot's WRITE plus READs plus slack.
-pub const SEND_WR: u32 = (2 * RING_SLOTS + BATCH_MAX + 8) as u32;
+/// Send queue depth: every slot's WRITE, every landing slot's READs (up to
+/// `READ_PIECES` each), a batch, slack.
+pub const SEND_WR: u32 = (2 * RING_SLOTS + READ_PIECES * READ_SLOTS + BATCH_MAX + 8) as u32;
 /// Completion queue depth, shared by every connection of a transport.
-pub const CQ_DEPTH: i32 = 8192;
+pub const CQ_DEPTH: i32 = 16384;
 /// Connections a transport holds over RDMA (CQ_DEPTH / the entries one may queue).
 pub const RDMA_CONNECTIONS_MAX: usize = CQ_DEPTH as usize / (2 * RING_SLOTS + SEND_WR as usize);
 /// Frames up to this size go inline (acks and errors: no DMA read of our memory).
@@ -64,6 +67,16 @@ pub const INLINE_BYTES: u32 = 128;
 /// from its READ's post until its completion is handled, so this is also how many
 /// pull chunks a client keeps in flight; the QP's READ depth is 16 too.
 pub const READ_SLOTS: usize = 16;
+/// A pull's span of blocks is fetched by one READ, except that an end block of
+/// which at least this many bytes are not wanted is cut: the READ stops (or
+/// starts) at the wanted floats, and that block's version word at the cut end
+/// is fetched by a READ of its own, 8 bytes, posted before (head) or after
+/// (tail) it. A 64 KiB pull from a block boundary then moves 65.8 KiB instead
+/// of 17 whole blocks (68 KiB). One MTU on RoCE: an extra small READ costs
+/// about what a packet of unwanted bytes does.
+pub const READ_TRIM_MIN: usize = 1024;
+/// READs per pull chunk at most: the head word, the span, the tail word.
+pub const READ_PIECES: usize = 3;
 /// A torn block is re-read at most this often before the pull fails.
 pub const TORN_RETRIES_MAX: u32 = 100_000;
 /// How long `rx_burst` spins on the CQs for landed READs before it looks at TCP.
@@ -77,6 +90,7 @@ pub const TX_STALL: Duration = Duration::from_secs(60);
 const _: () = {
     assert!(SIGNAL_EVERY <= BATCH_MAX && RING_SLOTS >= 2 && READ_SLOTS >= 1);
     assert!(SEND_WR as usize >= RING_SLOTS + BATCH_MAX, "every slot in flight plus a batch must fit the send queue");
+    assert!(BATCH_MAX >= READ_PIECES && READ_TRIM_MIN >= 16 && READ_TRIM_MIN < BLOCK_BYTES);
 };
 
 // ------------------------------------------------------------------ device
@@ -807,7 +821,7 @@ impl RdmaTransport {
                 let rbm = read_blocks_max(&self.limits);
                 let mut plans = Vec::new();
                 while let Some(p) = conn.tx_queue.front().and_then(|q| q.read.as_ref()) {
-                    if plans.len() == BATCH_MAX {
+                    if plans.len() == BATCH_MAX / READ_PIECES {
                         break;
                     }
                     let Some(slot) = self.read_free.pop() else { break };
@@ -893,23 +907,25 @@ impl RdmaTransport {
         let mr = self.read_mr.as_ref().expect("made at connect");
         self.read_seq = self.read_seq.wrapping_add(1);
         let id = wr_id(idx, conn.gen, TAG_READ, self.read_seq);
-        let wrs: Vec<Wr<'_>> = plans
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let t = &conn.tables[&p.h.table];
-                Wr {
+        let mut wrs: Vec<Wr<'_>> = Vec::with_capacity(plans.len() * READ_PIECES);
+        for p in &plans {
+            let t = &conn.tables[&p.h.table];
+            let (pieces, n) = p.pieces();
+            for &(off, len) in &pieces[..n] {
+                wrs.push(Wr {
                     op: Op::Read,
                     mr,
-                    local_off: p.buf_block * BLOCK_BYTES,
-                    len: p.blocks * BLOCK_BYTES,
-                    remote_addr: t.addr + (p.first_block * BLOCK_BYTES) as u64,
+                    local_off: p.buf_block * BLOCK_BYTES + off,
+                    len,
+                    remote_addr: t.addr + (p.first_block * BLOCK_BYTES + off) as u64,
                     rkey: t.rkey,
                     wr_id: id,
-                    signaled: i + 1 == plans.len(),
-                }
-            })
-            .collect();
+                    signaled: false,
+                });
+                self.stats.read_bytes += len as u64;
+            }
+        }
+        wrs.last_mut().expect("at least one plan").signaled = true;
         // SAFETY: each plan's landing slot stays out of `read_free` (nobody else
         // READs into it, nobody reads it) until this batch's completion is
         // handled in `finish_reads`, or until the QP is destroyed with its conn
@@ -1000,24 +1016,28 @@ impl RdmaTransport {
         for p in &b.plans {
             let resp = DataHeader { kind: Kind::PullResp, ..p.h };
             let len = resp.frame_len().ok_or("pull too large")?;
+            // every byte is written below (header, values, the padding to 8), so
+            // a pooled buffer is cut or grown to length, not cleared
             let mut buf = self.pool.pop().unwrap_or_default();
-            buf.clear();
             buf.resize(len / 8, 0);
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
+            let vals_end = wire::DATA_HEADER_BYTES + p.h.b as usize * 4;
+            bytes[vals_end..].fill(0);
             resp.write(bytes);
             let n = p.h.b as usize;
             let (mut done, mut pos, mut blk) = (0, p.first_pos, p.buf_block);
             while done < n {
                 let take = (BLOCK_FLOATS - pos).min(n - done);
                 let src = &mr.bytes()[blk * BLOCK_BYTES + 8 + pos * 4..blk * BLOCK_BYTES + 8 + (pos + take) * 4];
-                bytes[wire::DATA_HEADER_BYTES + done * 4..wire::DATA_HEADER_BYTES + (done + take) * 4]
-                    .copy_from_slice(src);
+                copy_bytes(
+                    &mut bytes[wire::DATA_HEADER_BYTES + done * 4..wire::DATA_HEADER_BYTES + (done + take) * 4],
+                    src,
+                );
                 done += take;
                 pos = 0;
                 blk += 1;
             }
             self.stats.read_pulls += 1;
-            self.stats.read_bytes += p.blocks as u64 * BLOCK_BYTES as u64;
             self.ready.push_back(RdmaRx::Local { peer, buf, len });
         }
         self.stats.read_bytes += torn * BLOCK_BYTES as u64;
@@ -1097,6 +1117,40 @@ struct ReadPlan {
     blocks: usize,
     /// where in the landing buffer its blocks go
     buf_block: usize,
+}
+
+impl ReadPlan {
+    /// The READs that fetch this plan's span, as (offset from the first block's
+    /// start, length), in ascending address order, which is the order they are
+    /// posted and (an RC QP's responder takes READs in order) carried out in:
+    /// so each block's head is read before its wanted floats, and those before
+    /// its tail, as the block check needs (`ps_core::slab`). The bytes of a cut
+    /// end are not fetched: the landing slot keeps stale bytes there, which
+    /// neither the check nor the response reads.
+    fn pieces(&self) -> ([(usize, usize); READ_PIECES], usize) {
+        let span = self.blocks * BLOCK_BYTES;
+        // floats wanted in the last block: 1..=BLOCK_FLOATS
+        let end_pos = self.first_pos + self.h.b as usize - (self.blocks - 1) * BLOCK_FLOATS;
+        let mut out = [(0, 0); READ_PIECES];
+        let mut n = 0;
+        let mut start = 0;
+        if self.first_pos * 4 >= READ_TRIM_MIN {
+            out[n] = (0, 8);
+            n += 1;
+            start = 8 + self.first_pos * 4;
+        }
+        let mut end = span;
+        if (BLOCK_FLOATS - end_pos) * 4 >= READ_TRIM_MIN {
+            end = (self.blocks - 1) * BLOCK_BYTES + 8 + end_pos * 4;
+        }
+        out[n] = (start, end - start);
+        n += 1;
+        if end < span {
+            out[n] = (span - 8, 8);
+            n += 1;
+        }
+        (out, n)
+    }
 }
 
 /// If `frame` is a dense range pull of a table the peer exported, where to READ it.
@@ -1265,6 +1319,50 @@ mod tests {
         let mut f = vec![0u8; h.frame_len().unwrap()];
         h.write(&mut f);
         f
+    }
+
+    #[test]
+    fn read_pieces_fetch_every_wanted_float_and_version_word_in_address_order() {
+        let plan = |first_pos: usize, b: u64| {
+            let blocks = (first_pos + b as usize - 1) / BLOCK_FLOATS + 1;
+            let h = DataHeader { kind: Kind::Pull, dense: true, table: 0, sub: 0, ts: 1, a: 0, b };
+            ReadPlan { h, first_block: 3, first_pos, blocks, buf_block: 0 }
+        };
+        // a 64 KiB pull from a block boundary: 16 whole blocks and the head and
+        // first 64 floats of the 17th, then that block's tail word
+        let (p, n) = plan(0, 16384).pieces();
+        assert_eq!(&p[..n], &[(0, 16 * BLOCK_BYTES + 8 + 64 * 4), (17 * BLOCK_BYTES - 8, 8)]);
+        // one whole block: one READ
+        let (p, n) = plan(0, BLOCK_FLOATS as u64).pieces();
+        assert_eq!(&p[..n], &[(0, BLOCK_BYTES)]);
+        // the middle of one block: head word, the floats, tail word
+        let (p, n) = plan(500, 10).pieces();
+        assert_eq!(&p[..n], &[(0, 8), (8 + 2000, 40), (BLOCK_BYTES - 8, 8)]);
+        for first_pos in (0..BLOCK_FLOATS).step_by(37).chain([255, 256, 763, 764, BLOCK_FLOATS - 1]) {
+            for b in [1u64, 2, 100, 255, 256, 1019, 1020, 1021, 3000, 16384] {
+                let pl = plan(first_pos, b);
+                let (p, n) = pl.pieces();
+                let span = pl.blocks * BLOCK_BYTES;
+                let mut covered = vec![false; span];
+                let mut last_end = 0;
+                for &(off, len) in &p[..n] {
+                    assert!(off >= last_end && len > 0 && off + len <= span, "{first_pos}+{b}: {:?}", &p[..n]);
+                    last_end = off + len;
+                    covered[off..off + len].iter_mut().for_each(|c| *c = true);
+                }
+                for k in 0..pl.blocks {
+                    let at = k * BLOCK_BYTES;
+                    assert!(covered[at..at + 8].iter().all(|&c| c), "{first_pos}+{b}: head of block {k}");
+                    assert!(covered[at + BLOCK_BYTES - 8..at + BLOCK_BYTES].iter().all(|&c| c), "tail of {k}");
+                }
+                for f in first_pos..first_pos + b as usize {
+                    let at = (f / BLOCK_FLOATS) * BLOCK_BYTES + 8 + (f % BLOCK_FLOATS) * 4;
+                    assert!(covered[at..at + 4].iter().all(|&c| c), "{first_pos}+{b}: float {f}");
+                }
+                let unread = covered.iter().filter(|&&c| !c).count();
+                assert!(n == 1 || unread >= READ_TRIM_MIN, "a cut that saves less than READ_TRIM_MIN");
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! private `AVX2` table in `mod.rs`, which `Kernels::for_isa` hands out only
 //! after `is_x86_feature_detected!("avx2")` returned true.
 
-use std::arch::x86_64::{__m256, _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_storeu_ps};
+use std::arch::x86_64::{
+    __m256, __m256i, _mm256_add_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_ps, _mm256_set1_ps,
+    _mm256_storeu_ps, _mm256_storeu_si256,
+};
 
 use super::{check_dense, check_scatter, scalar};
 
@@ -176,4 +179,54 @@ pub(super) fn scatter_add(dst: &mut [f32], idx: &[u32], vals: &[f32], dim: usize
     // 1. Only reachable through the AVX2 table, handed out after detection.
     // 2. `check_scatter` returned just above with these very arguments.
     unsafe { scatter_rows(dst, idx, vals, dim) }
+}
+
+/// Copies `n` bytes from `src` to `dst`, 128 bytes per step, then 32, then a
+/// plain copy of the last `< 32`.
+///
+/// # Safety
+///
+/// 1. The CPU supports AVX2.
+/// 2. `dst` is valid for writes and `src` for reads of `n` bytes, and the two
+///    do not overlap (no alignment needed).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_raw(dst: *mut u8, src: *const u8, n: usize) {
+    const W: usize = 32;
+    let mut i = 0;
+    while i + 4 * W <= n {
+        // SAFETY: AVX2 is available (precondition 1); `i + 128 <= n` keeps the
+        // four 32-byte loads and stores inside the `n` valid bytes of each
+        // (precondition 2); `loadu`/`storeu` take any alignment.
+        unsafe {
+            let (d, s) = (dst.add(i), src.add(i));
+            let r0 = _mm256_loadu_si256(s as *const __m256i);
+            let r1 = _mm256_loadu_si256(s.add(W) as *const __m256i);
+            let r2 = _mm256_loadu_si256(s.add(2 * W) as *const __m256i);
+            let r3 = _mm256_loadu_si256(s.add(3 * W) as *const __m256i);
+            _mm256_storeu_si256(d as *mut __m256i, r0);
+            _mm256_storeu_si256(d.add(W) as *mut __m256i, r1);
+            _mm256_storeu_si256(d.add(2 * W) as *mut __m256i, r2);
+            _mm256_storeu_si256(d.add(3 * W) as *mut __m256i, r3);
+        }
+        i += 4 * W;
+    }
+    while i + W <= n {
+        // SAFETY: as above, for one 32-byte load and store.
+        unsafe { _mm256_storeu_si256(dst.add(i) as *mut __m256i, _mm256_loadu_si256(src.add(i) as *const __m256i)) };
+        i += W;
+    }
+    // SAFETY: the last `n - i < 32` bytes of both ranges (precondition 2).
+    unsafe { std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), n - i) };
+}
+
+/// `dst.copy_from_slice(src)` in 256-bit registers; panics if the lengths differ.
+pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy: length mismatch");
+    debug_assert!(std::arch::is_x86_feature_detected!("avx2"));
+    // SAFETY:
+    // 1. Reachable only through the AVX2 table, handed out only when AVX2 was
+    //    detected (module docs).
+    // 2. Equal lengths (asserted); a `&mut` and a `&` slice never overlap.
+    unsafe { copy_raw(dst.as_mut_ptr(), src.as_ptr(), dst.len()) }
 }

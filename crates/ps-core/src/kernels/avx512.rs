@@ -22,7 +22,7 @@
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_conflict_epi32, _mm512_i32gather_ps, _mm512_i32scatter_ps,
     _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
-    _mm512_storeu_ps, _mm512_test_epi32_mask,
+    _mm512_storeu_ps, _mm512_storeu_si512, _mm512_test_epi32_mask,
 };
 
 use super::{check_dense, check_scatter};
@@ -272,4 +272,54 @@ pub(super) fn scatter_add(dst: &mut [f32], idx: &[u32], vals: &[f32], dim: usize
         // 2. `check_scatter` returned above with these very arguments.
         unsafe { scatter_rows(dst, idx, vals, dim) }
     }
+}
+
+/// Copies `n` bytes from `src` to `dst`, 256 bytes per step, then 64, then a
+/// plain copy of the last `< 64`.
+///
+/// # Safety
+///
+/// 1. The CPU supports AVX-512F.
+/// 2. `dst` is valid for writes and `src` for reads of `n` bytes, and the two
+///    do not overlap (no alignment needed).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_raw(dst: *mut u8, src: *const u8, n: usize) {
+    const W: usize = 64;
+    let mut i = 0;
+    while i + 4 * W <= n {
+        // SAFETY: AVX-512F is available (precondition 1); `i + 256 <= n` keeps
+        // the four 64-byte loads and stores inside the `n` valid bytes of each
+        // (precondition 2); `loadu`/`storeu` take any alignment.
+        unsafe {
+            let (d, s) = (dst.add(i), src.add(i));
+            let r0 = _mm512_loadu_si512(s as *const _);
+            let r1 = _mm512_loadu_si512(s.add(W) as *const _);
+            let r2 = _mm512_loadu_si512(s.add(2 * W) as *const _);
+            let r3 = _mm512_loadu_si512(s.add(3 * W) as *const _);
+            _mm512_storeu_si512(d as *mut _, r0);
+            _mm512_storeu_si512(d.add(W) as *mut _, r1);
+            _mm512_storeu_si512(d.add(2 * W) as *mut _, r2);
+            _mm512_storeu_si512(d.add(3 * W) as *mut _, r3);
+        }
+        i += 4 * W;
+    }
+    while i + W <= n {
+        // SAFETY: as above, for one 64-byte load and store.
+        unsafe { _mm512_storeu_si512(dst.add(i) as *mut _, _mm512_loadu_si512(src.add(i) as *const _)) };
+        i += W;
+    }
+    // SAFETY: the last `n - i < 64` bytes of both ranges (precondition 2).
+    unsafe { std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), n - i) };
+}
+
+/// `dst.copy_from_slice(src)` in 512-bit registers; panics if the lengths differ.
+pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy: length mismatch");
+    debug_assert!(std::arch::is_x86_feature_detected!("avx512f"));
+    // SAFETY:
+    // 1. Reachable only through the AVX-512 table, handed out only when
+    //    AVX-512F (and CD) were detected (module docs).
+    // 2. Equal lengths (asserted); a `&mut` and a `&` slice never overlap.
+    unsafe { copy_raw(dst.as_mut_ptr(), src.as_ptr(), dst.len()) }
 }

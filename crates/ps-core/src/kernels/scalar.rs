@@ -39,3 +39,9 @@ pub(super) fn scatter_rows(dst: &mut [f32], idx: &[u32], vals: &[f32], dim: usiz
         }
     }
 }
+
+/// `dst.copy_from_slice(src)`: the C library's `memcpy`.
+pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy: length mismatch");
+    dst.copy_from_slice(src);
+}
