@@ -907,25 +907,23 @@ impl RdmaTransport {
         let mr = self.read_mr.as_ref().expect("made at connect");
         self.read_seq = self.read_seq.wrapping_add(1);
         let id = wr_id(idx, conn.gen, TAG_READ, self.read_seq);
-        let mut wrs: Vec<Wr<'_>> = Vec::with_capacity(plans.len() * READ_PIECES);
-        for p in &plans {
-            let t = &conn.tables[&p.h.table];
-            let (pieces, n) = p.pieces();
-            for &(off, len) in &pieces[..n] {
-                wrs.push(Wr {
-                    op: Op::Read,
-                    mr,
-                    local_off: p.buf_block * BLOCK_BYTES + off,
-                    len,
-                    remote_addr: t.addr + (p.first_block * BLOCK_BYTES + off) as u64,
-                    rkey: t.rkey,
-                    wr_id: id,
-                    signaled: false,
-                });
-                self.stats.read_bytes += len as u64;
-            }
-        }
-        wrs.last_mut().expect("at least one plan").signaled = true;
+        let ops = read_ops(&plans, &conn.tables);
+        let n = ops.len();
+        let wrs: Vec<Wr<'_>> = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| Wr {
+                op: Op::Read,
+                mr,
+                local_off: o.local_off,
+                len: o.len,
+                remote_addr: o.remote_addr,
+                rkey: o.rkey,
+                wr_id: id,
+                signaled: i + 1 == n,
+            })
+            .collect();
+        self.stats.read_bytes += wrs.iter().map(|w| w.len as u64).sum::<u64>();
         // SAFETY: each plan's landing slot stays out of `read_free` (nobody else
         // READs into it, nobody reads it) until this batch's completion is
         // handled in `finish_reads`, or until the QP is destroyed with its conn
@@ -1153,6 +1151,34 @@ impl ReadPlan {
     }
 }
 
+/// One READ of a batch: `len` bytes at `remote_addr` into the landing buffer at `local_off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReadOp {
+    local_off: usize,
+    len: usize,
+    remote_addr: u64,
+    rkey: u32,
+}
+
+/// The READs of `plans`, in the order they are posted: plan by plan, each
+/// plan's pieces in ascending address order (the block check depends on it).
+fn read_ops(plans: &[ReadPlan], tables: &HashMap<u32, RemoteTable>) -> Vec<ReadOp> {
+    let mut ops = Vec::with_capacity(plans.len() * READ_PIECES);
+    for p in plans {
+        let t = &tables[&p.h.table];
+        let (pieces, n) = p.pieces();
+        for &(off, len) in &pieces[..n] {
+            ops.push(ReadOp {
+                local_off: p.buf_block * BLOCK_BYTES + off,
+                len,
+                remote_addr: t.addr + (p.first_block * BLOCK_BYTES + off) as u64,
+                rkey: t.rkey,
+            });
+        }
+    }
+    ops
+}
+
 /// If `frame` is a dense range pull of a table the peer exported, where to READ it.
 fn read_plan(frame: &[u8], tables: &HashMap<u32, RemoteTable>, limits: &WireLimits) -> Option<ReadPlan> {
     if frame.len() < wire::DATA_HEADER_BYTES || frame[5] != Kind::Pull as u8 {
@@ -1363,6 +1389,41 @@ mod tests {
                 assert!(n == 1 || unread >= READ_TRIM_MIN, "a cut that saves less than READ_TRIM_MIN");
             }
         }
+    }
+
+    #[test]
+    fn a_batch_posts_each_plans_reads_in_ascending_address_order_into_its_own_slot() {
+        let limits = WireLimits::default();
+        let layout = DenseLayout { table_begin: 0, dim: 1, ranges: vec![(0, 40_000, 0)] };
+        let mut tables = HashMap::new();
+        tables.insert(4, RemoteTable { addr: 1 << 20, rkey: 9, len: 64 * BLOCK_BYTES as u64, layout });
+        // cut at both ends, a 64 KiB pull from a block boundary, one whole block
+        let spans = [(500, 3000), (0, 16384), (BLOCK_FLOATS as u64, BLOCK_FLOATS as u64)];
+        let rbm = read_blocks_max(&limits);
+        let plans: Vec<ReadPlan> = spans
+            .iter()
+            .enumerate()
+            .map(|(slot, &(a, b))| {
+                let p = read_plan(&pull_frame(4, a, b), &tables, &limits).unwrap();
+                ReadPlan { buf_block: slot * rbm, ..p }
+            })
+            .collect();
+        let ops = read_ops(&plans, &tables);
+        let mut at = 0;
+        for (i, p) in plans.iter().enumerate() {
+            let (pieces, n) = p.pieces();
+            let mine = &ops[at..at + n];
+            at += n;
+            let base = (1u64 << 20) + (p.first_block * BLOCK_BYTES) as u64;
+            for (o, &(off, len)) in mine.iter().zip(&pieces[..n]) {
+                assert_eq!((o.remote_addr, o.len, o.rkey), (base + off as u64, len, 9), "plan {i}");
+                assert_eq!(o.local_off, p.buf_block * BLOCK_BYTES + off, "plan {i}: its own landing slot");
+                assert!(o.local_off + o.len <= (p.buf_block + rbm) * BLOCK_BYTES);
+            }
+            assert!(mine.windows(2).all(|w| w[0].remote_addr + w[0].len as u64 <= w[1].remote_addr), "plan {i}");
+        }
+        assert_eq!(at, ops.len());
+        assert_eq!(ops.len(), 3 + 2 + 1, "cut at both ends, at the tail, not at all");
     }
 
     #[test]
