@@ -71,6 +71,8 @@ failover_rdma() {
     --kill server1@1500 --params '{"rounds": 60, "keys": 800}' 2>&1)
   rc=$?
   echo "$out" | grep -E "killed|failing over|promoted|failed over|failover:|invariant 1|completed|error" | head -20
+  # on a failure, every warning and error of the job (what made a node give up)
+  [ $rc -eq 0 ] || echo "$out" | grep -iE "warn|error|fail|lost|timed? ?out" | tail -40
   [ $rc -eq 0 ] && echo "$out" | grep -q "^failover: 3 connections" \
     && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
 }
@@ -84,6 +86,7 @@ rebuild_rdma() {
     --kill server1@1500 --kill server2@7000 --params '{"rounds": 150, "keys": 800}' 2>&1)
   rc=$?
   echo "$out" | grep -E "killed|rebuilt|joined its chain|failover:|completed|error" | head -20
+  [ $rc -eq 0 ] || echo "$out" | grep -iE "warn|error|fail|lost|timed? ?out" | tail -40
   [ $rc -eq 0 ] && [ "$(echo "$out" | grep -c 'joined its chain: 2 copies again')" -eq 2 ] \
     && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
 }
