@@ -143,7 +143,9 @@ fn detect() -> Support {
 impl Kernels {
     /// The best table this CPU supports (detection runs once and is cached).
     pub fn best() -> &'static Kernels {
-        [Isa::Avx512, Isa::Avx2].into_iter().find_map(Kernels::for_isa).unwrap_or(&SCALAR)
+        // chosen once: `copy_bytes` asks for every bulk copy of the datapath
+        static BEST: OnceLock<&'static Kernels> = OnceLock::new();
+        BEST.get_or_init(|| [Isa::Avx512, Isa::Avx2].into_iter().find_map(Kernels::for_isa).unwrap_or(&SCALAR))
     }
 
     /// The table for `isa` if this CPU supports it (`Scalar` always), else `None`.
