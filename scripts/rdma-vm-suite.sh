@@ -67,11 +67,13 @@ step sequential-rdma pslab --transport rdma local --servers 2 --workers 3 --no-p
 #     slabs registered at start), send again what had no answer, and every
 #     value still equals the sum of the acknowledged pushes
 failover_rdma() {
-  out=$(pslab --transport rdma local --servers 3 --workers 3 --copies 2 --no-pin --app check \
-    --kill server1@1500 --params '{"rounds": 60, "keys": 800}' 2>&1)
+  pslab --transport rdma local --servers 3 --workers 3 --copies 2 --no-pin --app check \
+    --kill server1@1500 --params '{"rounds": 60, "keys": 800}' >/tmp/step.log 2>&1
   rc=$?
+  out=$(tr '\r' '\n' </tmp/step.log)
   echo "$out" | grep -E "killed|failing over|promoted|failed over|failover:|invariant 1|completed|error" | head -20
-  # on a failure, every warning and error of the job (what made a node give up)
+  # on a failure, every warning and error of the job (what made a node give up;
+  # a progress bar's carriage returns are made line ends first)
   [ $rc -eq 0 ] || echo "$out" | grep -iE "warn|error|fail|lost|timed? ?out" | tail -40
   [ $rc -eq 0 ] && echo "$out" | grep -q "^failover: 3 connections" \
     && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
@@ -82,9 +84,10 @@ step failover-rdma failover_rdma
 # workers then READ from rebuilt copies, whose slabs were registered when
 # they were placed
 rebuild_rdma() {
-  out=$(pslab --transport rdma local --servers 3 --workers 3 --copies 2 --no-pin -v --app check \
-    --kill server1@1500 --kill server2@7000 --params '{"rounds": 150, "keys": 800}' 2>&1)
+  pslab --transport rdma local --servers 3 --workers 3 --copies 2 --no-pin -v --app check \
+    --kill server1@1500 --kill server2@7000 --params '{"rounds": 150, "keys": 800}' >/tmp/step.log 2>&1
   rc=$?
+  out=$(tr '\r' '\n' </tmp/step.log)
   echo "$out" | grep -E "killed|rebuilt|joined its chain|failover:|completed|error" | head -20
   [ $rc -eq 0 ] || echo "$out" | grep -iE "warn|error|fail|lost|timed? ?out" | tail -40
   [ $rc -eq 0 ] && [ "$(echo "$out" | grep -c 'joined its chain: 2 copies again')" -eq 2 ] \

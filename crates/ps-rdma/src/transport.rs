@@ -582,8 +582,7 @@ impl RdmaTransport {
                 break 'wait m;
             }
             // events are the caller's: keep them for `events`, but see our peer go
-            let seen = self.held_events.len();
-            self.tcp.events(&mut self.held_events);
+            let seen = self.hold_tcp_events();
             for e in &self.held_events[seen..] {
                 if let PeerEvent::Closed { peer: p, reason } = e {
                     if *p == peer {
@@ -668,6 +667,22 @@ impl RdmaTransport {
                 });
             }
         }
+    }
+
+    /// Moves the TCP side's connection events into `held_events` (they stay the
+    /// caller's, handed out by `events`) and drops the RDMA state of every peer
+    /// that closed, so a loop that waits on a peer sees it go at once; returns
+    /// where the new events start.
+    fn hold_tcp_events(&mut self) -> usize {
+        let seen = self.held_events.len();
+        self.tcp.events(&mut self.held_events);
+        for i in seen..self.held_events.len() {
+            if let PeerEvent::Closed { peer, .. } = &self.held_events[i] {
+                let peer = *peer;
+                self.drop_conn(peer);
+            }
+        }
+        seen
     }
 
     /// Marks `peer` to be dropped (its RDMA state and its TCP connection) at the
@@ -1046,7 +1061,8 @@ impl RdmaTransport {
     /// Waits for a free staging slot on conn `idx`. A slot frees when a WRITE
     /// from it completes: while some are in flight this spins (the send CQ raises
     /// no event); when every slot holds a frame waiting for a credit, only a
-    /// response can help, and this sleeps in the poller until one comes.
+    /// response can help, and this sleeps in the poller until one comes or the
+    /// peer's TCP connection closes (then `Closed`, at once).
     fn wait_slot(&mut self, idx: usize, peer: PeerId) -> Result<usize, TxError> {
         let start = Instant::now();
         let closed = |_| TxError::Closed(peer);
@@ -1065,6 +1081,10 @@ impl RdmaTransport {
                 self.arm_recv().map_err(closed)?;
                 if self.credit_bound(idx) {
                     self.poll_tcp(Some(CREDIT_NAP)).map_err(closed)?;
+                    // the TCP connection is the liveness signal: a server that
+                    // died holding every credit closes it, and nothing else
+                    // would end this wait (no WRITE of ours is in flight to fail)
+                    self.hold_tcp_events();
                 }
             } else {
                 std::thread::yield_now();
