@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the CPU goes in the soft-RoCE VM: `perf record -a -g` (cpu-clock, the
-# guest kernel's symbols) over a window of ib_write_bw and then over the push
-# phase of pslab's windowed bench, at one size, in one boot; prints each
+# guest kernel's symbols) over a window of ib_write_bw, of ib_read_bw, and then over the push
+# and pull phases of pslab's windowed bench, at one size, in one boot; prints each
 # profile flat (by thread and symbol) and inclusive (system calls, softirqs,
 # pslab's own functions). For working on the RDMA datapath's speed, not part of
 # CI; what it found is in docs/benchmarks.md (rxe does a loopback WRITE's whole
@@ -38,14 +38,40 @@ perf record -o /tmp/pt.data -e cpu-clock -a -g -- sleep 3 >/dev/null 2>&1
 wait
 echo "@@ ib_write_bw: \$(awk '\$1 == $size' /tmp/pt.out)"
 report /tmp/pt.data ib_write_bw
-# the bench measures push_win first: 7 s of it, profiled from its 5th second
-pslab --transport rdma bench --no-pin --no-baseline --no-sparse --seconds 7 --window 8 --window-only \\
+ib_read_bw -d rxe0 -x 1 -s $size -n \$n -F >/dev/null 2>&1 &
+sleep 1
+ib_read_bw -d rxe0 -x 1 -s $size -n \$n -F 10.77.0.1 > /tmp/pr.out 2>&1 &
+sleep 2
+perf record -o /tmp/pr.data -e cpu-clock -a -g -- sleep 3 >/dev/null 2>&1
+wait
+echo "@@ ib_read_bw: \$(awk '\$1 == $size' /tmp/pr.out)"
+report /tmp/pr.data ib_read_bw
+# the bench measures push_win for 10 s (from about 0.5 s), then pull_win for
+# 10 s: each profiled for 4 s from its 5th second
+pslab --transport rdma bench --no-pin --no-baseline --no-sparse --seconds 10 --window 8 --window-only \\
   --dense-sizes $size --json /tmp/b.json >/dev/null 2>&1 &
 sleep 5
 perf record -o /tmp/ps.data -e cpu-clock -a -g -- sleep 4 >/dev/null 2>&1
+sleep 6
+perf record -o /tmp/pl.data -e cpu-clock -a -g -- sleep 4 >/dev/null 2>&1
 wait
 grep -E '"op"|"gb_per_s"' /tmp/b.json
 report /tmp/ps.data pslab-push
+report /tmp/pl.data pslab-pull
+# the pulling thread alone (the busiest thread that is not the idle loop),
+# user space included: where its time outside the post goes (rxe does the
+# whole READ inside ibv_post_send)
+echo "@@ pslab-pull: threads"
+perf report -i /tmp/pl.data --no-children --sort pid --stdio -g none 2>/dev/null | grep -v "^#" | grep "%" | head -12
+tid=\$(perf report -i /tmp/pl.data --no-children --sort pid --stdio -g none 2>/dev/null | grep "%" | grep -v swapper \
+  | head -1 | sed 's/.*% *\([0-9]*\):.*/\1/')
+echo "@@ pslab-pull: thread \$tid, by object"
+perf report -i /tmp/pl.data --tid \$tid --no-children --sort dso --stdio 2>/dev/null | grep -v "^#" | grep "%" | head -12
+echo "@@ pslab-pull: thread \$tid, inclusive"
+perf report -i /tmp/pl.data --tid \$tid --children --sort sym --stdio -g none 2>/dev/null | grep -v "^#" | grep "%" | head -90
+echo "@@ pslab-pull: thread \$tid, user space with its callers"
+perf report -i /tmp/pl.data --tid \$tid --no-children --sort dso,sym --stdio -G --percent-limit 0.1 2>/dev/null \
+  | grep -v "^#" | grep -v "\[k\]" | grep -v "^\$" | head -150
 INNER
 scripts/softroce-vm.sh --timeout 900 --bin "$dir/pslab" --bin /usr/bin/perf --bin "$dir/profile-inner.sh" \
   -- "sh /bin/profile-inner.sh"

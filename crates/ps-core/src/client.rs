@@ -228,14 +228,17 @@ impl<T: Transport, C: Clock> Worker<T, C> {
 
     /// Runs the transport until `ts` is answered (or the op timeout passes).
     fn drive_until(&mut self, ts: Timestamp) -> Result<(), PsError> {
-        let start = self.clock.now();
+        // the clock is first read after the first poll (most waits end within
+        // a few): the timeout counts from there, at most one poll late
+        let mut start = None;
         loop {
             if self.core.is_done(ts)? {
                 return Ok(());
             }
             let wait = if self.core.lost_owners().is_empty() { 50 } else { 5 };
             self.poll_once(Some(Duration::from_millis(wait)))?;
-            if self.clock.now().saturating_sub(start) > self.op_timeout {
+            let now = self.clock.now();
+            if now.saturating_sub(*start.get_or_insert(now)) > self.op_timeout {
                 return Err(PsError::Timeout(self.op_timeout));
             }
         }

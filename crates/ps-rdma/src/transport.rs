@@ -1064,7 +1064,9 @@ impl RdmaTransport {
     /// response can help, and this sleeps in the poller until one comes or the
     /// peer's TCP connection closes (then `Closed`, at once).
     fn wait_slot(&mut self, idx: usize, peer: PeerId) -> Result<usize, TxError> {
-        let start = Instant::now();
+        // the clock is read only once there is a wait (a clock read is a system
+        // call where the VM's clock source is the HPET)
+        let mut start = None;
         let closed = |_| TxError::Closed(peer);
         loop {
             let conn = self.conns[idx].as_mut().ok_or(TxError::Closed(peer))?;
@@ -1074,7 +1076,7 @@ impl RdmaTransport {
             if self.progress().is_err() || !self.by_peer.contains_key(&peer) {
                 return Err(TxError::Closed(peer));
             }
-            if start.elapsed() > TX_STALL {
+            if start.get_or_insert_with(Instant::now).elapsed() > TX_STALL {
                 return Err(TxError::Full(peer));
             }
             if self.credit_bound(idx) {
@@ -1277,10 +1279,12 @@ impl Transport for RdmaTransport {
         self.progress()?;
         // READ completions raise no event (the send CQ has no channel): while
         // READs are in flight, spin on the CQs a little, then only peek at TCP
-        let spin = Instant::now();
-        while self.ready.is_empty() && !self.reads.is_empty() && spin.elapsed() < READ_SPIN {
-            std::hint::spin_loop();
-            self.progress()?;
+        if self.ready.is_empty() && !self.reads.is_empty() {
+            let spin = Instant::now();
+            while self.ready.is_empty() && !self.reads.is_empty() && spin.elapsed() < READ_SPIN {
+                std::hint::spin_loop();
+                self.progress()?;
+            }
         }
         if self.ready.is_empty() && self.reads.is_empty() {
             self.arm_recv()?;
