@@ -1329,15 +1329,9 @@ impl Transport for RdmaTransport {
 
     fn events(&mut self, out: &mut Vec<PeerEvent>) {
         self.close_failed();
-        let start = out.len();
+        // the one place TCP events become ours (closed peers' RDMA state dropped)
+        self.hold_tcp_events();
         out.append(&mut self.held_events);
-        self.tcp.events(out);
-        for e in &out[start..] {
-            if let PeerEvent::Closed { peer, .. } = e {
-                let peer = *peer;
-                self.drop_conn(peer);
-            }
-        }
     }
 
     fn close(&mut self, peer: PeerId, reason: &str) {

@@ -2,8 +2,9 @@
 //! named by PS_RDMA_DEVICE): two RC QPs of one process connected to each other;
 //! RDMA WRITEs and READs move patterns between registered regions, and every
 //! byte is checked; and two RDMA transports, one a server that never answers
-//! and then dies, the other a client that ran out of ring credits on it. Skipped (with a line saying so) where no device exists,
-//! unless PS_RDMA_REQUIRE is set (scripts/rdma-test.sh sets it): then it fails.
+//! and then dies, the other a client that ran out of ring credits on it.
+//! Skipped (with a line saying so) where no device exists, unless
+//! PS_RDMA_REQUIRE is set (scripts/rdma-test.sh sets it): then it fails.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
