@@ -74,9 +74,10 @@ impl Rows {
         self.vals.extend_from_slice(&other.vals);
     }
 
-    /// The largest key + 1 (0 when empty).
+    /// The largest key + 1 (0 when empty; `u64::MAX` when the largest key is
+    /// `u64::MAX`, which no table can hold and which its creation refuses).
     pub fn key_bound(&self) -> u64 {
-        self.keys.iter().max().map_or(0, |k| k + 1)
+        self.keys.iter().max().map_or(0, |k| k.saturating_add(1))
     }
 }
 

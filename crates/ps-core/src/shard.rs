@@ -488,14 +488,19 @@ impl ShardCore {
 
     /// Handles one whole frame from `peer`, writing any response into `tx`.
     pub fn handle(&mut self, peer: PeerId, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
+        // the bytes as they came off the wire, before any filter's coding is undone
+        self.stats.bytes_in += frame.len() as u64;
+        self.handle_uncounted(peer, frame, tx)
+    }
+
+    /// [`Self::handle`] without counting the frame's bytes: a decoded frame's
+    /// length is not what the peer sent.
+    fn handle_uncounted(&mut self, peer: PeerId, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
         if crate::filter::is_coded(frame) {
             // a table filter's coding: undo it, then it is any request
             let plain = self.decoder.decode(peer, frame, self.body_max)?;
-            self.stats.bytes_in += frame.len() as u64;
-            self.stats.bytes_in -= plain.len() as u64;
-            return self.handle(peer, &plain, tx);
+            return self.handle_uncounted(peer, &plain, tx);
         }
-        self.stats.bytes_in += frame.len() as u64;
         let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
             Frame::Data { h, keys, vals }
                 if matches!(
@@ -1142,6 +1147,42 @@ mod tests {
         let mut f = vec![0u8; clock.frame_len().unwrap()];
         clock.write(&mut f);
         let _ = sh.handle(PeerId { index: 9, generation: 0 }, &f, &mut sink);
+    }
+
+    /// A coded frame counts as the bytes that came off the wire, however much
+    /// larger it decodes to (the count once went below zero here: a panic
+    /// with overflow checks on, a wrap without).
+    #[test]
+    fn a_coded_frame_counts_its_wire_bytes_and_decodes_to_the_push() {
+        use crate::filter::{Encoder, FilterSpec};
+        let mut sh = shard(Consistency::Eventual);
+        let mut sink = SimSink::default();
+        let keys: Vec<u64> = (0..600).map(|i| i * 5).collect();
+        let h = DataHeader { kind: Kind::Push, dense: false, table: 1, sub: 0, ts: 1, a: 600, b: 600 };
+        let mut plain = frame(h, &keys);
+        let vals_at = wire::DATA_HEADER_BYTES + keys.len() * 8;
+        for (i, v) in plain[vals_at..vals_at + 600 * 4].chunks_exact_mut(4).enumerate() {
+            v.copy_from_slice(&((i % 3) as f32).to_le_bytes());
+        }
+        let mut enc = Encoder::default();
+        let specs = [FilterSpec::KeyCache, FilterSpec::Lz4];
+        let mut wire_bytes = 0;
+        for ts in 1..=2u64 {
+            let head = DataHeader { ts, ..h }.encode(plain.len());
+            plain[..wire::DATA_HEADER_BYTES].copy_from_slice(&head);
+            let coded = enc.encode(A, TableId(1), &specs, &plain, 1, true).unwrap();
+            assert!(coded.len() < plain.len() / 2, "{} of {}", coded.len(), plain.len());
+            wire_bytes += coded.len() as u64;
+            sh.handle(A, &coded, &mut sink).unwrap();
+            assert_eq!(sh.stats().bytes_in, wire_bytes);
+        }
+        assert_eq!(sh.stats().push_frames, 2);
+        // both pushes were merged: key 5 holds 1.0 twice
+        let pull = DataHeader { kind: Kind::Pull, dense: false, table: 1, sub: 0, ts: 3, a: 1, b: 0 };
+        sink.frames.clear();
+        sh.handle(A, &frame(pull, &[5]), &mut sink).unwrap();
+        let Frame::Data { vals, .. } = wire::decode(&sink.frames[0].1, 1 << 20).unwrap() else { panic!() };
+        assert_eq!(vals, 2f32.to_le_bytes());
     }
 
     #[test]

@@ -1115,9 +1115,9 @@ impl WorkerCore {
                     if h.dense {
                         let off = h.a.checked_sub(out.base).ok_or_else(|| bad("response before the request".into()))?
                             as usize;
-                        let dst = out
-                            .vals
-                            .get_mut(off..off + h.b as usize)
+                        let dst = off
+                            .checked_add(h.b as usize)
+                            .and_then(|end| out.vals.get_mut(off..end))
                             .ok_or_else(|| bad("response beyond the request".into()))?;
                         wire::copy_vals(dst, vals);
                     } else {
