@@ -3,8 +3,9 @@
 # every test (units, property tests, the seeded simulation, real multi-process
 # jobs, the hostile-network test), a short smoke run of the benchmark so the
 # bench command itself stays working, and the RDMA crate's tests on a real
-# soft-RoCE device in a qemu VM (scripts/rdma-test.sh). Release mode: the process tests and
-# the simulation run several times faster, and it is one build for all of it.
+# soft-RoCE device in a qemu VM (scripts/rdma-test.sh). The tests build in the `ci` profile
+# (Cargo.toml): release optimisation, so the process tests and the simulation run several
+# times faster, with overflow checks on, so arithmetic that release builds wrap fails a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -19,13 +20,13 @@ echo "== MovieLens 100k for the mf test (scripts/fetch-movielens.sh)"
 scripts/fetch-movielens.sh
 echo "== clothing reviews for the lr test (scripts/fetch-clothing.sh)"
 scripts/fetch-clothing.sh
-echo "== cargo test"
+echo "== cargo test (profile ci: release with overflow checks)"
 log=$(mktemp)
-cargo test --locked --release --workspace 2>&1 | tee "$log"
+cargo test --locked --profile ci --workspace 2>&1 | tee "$log"
 read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } } END { print p + 0, f + 0 }' "$log")
 echo "== bench smoke run (0.2 s phases)"
 smoke=$(mktemp -d)
-target/release/pslab bench --seconds 0.2 --dense-sizes 4096,1048576 --sparse-sizes 4096 \
+target/ci/pslab bench --seconds 0.2 --dense-sizes 4096,1048576 --sparse-sizes 4096 \
   --json "$smoke/bench.json" --plot "$smoke/bench.png" --no-pin
 test -s "$smoke/bench.json"
 echo "== ps-rdma on a real verbs device (soft-RoCE in a qemu VM unless PS_RDMA_DEVICE is set)"
