@@ -16,7 +16,7 @@ bench_out=""
 "$here"/apt-need.sh libibverbs-dev librdmacm-dev libclang-dev clang
 
 echo "== ps-rdma: format, lints, tests build"
-(cd crates/ps-rdma && rustfmt --edition 2021 --check src/*.rs tests/*.rs \
+(cd crates/ps-rdma && rustfmt --edition 2021 --check $(find src tests -name '*.rs') \
   && cargo clippy --locked --release --all-targets -- -D warnings)
 tests=$(cd crates/ps-rdma && cargo test --locked --release --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import sys, json

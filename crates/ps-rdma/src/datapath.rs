@@ -82,7 +82,7 @@ pub unsafe fn post_batch(qp: &Qp, wrs: &[Wr<'_>]) -> Result<()> {
             }
             Op::Read => ibv_wr_opcode::IBV_WR_RDMA_READ,
         };
-        if w.op != Op::Read && w.len > 0 && w.len <= qp.max_inline as usize {
+        if w.op != Op::Read && w.len > 0 && w.len <= qp.max_inline() as usize {
             flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
         wr.send_flags = flags;
@@ -101,9 +101,9 @@ pub unsafe fn post_batch(qp: &Qp, wrs: &[Wr<'_>]) -> Result<()> {
     // SAFETY: the chain and its SGEs live until ibv_post_send returns (it copies
     // them; inline data is copied too), and it follows `next` from the first
     // entry only through the `n` written ones; the bytes are the caller's contract.
-    let rc = ibv_post_send(qp.qp.as_ptr(), wrp, &mut bad);
+    let rc = ibv_post_send(qp.as_ptr(), wrp, &mut bad);
     if rc != 0 {
-        return Err(qp.ctx.verb_err("ibv_post_send", rc));
+        return Err(qp.context().verb_err("ibv_post_send", rc));
     }
     Ok(())
 }
@@ -129,9 +129,9 @@ pub fn post_recv_imm(qp: &Qp, n: usize, wr_id: u64) -> Result<()> {
                 wr.next = if i + 1 < k { wrp.add(i + 1) } else { std::ptr::null_mut() };
             }
             let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
-            let rc = ibv_post_recv(qp.qp.as_ptr(), wrp, &mut bad);
+            let rc = ibv_post_recv(qp.as_ptr(), wrp, &mut bad);
             if rc != 0 {
-                return Err(qp.ctx.verb_err("ibv_post_recv", rc));
+                return Err(qp.context().verb_err("ibv_post_recv", rc));
             }
         }
         left -= k;
@@ -164,9 +164,9 @@ pub fn poll(cq: &Cq, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
     // SAFETY: ibv_wc is plain C data; zero is valid.
     let mut wc: [ibv_wc; 64] = unsafe { std::mem::zeroed() };
     // SAFETY: the CQ is alive; ibv_poll_cq writes at most `max` entries.
-    let n = unsafe { ibv_poll_cq(cq.cq.as_ptr(), max as i32, wc.as_mut_ptr()) };
+    let n = unsafe { ibv_poll_cq(cq.as_ptr(), max as i32, wc.as_mut_ptr()) };
     if n < 0 {
-        return Err(cq.ctx.verb_err("ibv_poll_cq", -n));
+        return Err(cq.context().verb_err("ibv_poll_cq", -n));
     }
     for w in &wc[..n as usize] {
         let with_imm = w.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
