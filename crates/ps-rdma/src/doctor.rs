@@ -4,7 +4,7 @@
 
 use rdma_sys::{ibv_mtu, ibv_port_state};
 
-use crate::transport::{gid_str, Device, DeviceChoice};
+use crate::device::{gid_str, Device, DeviceChoice};
 use crate::Context;
 
 /// Lines to print, and the problems found (each with its remedy).

@@ -11,15 +11,21 @@
 //!
 //! - `verbs/`: one file per verbs object (`context.rs`, `pd.rs`, `cq.rs`,
 //!   `mr.rs`, `qp.rs`), re-exported here;
-//! - [`datapath`]: posting work requests (batched, one doorbell) and polling;
-//! - [`transport`]: `ps_core::Transport` over RC QPs: pushes as WRITE_WITH_IMM
-//!   into mailbox rings, dense pulls as READs of slab blocks;
+//! - `device.rs`: which device, port and GID to use ([`transport::Device`]);
+//! - [`datapath`]: posting work requests (batched, one doorbell) and polling:
+//!   the hot path, in one short file;
+//! - [`transport`] (`transport/`): `ps_core::Transport` over RC QPs: pushes as
+//!   WRITE_WITH_IMM into mailbox rings, dense pulls as READs of slab blocks;
+//!   the control path in `mod.rs`, with one file each for the tunables, the
+//!   set-up handshake, progress, the rings and credits, READ planning, and READ
+//!   landing;
 //! - [`doctor`]: the `pslab doctor` report.
 //!
 //! `unsafe` is confined to this crate's verbs layer and datapath: each block says
 //! why it is sound.
 
 pub mod datapath;
+mod device;
 pub mod doctor;
 mod error;
 pub mod transport;
