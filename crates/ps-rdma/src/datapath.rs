@@ -70,7 +70,10 @@ pub unsafe fn post_batch(qp: &Qp, wrs: &[Wr<'_>]) -> Result<()> {
             w.len
         );
         sges[i].write(ibv_sge { addr: w.mr.addr() + w.local_off as u64, length: w.len as u32, lkey: w.mr.lkey() });
-        let wr = chain[i].write(std::mem::zeroed());
+        // SAFETY: ibv_send_wr holds only integers, raw pointers and unions of
+        // structs of those, for all of which all-zero bytes are a valid value
+        // (null `next` and `sg_list`, no flags); the fields used are set below.
+        let wr = chain[i].write(unsafe { std::mem::zeroed() });
         wr.wr_id = w.wr_id;
         wr.num_sge = if w.len == 0 { 0 } else { 1 };
         let mut flags = if w.signaled { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
@@ -93,15 +96,24 @@ pub unsafe fn post_batch(qp: &Qp, wrs: &[Wr<'_>]) -> Result<()> {
     let sg = sges.as_mut_ptr().cast::<ibv_sge>();
     let wrp = chain.as_mut_ptr().cast::<ibv_send_wr>();
     for i in 0..n {
-        let wr = &mut *wrp.add(i);
-        wr.sg_list = sg.add(i);
-        wr.next = if i + 1 < n { wrp.add(i + 1) } else { std::ptr::null_mut() };
+        // SAFETY: 1. i < n <= BATCH_MAX, so `add(i)`, and `add(i + 1)` where
+        // i + 1 < n, stay inside `sges` and `chain`; 2. entry i of `chain` was
+        // initialised by `write` above, and the `&mut` to it is the only
+        // reference while it lives (the `write` results are no longer used).
+        unsafe {
+            let wr = &mut *wrp.add(i);
+            wr.sg_list = sg.add(i);
+            wr.next = if i + 1 < n { wrp.add(i + 1) } else { std::ptr::null_mut() };
+        }
     }
     let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
-    // SAFETY: the chain and its SGEs live until ibv_post_send returns (it copies
-    // them; inline data is copied too), and it follows `next` from the first
-    // entry only through the `n` written ones; the bytes are the caller's contract.
-    let rc = ibv_post_send(qp.as_ptr(), wrp, &mut bad);
+    // SAFETY: 1. the QP is alive while `qp` is borrowed, and connected
+    // (asserted above); 2. the chain and its SGEs live until ibv_post_send
+    // returns (it copies them; inline data is copied too), and it follows
+    // `next` from the first entry only through the `n` written ones; 3. every
+    // local range was checked to lie inside its registered `mr`, and what
+    // happens to those bytes until the completion is the caller's contract.
+    let rc = unsafe { ibv_post_send(qp.as_ptr(), wrp, &mut bad) };
     if rc != 0 {
         return Err(qp.context().verb_err("ibv_post_send", rc));
     }
@@ -214,5 +226,7 @@ pub unsafe fn post_one(
     rkey: u32,
     wr_id: u64,
 ) -> Result<()> {
-    post_batch(qp, &[Wr { op, mr, local_off: off, len, remote_addr, rkey, wr_id, signaled: true }])
+    // SAFETY: this function's contract is `post_batch`'s, for this one work
+    // request, and the caller upholds it.
+    unsafe { post_batch(qp, &[Wr { op, mr, local_off: off, len, remote_addr, rkey, wr_id, signaled: true }]) }
 }

@@ -21,8 +21,14 @@
 //!   landing;
 //! - [`doctor`]: the `pslab doctor` report.
 //!
-//! `unsafe` is confined to this crate's verbs layer and datapath: each block says
-//! why it is sound.
+//! `unsafe` is confined to this crate's verbs layer, the datapath, and the
+//! transport's posts (each naming the buffer-ownership contract it keeps):
+//! every block and impl says why it is sound, and the lints below make the
+//! build fail where one does not, or where an `unsafe fn` does an unsafe
+//! operation outside a block of its own.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod datapath;
 mod device;

@@ -262,7 +262,10 @@ impl RdmaTransport {
     /// `slab` stays mapped and in place for as long as this transport lives.
     pub unsafe fn export_dense(&mut self, table: u32, layout: DenseLayout, slab: &[u8]) -> Result<(), RdmaError> {
         let Ok(v) = &self.verbs else { return Ok(()) };
-        let mr = Mr::register_external(&v.dev.pd, slab.as_ptr(), slab.len())?;
+        // SAFETY: the region goes into `self.exported`, which is only dropped
+        // with the transport, and the caller keeps `slab` mapped and in place
+        // for as long as the transport lives: so for as long as the region.
+        let mr = unsafe { Mr::register_external(&v.dev.pd, slab.as_ptr(), slab.len()) }?;
         self.exported.push(Exported { table, mr, layout });
         Ok(())
     }

@@ -134,9 +134,12 @@ impl Drop for Context {
     }
 }
 
-// SAFETY (for the Send/Sync impls below): libibverbs objects may be used from
-// any thread, and the verbs on one object are thread-safe (ibv_post_send(3):
-// "thread safe"); these types hold only the handles and immutable names. The
-// transport keeps each QP and CQ on the thread that created it anyway.
+// SAFETY: libibverbs objects may be used from any thread, and the verbs on one
+// object are thread-safe (ibv_post_send(3): "thread safe"); this type holds only
+// the handle and an immutable name. (The Send/Sync impls of the other verbs
+// types rest on the same fact.) The transport keeps each QP and CQ on the
+// thread that created it anyway.
 unsafe impl Send for Context {}
+// SAFETY: as for `Send`: `&Context` allows only queries, which are thread-safe
+// verbs, and reads of the immutable name.
 unsafe impl Sync for Context {}

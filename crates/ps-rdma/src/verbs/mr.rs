@@ -68,7 +68,13 @@ impl Mr {
     /// `ptr..ptr+len` stays mapped, and in place, until this `Mr` is dropped.
     pub unsafe fn register_external(pd: &Arc<Pd>, ptr: *const u8, len: usize) -> Result<Self> {
         let access = (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_REMOTE_READ).0 as i32;
-        let mr = ibv_reg_mr(pd.as_ptr(), ptr as *mut _, len, access);
+        // SAFETY: 1. the PD is allocated while `pd` is borrowed, and the region
+        // keeps an Arc of it; 2. the caller keeps `ptr..ptr+len` mapped and in
+        // place until this `Mr` is dropped, and `Drop` deregisters it, so the
+        // device never reaches the range after it goes. LOCAL_WRITE lets only a
+        // work request naming this region as its local buffer write the range,
+        // and posting one is `unsafe` with its own contract (`datapath`).
+        let mr = unsafe { ibv_reg_mr(pd.as_ptr(), ptr as *mut _, len, access) };
         let mr = NonNull::new(mr).ok_or_else(|| reg_err(pd, len))?;
         Ok(Mr { mr, owned: None, addr: ptr as u64, len, _pd: pd.clone() })
     }
