@@ -8,6 +8,10 @@
 //!
 //! [`post_batch`] chains a batch of work requests and rings the doorbell once;
 //! each may be signalled or not (selective signalling) and carry its data inline.
+//!
+//! Must never know about frames, rings, credits or peers (that is the
+//! transport's), and must never let a post skip its contract: posting stays
+//! `unsafe`, and every local range is checked against its region.
 
 use std::mem::MaybeUninit;
 

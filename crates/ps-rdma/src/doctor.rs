@@ -1,6 +1,9 @@
 //! The device half of `pslab doctor`: what verbs devices this machine has, their
 //! ports, link layers, MTUs and GIDs, and for each problem what to do about it.
 //! (The memlock and hugepage checks need no verbs and live in the binary.)
+//!
+//! Must never change a device or port: it opens, queries and closes, and
+//! reports a problem instead of failing on it.
 
 use rdma_sys::{ibv_mtu, ibv_port_state};
 
