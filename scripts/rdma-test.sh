@@ -18,7 +18,7 @@ bench_out=""
 echo "== ps-rdma: format, lints, tests build"
 (cd crates/ps-rdma && rustfmt --edition 2021 --check $(find src tests -name '*.rs') \
   && cargo clippy --locked --release --all-targets -- -D warnings)
-tests=$(cd crates/ps-rdma && cargo test --locked --release --no-run --message-format=json 2>/dev/null \
+tests=$(cd crates/ps-rdma && cargo test --locked --profile ci --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import sys, json
 for line in sys.stdin:
     try: m = json.loads(line)
@@ -26,8 +26,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])')
 [ -n "$tests" ] || { echo "rdma-test: no test binary was built" >&2; exit 1; }
-echo "== ps-rdma unit tests (no device needed)"
-(cd crates/ps-rdma && cargo test --locked --release --lib)
+echo "== ps-rdma unit tests (no device needed; profile ci: overflow checks on)"
+(cd crates/ps-rdma && cargo test --locked --profile ci --lib)
 echo "== pslab --features rdma: lints and build"
 cargo clippy --locked --release --features rdma --bins -- -D warnings
 cargo build --locked --release --features rdma --bin pslab
