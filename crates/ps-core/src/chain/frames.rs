@@ -1,0 +1,58 @@
+//! The chain's own frames: `Forward` (a counted frame wrapped with its
+//! origin and number), `Ack`, `Bind`, and the halves of a push-pull.
+//!
+//! Must never: hold state, or send anything (it only builds and reads bytes);
+//! a frame it reads comes from a peer, so a bad one is a `WireError`, never
+//! a panic.
+
+use crate::wire::{self, DataHeader, Frame, Kind, WireError};
+
+pub(super) fn header_frame(h: DataHeader) -> Vec<u8> {
+    let mut f = vec![0u8; h.frame_len().expect("a header frame is small")];
+    h.write(&mut f);
+    f
+}
+
+pub(super) fn forward_frame(origin: u32, seq: u64, inner: &[u8]) -> Vec<u8> {
+    let h = DataHeader {
+        kind: Kind::Forward,
+        dense: false,
+        table: 0,
+        sub: 0,
+        ts: seq,
+        a: origin as u64,
+        b: (inner.len() / 4) as u64,
+    };
+    let mut f = vec![0u8; h.frame_len().expect("a forwarded request fits a frame")];
+    h.write(&mut f);
+    f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + inner.len()].copy_from_slice(inner);
+    f
+}
+
+/// The header of a data frame (its payload checked as the kind says).
+pub(super) fn data_header(frame: &[u8]) -> Result<DataHeader, WireError> {
+    match wire::decode(frame, frame.len())? {
+        Frame::Data { h, .. } => Ok(h),
+        Frame::Error { h, .. } => Ok(h),
+        _ => Err(WireError::Unexpected(Kind::Control)),
+    }
+}
+
+/// A push-pull as the push it carries (what the next copies apply).
+pub(super) fn push_of(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[5] = Kind::Push as u8;
+    f
+}
+
+/// A push-pull as the pull it carries: the same header, the keys, no values.
+pub(super) fn pull_of(frame: &[u8]) -> Result<Vec<u8>, WireError> {
+    let Frame::Data { h, keys, .. } = wire::decode(frame, frame.len())? else {
+        return Err(WireError::Unexpected(Kind::PushPull));
+    };
+    let h = DataHeader { kind: Kind::Pull, ..h };
+    let mut f = vec![0u8; h.frame_len().ok_or(WireError::Overflow("pull"))?];
+    h.write(&mut f);
+    f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + keys.len()].copy_from_slice(keys);
+    Ok(f)
+}
