@@ -102,10 +102,7 @@ impl ShardCore {
         self.check_push(h, keys_b)?;
         self.held_bytes += frame.len();
         self.held.push_back(Held { peer, clock, frame: frame.to_vec() });
-        let ack = DataHeader { kind: Kind::Ack, dense: h.dense, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
-        let len = ack.frame_len().expect("ack is small");
-        ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
-        self.stats.bytes_out += len as u64;
+        self.stats.bytes_out += super::apply::send_ack(h, peer, tx)? as u64;
         Ok(())
     }
 
