@@ -438,7 +438,7 @@ mod tests {
         }
         assert_eq!(sh.stats().push_frames, 2);
         // both pushes were merged: key 5 holds 1.0 twice
-        let pull = DataHeader { kind: Kind::Pull, dense: false, table: 1, sub: 0, ts: 3, a: 1, b: 0 };
+        let pull = DataHeader { kind: Kind::Pull, dense: false, table: 1, sub: 0, ts: 3, a: 1, b: 1 };
         sink.frames.clear();
         sh.handle(A, &frame(pull, &[5]), &mut sink).unwrap();
         let Frame::Data { vals, .. } = wire::decode(&sink.frames[0].1, 1 << 20).unwrap() else { panic!() };
