@@ -1,0 +1,141 @@
+//! Answers coming back: each response frame is matched to the pending
+//! operation of its timestamp (and to the chunk it answers), pulled values
+//! land where the caller's buffer wants them, and an operation whose last
+//! answer came is settled. Anything a shard sends that does not fit (an
+//! unknown timestamp, one answer too many, values outside the request) is a
+//! protocol violation returned as an error, never a panic.
+
+use std::ops::Range;
+
+use super::cached::CachedRead;
+use super::{OwnedKeys, WorkerCore};
+use crate::error::PsError;
+use crate::keys::TableId;
+use crate::ring::Owner;
+use crate::transport::PeerId;
+use crate::wire::{self, DataHeader, Frame, Kind};
+
+/// Where a pull's answers land.
+#[derive(Debug)]
+pub(super) struct PullOut {
+    pub(super) vals: Vec<f32>,
+    pub(super) dim: usize,
+    /// dense: first flat float of the request
+    pub(super) base: u64,
+    /// sparse: per sub, a slice of `ranges`
+    pub(super) subs: Vec<Range<usize>>,
+    pub(super) ranges: Vec<Range<usize>>,
+}
+
+impl PullOut {
+    /// A dense answer: `h.b` floats from flat float `h.a`.
+    fn land_dense(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
+        let off = h.a.checked_sub(self.base).ok_or_else(|| "response before the request".to_string())? as usize;
+        let dst = off
+            .checked_add(h.b as usize)
+            .and_then(|end| self.vals.get_mut(off..end))
+            .ok_or_else(|| "response beyond the request".to_string())?;
+        wire::copy_vals(dst, vals);
+        Ok(())
+    }
+
+    /// A sparse answer: the values of the keys of chunk `h.sub`, in order.
+    fn land_sparse(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
+        let sub = self.subs.get(h.sub as usize).cloned().ok_or_else(|| format!("unknown sub {}", h.sub))?;
+        let keys: usize = self.ranges[sub.clone()].iter().map(|r| r.len()).sum();
+        if keys * self.dim != h.b as usize {
+            return Err(format!("sub {} carries {} values for {keys} keys", h.sub, h.b));
+        }
+        let mut at = 0;
+        for r in &self.ranges[sub] {
+            let n = r.len() * self.dim;
+            wire::copy_vals(&mut self.vals[r.start * self.dim..r.end * self.dim], &vals[at..at + n * 4]);
+            at += n * 4;
+        }
+        Ok(())
+    }
+}
+
+/// An operation sent and not finished (or finished and not yet taken).
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub(super) frames_left: u32,
+    pub(super) error: Option<PsError>,
+    pub(super) pull: Option<PullOut>,
+    /// a read of a cached table: fills the cache when it completes
+    pub(super) read: Option<CachedRead>,
+    /// a push into a cached table: released in the cache when it completes
+    pub(super) pushed: Option<(TableId, OwnedKeys)>,
+}
+
+impl Pending {
+    pub(super) fn new(frames_left: u32, error: Option<PsError>, pull: Option<PullOut>) -> Self {
+        Self { frames_left, error, pull, read: None, pushed: None }
+    }
+}
+
+impl WorkerCore {
+    /// Handles one response frame. An `Err` means the frame broke the protocol:
+    /// drop the connection it came on.
+    pub fn on_frame(&mut self, peer: PeerId, frame: &[u8]) -> Result<(), PsError> {
+        let bad = |what: String| PsError::Transport(format!("protocol violation from {peer:?}: {what}"));
+        match wire::decode(frame, self.body_max).map_err(|e| bad(e.to_string()))? {
+            Frame::Data { h, keys, vals } if h.kind == Kind::Refresh => {
+                self.on_refresh(peer, &h, keys, vals).map_err(bad)
+            }
+            // a Bind's answer (failover)
+            Frame::Data { h, .. } if h.kind == Kind::Ack && h.ts == 0 && self.failover.is_some() => Ok(()),
+            Frame::Data { h, vals, .. } if matches!(h.kind, Kind::Ack | Kind::PullResp) => {
+                self.on_answer(peer, &h, vals).map_err(bad)
+            }
+            Frame::Error { h, message } => self.on_error(peer, &h, message).map_err(bad),
+            other => Err(bad(format!("unexpected frame {other:?}"))),
+        }
+    }
+
+    /// An `Ack` or a `PullResp`: one frame of `h.ts` answered.
+    fn on_answer(&mut self, peer: PeerId, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
+        self.answered(peer, h);
+        let p = self.pending.get_mut(&h.ts).ok_or_else(|| format!("response for unknown timestamp {}", h.ts))?;
+        if p.frames_left == 0 {
+            return Err(format!("too many responses for timestamp {}", h.ts));
+        }
+        if h.kind == Kind::PullResp {
+            let Some(out) = p.pull.as_mut() else { return Err(format!("values for push {}", h.ts)) };
+            if h.dense {
+                out.land_dense(h, vals)?;
+            } else {
+                out.land_sparse(h, vals)?;
+            }
+            if let Some(r) = p.read.as_mut() {
+                r.stamp = r.stamp.min(wire::stamp_of(h));
+            }
+        }
+        p.frames_left -= 1;
+        if p.frames_left == 0 {
+            self.settle(h.ts);
+        }
+        Ok(())
+    }
+
+    /// A shard refused one frame of `h.ts`: the operation fails with the
+    /// first such reason once all its frames are answered.
+    fn on_error(&mut self, peer: PeerId, h: &DataHeader, message: &str) -> Result<(), String> {
+        let owner = self.peer_owner.get(&peer).copied().unwrap_or(Owner { server: u32::MAX, shard: u32::MAX });
+        self.answered(peer, h);
+        let p = self.pending.get_mut(&h.ts).ok_or_else(|| format!("error for unknown timestamp {}", h.ts))?;
+        if p.frames_left == 0 {
+            return Err(format!("too many responses for timestamp {}", h.ts));
+        }
+        p.frames_left -= 1;
+        p.error.get_or_insert(PsError::Rejected {
+            server: owner.server,
+            shard: owner.shard,
+            reason: message.to_string(),
+        });
+        if p.frames_left == 0 {
+            self.settle(h.ts);
+        }
+        Ok(())
+    }
+}
