@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 
-use super::{key_iter, OwnedKeys, Timestamp, WorkerCore};
-use crate::cache::{Cache, CacheStats};
+use super::responses::PullOut;
+use super::{key_iter, Keys, OwnedKeys, Timestamp, WorkerCore};
+use crate::cache::{Cache, CacheStats, Lookup};
 use crate::clock::Consistency;
 use crate::error::PsError;
 use crate::keys::{Key, KeyRange, TableId, TableSpec};
@@ -64,6 +65,51 @@ impl WorkerCore {
     /// Hits, misses and the staleness of reads of a cached table.
     pub fn cache_stats(&self, table: TableId) -> Option<CacheStats> {
         self.caches.get(&table).map(|c| c.stats())
+    }
+
+    /// A pull of a cached table the cache holds fresh enough: its values are
+    /// in `pull` now and nothing need go out.
+    pub(super) fn read_from_cache(
+        &mut self,
+        kind: Kind,
+        t: &TableSpec,
+        keys: &Keys<'_>,
+        pull: &mut Option<PullOut>,
+    ) -> bool {
+        let Some(cache) = self.caches.get_mut(&t.id) else { return false };
+        if kind != Kind::Pull {
+            return false;
+        }
+        let needed = t.consistency.needed(self.clocks).unwrap_or(0);
+        let out = pull.as_mut().expect("a pull has its buffer");
+        let Lookup::Hit { stamp } = cache.lookup(key_iter(keys), needed, &mut out.vals) else { return false };
+        cache.record(self.clocks, stamp);
+        true
+    }
+
+    /// An operation on a cached table going out: a push is added in locally
+    /// now (and released when it settles), a read fills the cache when it
+    /// settles. Returns the read and the push to remember, if any.
+    pub(super) fn note_in_cache(
+        &mut self,
+        kind: Kind,
+        t: &TableSpec,
+        keys: &Keys<'_>,
+        vals: Option<&[f32]>,
+    ) -> (Option<CachedRead>, Option<(TableId, OwnedKeys)>) {
+        let Some(cache) = self.caches.get_mut(&t.id) else { return (None, None) };
+        let mut pushed = None;
+        if kind != Kind::Pull {
+            cache.push(key_iter(keys), vals.expect("a push has values"));
+            pushed = Some((t.id, OwnedKeys::of(keys)));
+        }
+        let read = (kind != Kind::Push).then(|| CachedRead {
+            table: t.id,
+            keys: OwnedKeys::of(keys),
+            clock: self.clocks,
+            stamp: u64::MAX,
+        });
+        (read, pushed)
     }
 
     /// The flat owner index of `key` of a table spanning `range`.

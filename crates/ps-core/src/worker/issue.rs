@@ -1,19 +1,86 @@
 //! Issuing an operation: the push filters and the process cache get their
 //! say, the operation is planned (`plan`), and its chunks go out as request
-//! frames, one round per owner at a time, recorded as pending until their
-//! answers come (`responses`).
+//! frames (`frames`), chunk i of every owner before chunk i+1 of any, each
+//! recorded as pending until its answer comes (`responses`).
+//!
+//! A chunk's frame goes out one of two ways: gathered straight from the
+//! caller's slices, or, when the table codes its frames or failover must keep
+//! a copy, built in memory first (`send_in_memory`).
 
-use super::cached::CachedRead;
+use std::ops::Range;
+
+use super::frames::{ChunkFrame, Payload};
+use super::plan::Chunk;
 use super::responses::{Pending, PullOut};
-use super::{key_iter, tx_error, Keys, OwnedKeys, Timestamp, WorkerCore};
-use crate::cache::Lookup;
+use super::{key_iter, tx_error, Keys, Timestamp, WorkerCore};
 use crate::error::PsError;
 use crate::filter::{has_codecs, PushFilter};
 use crate::keys::{Key, TableId, TableSpec};
-use crate::transport::{FrameSink, GATHER_PARTS_MAX};
-use crate::wire::{self, DataHeader, Kind};
+use crate::transport::{FrameSink, PeerId, TxError};
+use crate::wire::{DataHeader, Kind};
 
-const ZEROS: [u8; 8] = [0; 8];
+/// One operation on its way out, as each of its chunks' frames needs it.
+#[derive(Debug)]
+struct Outgoing<'a> {
+    ts: Timestamp,
+    kind: Kind,
+    table: &'a TableSpec,
+    keys: Keys<'a>,
+    /// the values the frames carry: none for a pull
+    vals: Option<&'a [f32]>,
+    /// dense: the flat float the operation starts at (0 for a key list)
+    first_float: u64,
+    /// the frames are coded by the table's filters
+    coded: bool,
+}
+
+impl Outgoing<'_> {
+    fn dense(&self) -> bool {
+        matches!(self.keys, Keys::Range { .. })
+    }
+
+    /// What chunk `c`'s frame carries (`chunk_ranges`: the planned runs).
+    fn payload<'s>(&'s self, c: &Chunk, chunk_ranges: &'s [Range<usize>]) -> Payload<'s> {
+        match self.keys {
+            Keys::Range { .. } => Payload::Dense {
+                vals: self.vals.map(|v| {
+                    let off = (c.a - self.first_float) as usize;
+                    &v[off..off + c.b as usize]
+                }),
+            },
+            Keys::List(keys) => Payload::Sparse {
+                keys,
+                ranges: &chunk_ranges[c.ranges.clone()],
+                vals: self.vals,
+                dim: self.table.dim as usize,
+            },
+        }
+    }
+}
+
+/// Why an operation's frames stopped going out before the last.
+#[derive(Debug)]
+enum Stop {
+    /// the table's filters could not code a frame
+    Coding(PsError),
+    /// the transport refused a frame
+    Refused(TxError),
+}
+
+/// The flat float a dense operation starts at; 0 for a key list.
+fn first_float(t: &TableSpec, keys: &Keys<'_>) -> u64 {
+    match *keys {
+        Keys::Range { first, .. } => (first - t.keys().begin) * t.dim as u64,
+        Keys::List(_) => 0,
+    }
+}
+
+fn key_count(keys: &Keys<'_>) -> u64 {
+    match *keys {
+        Keys::List(k) => k.len() as u64,
+        Keys::Range { count, .. } => count,
+    }
+}
 
 impl WorkerCore {
     /// Issues one operation. `kind` is Push, Pull or PushPull; `vals` is given for
@@ -81,6 +148,9 @@ impl WorkerCore {
         Ok(out)
     }
 
+    /// Sends an operation already checked and numbered `ts`: a pull the
+    /// process cache answers in full ends here; otherwise every chunk goes
+    /// out and the operation is pending until each has its answer.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn issue_at(
         &mut self,
@@ -93,171 +163,30 @@ impl WorkerCore {
         out: Option<Vec<f32>>,
     ) -> Result<Timestamp, PsError> {
         let t = t.clone();
-        let table = t.id;
-        let n = match keys {
-            Keys::List(k) => k.len() as u64,
-            Keys::Range { count, .. } => count,
-        };
         self.plan(&t, &keys);
-        let dim = t.dim as usize;
-        let dense = matches!(keys, Keys::Range { .. });
-        let mut pull = out.map(|mut v| {
-            // every value is overwritten by a response (or the op fails), so a
-            // buffer of the right length is reused as it is: no memset per pull
-            if v.len() != n as usize * dim {
-                v.clear();
-                v.resize(n as usize * dim, 0.0);
-            }
-            PullOut {
-                vals: v,
-                dim,
-                base: match keys {
-                    Keys::Range { first, .. } => (first - t.keys().begin) * dim as u64,
-                    Keys::List(_) => 0,
-                },
-                subs: Vec::new(),
-                ranges: Vec::new(),
-            }
-        });
-        let mut read = None;
-        let mut pushed = None;
-        if let Some(cache) = self.caches.get_mut(&table) {
-            let needed = t.consistency.needed(self.clocks).unwrap_or(0);
-            if kind == Kind::Pull {
-                let out = pull.as_mut().expect("a pull has its buffer");
-                if let Lookup::Hit { stamp } = cache.lookup(key_iter(&keys), needed, &mut out.vals) {
-                    cache.record(self.clocks, stamp);
-                    self.pending.insert(ts, Pending::new(0, None, pull));
-                    return Ok(ts);
-                }
-            }
-            if kind != Kind::Pull {
-                cache.push(key_iter(&keys), vals.expect("a push has values"));
-                pushed = Some((table, OwnedKeys::of(&keys)));
-            }
-            if kind != Kind::Push {
-                read = Some(CachedRead { table, keys: OwnedKeys::of(&keys), clock: self.clocks, stamp: u64::MAX });
-            }
+        let first_float = first_float(&t, &keys);
+        let mut pull = out.map(|v| PullOut::new(v, key_count(&keys), t.dim as usize, first_float));
+        if self.read_from_cache(kind, &t, &keys, &mut pull) {
+            self.pending.insert(ts, Pending::new(0, None, pull));
+            return Ok(ts);
         }
-        let base_float = pull.as_ref().map(|p| p.base).unwrap_or(match keys {
-            Keys::Range { first, .. } => (first - t.keys().begin) * dim as u64,
-            Keys::List(_) => 0,
-        });
-        // interleave: chunk i of every owner, then chunk i+1 ...
-        let rounds = self.chunks.iter().map(|c| c.len()).max().unwrap_or(0);
-        let mut sub = 0u32;
-        let mut sent = 0u32;
-        for i in 0..rounds {
-            for g in 0..self.chunks.len() {
-                let Some(c) = self.chunks[g].get(i) else { continue };
-                let h = DataHeader { kind, dense, table: table.0, sub, ts, a: c.a, b: c.b };
-                let mut len = h.frame_len().expect("chunk sizes are bounded");
-                let peer = self.peers[c.owner.server as usize][c.owner.shard as usize];
-                let content = wire::DATA_HEADER_BYTES
-                    + if dense { 0 } else { c.a as usize * 8 }
-                    + if kind == Kind::Pull { 0 } else { c.b as usize * 4 };
-                let ranges = &self.chunk_ranges[c.ranges.clone()];
-                let carries_vals = kind != Kind::Pull && vals.is_some();
-                // gather the frame from the caller's slices: no copy on this side
-                // when the transport can send from them
-                let hdr = h.encode(len);
-                let mut parts: [&[u8]; GATHER_PARTS_MAX] = [&[]; GATHER_PARTS_MAX];
-                let need = 2 + if dense { 1 } else { ranges.len() * (1 + carries_vals as usize) };
-                let coded = has_codecs(&t.filters) && !(dense && kind == Kind::Pull);
-                let fill = |buf: &mut [u8]| {
-                    buf[..wire::DATA_HEADER_BYTES].copy_from_slice(&hdr);
-                    let mut at = wire::DATA_HEADER_BYTES;
-                    if let (true, Some(v), true) = (dense, vals, carries_vals) {
-                        let off = (c.a - base_float) as usize;
-                        let src: &[u8] = bytemuck::cast_slice(&v[off..off + c.b as usize]);
-                        crate::kernels::copy_bytes(&mut buf[at..at + src.len()], src);
-                    } else if let Keys::List(k) = keys {
-                        for r in ranges {
-                            let src: &[u8] = bytemuck::cast_slice(&k[r.clone()]);
-                            crate::kernels::copy_bytes(&mut buf[at..at + src.len()], src);
-                            at += src.len();
-                        }
-                        if let (Some(v), true) = (vals, carries_vals) {
-                            for r in ranges {
-                                let src: &[u8] = bytemuck::cast_slice(&v[r.start * dim..r.end * dim]);
-                                crate::kernels::copy_bytes(&mut buf[at..at + src.len()], src);
-                                at += src.len();
-                            }
-                        }
-                    }
-                    buf[content..].fill(0);
-                };
-                let r = if coded || self.failover.is_some() {
-                    let mut plain = vec![0u8; len];
-                    fill(&mut plain);
-                    let (wire, kept) = if coded {
-                        let dim = t.dim as usize;
-                        let f = match self.encoder.encode(peer, table, &t.filters, &plain, dim, !self.lossless) {
-                            Ok(f) => f,
-                            Err(e) => return Err(PsError::Transport(format!("filter coding: {e}"))),
-                        };
-                        // what the shard will apply, for sending again after a failover
-                        let kept = match self.failover.as_mut() {
-                            Some(fo) => Some(
-                                fo.mirror
-                                    .decode(peer, &f, fo.body_max)
-                                    .map_err(|e| PsError::Transport(format!("filter coding: {e}")))?,
-                            ),
-                            None => None,
-                        };
-                        (f, kept)
-                    } else {
-                        (plain, None)
-                    };
-                    len = wire.len();
-                    Self::send_owned(&mut self.failover, tx, g, peer, ts, sub, kind, wire, kept)
-                } else if need <= GATHER_PARTS_MAX {
-                    let mut n = 0;
-                    macro_rules! put {
-                        ($p:expr) => {{
-                            parts[n] = $p;
-                            n += 1;
-                        }};
-                    }
-                    put!(&hdr[..]);
-                    if dense {
-                        if let (Some(v), true) = (vals, carries_vals) {
-                            let off = (c.a - base_float) as usize;
-                            put!(bytemuck::cast_slice(&v[off..off + c.b as usize]));
-                        }
-                    } else if let Keys::List(k) = keys {
-                        for r in ranges {
-                            put!(bytemuck::cast_slice(&k[r.clone()]));
-                        }
-                        if let (Some(v), true) = (vals, carries_vals) {
-                            for r in ranges {
-                                put!(bytemuck::cast_slice(&v[r.start * dim..r.end * dim]));
-                            }
-                        }
-                    }
-                    put!(&ZEROS[..len - content]);
-                    tx.frame_gather(peer, &parts[..n])
-                } else {
-                    tx.frame(peer, len).map(fill)
-                };
-                if let Err(e) = r {
-                    // frames already queued for this ts will be answered; account for them
-                    let mut p = Pending::new(sent, Some(tx_error(e)), None);
-                    p.pushed = pushed;
-                    self.pending.insert(ts, p);
-                    if sent == 0 {
-                        self.settle(ts);
-                    }
-                    return Err(PsError::Transport("send queue refused a frame mid-request".into()));
+        let (read, pushed) = self.note_in_cache(kind, &t, &keys, vals);
+        let coded = has_codecs(&t.filters) && !(matches!(keys, Keys::Range { .. }) && kind == Kind::Pull);
+        let vals = vals.filter(|_| kind != Kind::Pull);
+        let op = Outgoing { ts, kind, table: &t, keys, vals, first_float, coded };
+        let (sent, stopped) = self.send_chunks(tx, &op, &mut pull);
+        match stopped {
+            None => {}
+            Some(Stop::Coding(e)) => return Err(e),
+            Some(Stop::Refused(e)) => {
+                // frames already queued for this ts will be answered; account for them
+                let mut p = Pending::new(sent, Some(tx_error(e)), None);
+                p.pushed = pushed;
+                self.pending.insert(ts, p);
+                if sent == 0 {
+                    self.settle(ts);
                 }
-                self.bytes_sent += len as u64;
-                if let (Some(p), false) = (pull.as_mut(), dense) {
-                    let s = p.ranges.len();
-                    p.ranges.extend_from_slice(ranges);
-                    p.subs.push(s..p.ranges.len());
-                }
-                sub += 1;
-                sent += 1;
+                return Err(PsError::Transport("send queue refused a frame mid-request".into()));
             }
         }
         self.pending.insert(ts, Pending { frames_left: sent, error: None, pull, read, pushed });
@@ -265,5 +194,92 @@ impl WorkerCore {
             self.settle(ts);
         }
         Ok(ts)
+    }
+
+    /// Sends the planned chunks of `op`, chunk i of every owner before chunk
+    /// i+1 of any, numbering the frames (`sub`) in the order they go; a
+    /// sparse pull learns which keys each frame's answer holds. Returns the
+    /// frames sent, and why the rest did not go if they did not.
+    fn send_chunks(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        op: &Outgoing<'_>,
+        pull: &mut Option<PullOut>,
+    ) -> (u32, Option<Stop>) {
+        let rounds = self.chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let mut sent = 0u32;
+        for i in 0..rounds {
+            for g in 0..self.chunks.len() {
+                let Some(c) = self.chunks[g].get(i).cloned() else { continue };
+                match self.send_chunk(tx, op, g, sent, &c) {
+                    Ok(len) => self.bytes_sent += len as u64,
+                    Err(stop) => return (sent, Some(stop)),
+                }
+                if let (Some(p), false) = (pull.as_mut(), op.dense()) {
+                    p.expect_sub(&self.chunk_ranges[c.ranges]);
+                }
+                sent += 1;
+            }
+        }
+        (sent, None)
+    }
+
+    /// Sends chunk `c` of `op` to flat owner `g` as frame `sub`; returns the
+    /// bytes that went on the wire.
+    fn send_chunk(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        op: &Outgoing<'_>,
+        g: usize,
+        sub: u32,
+        c: &Chunk,
+    ) -> Result<usize, Stop> {
+        let h = DataHeader { kind: op.kind, dense: op.dense(), table: op.table.id.0, sub, ts: op.ts, a: c.a, b: c.b };
+        let peer = self.peers[c.owner.server as usize][c.owner.shard as usize];
+        let frame = ChunkFrame::new(&h, op.payload(c, &self.chunk_ranges));
+        if !op.coded && self.failover.is_none() {
+            // gathered from the caller's slices: no copy on this side when
+            // the transport can send from them
+            return frame.send(tx, peer).map(|()| frame.len()).map_err(Stop::Refused);
+        }
+        let mut plain = vec![0u8; frame.len()];
+        frame.write(&mut plain);
+        self.send_in_memory(tx, op, g, peer, &h, plain)
+    }
+
+    /// Sends a chunk's frame built in memory (`plain`): coded by the table's
+    /// filters if it has codecs, and with failover on kept until answered
+    /// (as the shard will apply it). Returns the bytes that went on the wire.
+    fn send_in_memory(
+        &mut self,
+        tx: &mut dyn FrameSink,
+        op: &Outgoing<'_>,
+        g: usize,
+        peer: PeerId,
+        h: &DataHeader,
+        plain: Vec<u8>,
+    ) -> Result<usize, Stop> {
+        let (wire, kept) = if op.coded { self.encode_chunk(op, peer, plain)? } else { (plain, None) };
+        let len = wire.len();
+        Self::send_owned(&mut self.failover, tx, g, peer, h.ts, h.sub, h.kind, wire, kept).map_err(Stop::Refused)?;
+        Ok(len)
+    }
+
+    /// Codes `plain` by the table's filters for `peer`; with failover on,
+    /// also what the shard will apply, for sending again after a failover.
+    fn encode_chunk(
+        &mut self,
+        op: &Outgoing<'_>,
+        peer: PeerId,
+        plain: Vec<u8>,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), Stop> {
+        let coding = |e: crate::wire::WireError| Stop::Coding(PsError::Transport(format!("filter coding: {e}")));
+        let t = op.table;
+        let f = self.encoder.encode(peer, t.id, &t.filters, &plain, t.dim as usize, !self.lossless).map_err(coding)?;
+        let kept = match self.failover.as_mut() {
+            Some(fo) => Some(fo.mirror.decode(peer, &f, fo.body_max).map_err(coding)?),
+            None => None,
+        };
+        Ok((f, kept))
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! - `plan`: checks an operation's keys and cuts it into chunks per owner.
 //! - `issue`: sends an operation's chunks as request frames, through the
-//!   process cache and the push filters.
+//!   process cache and the push filters; `frames` lays out one such frame.
 //! - `responses`: matches answers to pending timestamps and lands pulled
 //!   values where the caller's buffer wants them.
 //! - `retain`: failover: keeps requests until answered and sends them again
@@ -40,6 +40,7 @@ use crate::wire::{DataHeader, Kind};
 
 mod cached;
 mod deps;
+mod frames;
 mod issue;
 mod plan;
 mod responses;

@@ -28,6 +28,26 @@ pub(super) struct PullOut {
 }
 
 impl PullOut {
+    /// Where a pull of `keys` keys of `dim` values lands: `out` itself when
+    /// it has the right length (every value is overwritten by a response, or
+    /// the operation fails, so no memset per pull), else `out` cleared and
+    /// zeroed to that length. `base`: a dense pull's first flat float.
+    pub(super) fn new(mut out: Vec<f32>, keys: u64, dim: usize, base: u64) -> Self {
+        if out.len() != keys as usize * dim {
+            out.clear();
+            out.resize(keys as usize * dim, 0.0);
+        }
+        Self { vals: out, dim, base, subs: Vec::new(), ranges: Vec::new() }
+    }
+
+    /// The next frame of a sparse pull went out: its answer holds the keys
+    /// of `ranges` (runs of the request's keys), in order.
+    pub(super) fn expect_sub(&mut self, ranges: &[Range<usize>]) {
+        let s = self.ranges.len();
+        self.ranges.extend_from_slice(ranges);
+        self.subs.push(s..self.ranges.len());
+    }
+
     /// A dense answer: `h.b` floats from flat float `h.a`.
     fn land_dense(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
         let off = h.a.checked_sub(self.base).ok_or_else(|| "response before the request".to_string())? as usize;
