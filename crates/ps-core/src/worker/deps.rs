@@ -113,3 +113,60 @@ impl WorkerCore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{self, answer, drain, refusal, sparse_value, spread_keys, SPARSE};
+    use super::super::Keys;
+    use crate::error::PsError;
+    use crate::sim::SimSink;
+    use crate::wire::Kind;
+
+    #[test]
+    fn an_operation_issued_after_another_goes_out_only_once_it_has_finished() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(60);
+        let push = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 120]), None).unwrap();
+        let pushes = drain(&mut sink);
+        let pull = w.issue_after(&mut sink, &[push], Kind::Pull, SPARSE, Keys::List(&keys), None, Some(vec![]));
+        let pull = pull.unwrap();
+        assert!(pull > push && sink.frames.is_empty() && w.is_pull(pull));
+        let (last, rest) = pushes.split_last().unwrap();
+        for s in rest {
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+            w.pump(&mut sink);
+            assert!(sink.frames.is_empty(), "held while its dependency has answers to come");
+        }
+        assert!(!w.is_done(pull).unwrap());
+        w.on_frame(last.peer, &answer(last, 2, 0)).unwrap();
+        w.pump(&mut sink);
+        let pulls = drain(&mut sink);
+        assert!(!pulls.is_empty() && pulls.iter().all(|s| s.h.ts == pull && s.h.kind == Kind::Pull));
+        for s in &pulls {
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+        }
+        let got = w.finish(pull).unwrap().unwrap();
+        assert_eq!(got[..2], [sparse_value(keys[0], 0), sparse_value(keys[0], 1)]);
+    }
+
+    #[test]
+    fn a_failed_dependency_fails_the_dependent_and_nothing_goes_out() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(10);
+        let push = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&[1.0; 20]), None).unwrap();
+        let pushes = drain(&mut sink);
+        let after = w.issue_after(&mut sink, &[push], Kind::Push, SPARSE, Keys::List(&keys), Some(&[2.0; 20]), None);
+        let after = after.unwrap();
+        for s in &pushes {
+            w.on_frame(s.peer, &refusal(s, "full")).unwrap();
+        }
+        w.pump(&mut sink);
+        assert!(sink.frames.is_empty());
+        assert!(matches!(w.finish(after), Err(PsError::DependencyFailed { dep, .. }) if dep == push));
+        // a dependency on a timestamp not yet issued is refused
+        let e = w.issue_after(&mut sink, &[after + 5], Kind::Pull, SPARSE, Keys::List(&keys), None, Some(vec![]));
+        assert!(matches!(e, Err(PsError::FutureTimestamp(_))));
+    }
+}

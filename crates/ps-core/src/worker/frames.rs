@@ -109,3 +109,61 @@ impl<'a> ChunkFrame<'a> {
         tx.frame_gather(peer, &parts[..n])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimSink;
+    use crate::wire::{self, Frame};
+
+    const PEER: PeerId = PeerId { index: 3, generation: 0 };
+
+    /// The frame of a sparse chunk of `runs` runs of 2 keys each, dim 3.
+    fn sparse(kind: Kind, runs: usize, keys: &[Key], vals: &[f32]) -> (DataHeader, Vec<Range<usize>>) {
+        let ranges: Vec<Range<usize>> = (0..runs).map(|r| 4 * r..4 * r + 2).collect();
+        let n = runs as u64 * 2;
+        let h = DataHeader { kind, dense: false, table: 0, sub: 1, ts: 9, a: n, b: n * 3 };
+        assert!(keys.len() >= 4 * runs && vals.len() >= 12 * runs);
+        (h, ranges)
+    }
+
+    /// Written into a buffer and sent (gathered or not), the frame is the
+    /// same bytes, and a shard decodes the chunk's keys and values from it.
+    fn check(h: DataHeader, payload: Payload<'_>, want_keys: &[Key], want_vals: &[f32]) {
+        let frame = ChunkFrame::new(&h, payload);
+        let mut written = vec![0xEE; frame.len()];
+        frame.write(&mut written);
+        let mut sink = SimSink::default();
+        frame.send(&mut sink, PEER).unwrap();
+        assert_eq!(sink.frames, vec![(PEER, written.clone())]);
+        let Frame::Data { h: got, keys, vals } = wire::decode(&written, 1 << 20).unwrap() else { panic!() };
+        assert_eq!(got, h);
+        assert_eq!(keys, bytemuck::cast_slice::<Key, u8>(want_keys));
+        assert_eq!(vals, bytemuck::cast_slice::<f32, u8>(want_vals));
+    }
+
+    #[test]
+    fn a_chunk_frame_is_the_same_bytes_written_or_gathered() {
+        let keys: Vec<Key> = (0..1000).map(|k| k * 11).collect();
+        let vals: Vec<f32> = (0..3000).map(|v| v as f32).collect();
+        // few runs (gathered) and more runs than one gathered send takes (written)
+        for runs in [1, 3, GATHER_PARTS_MAX] {
+            for kind in [Kind::Push, Kind::Pull] {
+                let (h, ranges) = sparse(kind, runs, &keys, &vals);
+                let carried = (kind != Kind::Pull).then_some(&vals[..]);
+                let payload = Payload::Sparse { keys: &keys, ranges: &ranges, vals: carried, dim: 3 };
+                let want_keys: Vec<Key> = ranges.iter().flat_map(|r| keys[r.clone()].to_vec()).collect();
+                let want_vals: Vec<f32> = match carried {
+                    Some(v) => ranges.iter().flat_map(|r| v[r.start * 3..r.end * 3].to_vec()).collect(),
+                    None => Vec::new(),
+                };
+                check(h, payload, &want_keys, &want_vals);
+            }
+        }
+        // dense: a run of floats (odd, so the frame is padded), or none for a pull
+        let h = DataHeader { kind: Kind::Push, dense: true, table: 1, sub: 0, ts: 2, a: 30, b: 7 };
+        check(h, Payload::Dense { vals: Some(&vals[..7]) }, &[], &vals[..7]);
+        let h = DataHeader { kind: Kind::Pull, ..h };
+        check(h, Payload::Dense { vals: None }, &[], &[]);
+    }
+}

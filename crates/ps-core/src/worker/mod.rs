@@ -45,6 +45,8 @@ mod issue;
 mod plan;
 mod responses;
 mod retain;
+#[cfg(test)]
+mod testkit;
 
 use cached::all_watches;
 use deps::Deferred;

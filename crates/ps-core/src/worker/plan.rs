@@ -152,3 +152,91 @@ impl WorkerCore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{self, drain, owner_of, owner_of_key, spread_keys, CHUNK_BYTES, DENSE, SPARSE};
+    use super::super::Keys;
+    use crate::error::PsError;
+    use crate::sim::SimSink;
+    use crate::wire::Kind;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_sparse_push_bigger_than_a_chunk_carries_every_key_once_in_order() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(500);
+        let vals: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32).collect();
+        let ts = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vals), None).unwrap();
+        let frames = drain(&mut sink);
+        let per_chunk = CHUNK_BYTES / (8 + 4 * 2);
+        assert!(frames.len() >= keys.len() / per_chunk, "{} frames", frames.len());
+        let table = &testkit::tables()[0];
+        // per owner, in the order the frames went: their keys and values
+        let mut got: BTreeMap<u32, Vec<(u64, [f32; 2])>> = BTreeMap::new();
+        for (i, f) in frames.iter().enumerate() {
+            assert_eq!((f.h.ts, f.h.sub as usize), (ts, i), "frames are numbered in the order they go");
+            assert!(f.keys.len() <= per_chunk && !f.keys.is_empty());
+            assert_eq!(f.vals.len(), f.keys.len() * 2);
+            for (k, v) in f.keys.iter().zip(f.vals.chunks_exact(2)) {
+                assert_eq!(owner_of_key(table, *k), owner_of(f.peer), "key {k} went to its owner");
+                got.entry(f.peer.index).or_default().push((*k, [v[0], v[1]]));
+            }
+        }
+        let mut all = Vec::new();
+        for run in got.values() {
+            assert!(run.windows(2).all(|p| p[0].0 < p[1].0), "an owner's keys arrive ascending");
+            all.extend_from_slice(run);
+        }
+        all.sort_unstable_by_key(|(k, _)| *k);
+        let want: Vec<(u64, [f32; 2])> =
+            keys.iter().enumerate().map(|(i, &k)| (k, [vals[2 * i], vals[2 * i + 1]])).collect();
+        assert_eq!(all, want, "every key once, with its own values");
+    }
+
+    #[test]
+    fn a_dense_push_is_cut_into_runs_that_tile_its_floats() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let (first, count) = (100u64, 1000u64);
+        let vals: Vec<f32> = (0..count * 3).map(|i| i as f32).collect();
+        w.issue(&mut sink, Kind::Push, DENSE, Keys::Range { first, count }, Some(&vals), None).unwrap();
+        let mut frames = drain(&mut sink);
+        assert!(frames.iter().all(|f| f.h.dense && f.h.b as usize <= CHUNK_BYTES / 4 && f.keys.is_empty()));
+        frames.sort_unstable_by_key(|f| f.h.a);
+        let mut at = first * 3;
+        for f in &frames {
+            assert_eq!(f.h.a, at, "runs follow each other with no gap or overlap");
+            let off = (at - first * 3) as usize;
+            assert_eq!(f.vals, vals[off..off + f.h.b as usize]);
+            at += f.h.b;
+        }
+        assert_eq!(at, (first + count) * 3);
+    }
+
+    #[test]
+    fn keys_out_of_order_or_range_and_wrong_value_counts_are_refused_before_anything_goes() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let bad = |w: &mut super::WorkerCore, sink: &mut SimSink, table, keys, vals: Option<&[f32]>| {
+            let r = w.issue(sink, Kind::Push, table, keys, vals, None);
+            assert!(r.is_err(), "{keys:?} accepted");
+            r.unwrap_err()
+        };
+        bad(&mut w, &mut sink, SPARSE, Keys::List(&[5, 3]), Some(&[0.0; 4]));
+        let e = bad(&mut w, &mut sink, DENSE, Keys::List(&[1, 4096]), Some(&[0.0; 6]));
+        assert!(matches!(e, PsError::KeyOutOfRange { key: 4096, .. }), "{e:?}");
+        let e = bad(&mut w, &mut sink, DENSE, Keys::Range { first: 4000, count: 97 }, Some(&[0.0; 291]));
+        assert!(matches!(e, PsError::KeyOutOfRange { .. }), "{e:?}");
+        let e = bad(&mut w, &mut sink, SPARSE, Keys::List(&[1, 2]), Some(&[0.0; 3]));
+        assert!(matches!(e, PsError::WrongValueCount { expected: 4, got: 3, .. }), "{e:?}");
+        let e = bad(&mut w, &mut sink, SPARSE, Keys::Range { first: 0, count: 2 }, Some(&[0.0; 4]));
+        assert!(matches!(e, PsError::WrongLayout { .. }), "{e:?}");
+        assert!(sink.frames.is_empty());
+        assert_eq!(w.in_flight(), 0);
+        // the negative twin: the same shapes done right go out
+        w.issue(&mut sink, Kind::Push, DENSE, Keys::Range { first: 4000, count: 96 }, Some(&[0.0; 288]), None).unwrap();
+        assert!(!sink.frames.is_empty());
+    }
+}

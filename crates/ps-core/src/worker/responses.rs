@@ -159,3 +159,145 @@ impl WorkerCore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{self, answer, dense_value, drain, forged, refusal, sparse_value, spread_keys};
+    use super::super::testkit::{DENSE, SPARSE};
+    use super::super::Keys;
+    use crate::error::PsError;
+    use crate::sim::SimSink;
+    use crate::wire::{DataHeader, Kind};
+
+    #[test]
+    fn answers_are_matched_to_their_own_timestamp() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(100);
+        let vals = vec![1.0; keys.len() * 2];
+        let t1 = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vals), None).unwrap();
+        let first = drain(&mut sink);
+        let t2 = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vals), None).unwrap();
+        let second = drain(&mut sink);
+        for s in &second {
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+        }
+        assert!(w.is_done(t2).unwrap());
+        assert!(!w.is_done(t1).unwrap(), "answers to t2 do not count for t1");
+        for s in &first {
+            assert!(!w.is_done(t1).unwrap());
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+        }
+        assert!(w.is_done(t1).unwrap());
+        assert_eq!(w.finish(t1).unwrap(), None);
+        assert_eq!(w.finish(t2).unwrap(), None);
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_duplicate_unknown_or_misshapen_answer_is_refused_without_panicking() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(40);
+        let push = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 80]), None).unwrap();
+        let pushes = drain(&mut sink);
+        let pull = w.issue(&mut sink, Kind::Pull, SPARSE, Keys::List(&keys), None, Some(Vec::new())).unwrap();
+        let pulls = drain(&mut sink);
+        let dense = w.issue(&mut sink, Kind::Pull, DENSE, Keys::Range { first: 10, count: 5 }, None, Some(vec![]));
+        let dense = (dense.unwrap(), drain(&mut sink));
+        let refused = |w: &mut super::WorkerCore, s: &super::super::testkit::Sent, f: Vec<u8>| {
+            let e = w.on_frame(s.peer, &f).expect_err("a bad answer accepted");
+            assert!(matches!(e, PsError::Transport(ref m) if m.contains("protocol violation")), "{e:?}");
+        };
+        let (p0, q0, d0) = (&pushes[0], &pulls[0], &dense.1[0]);
+        // unknown timestamp, values for a push, a sub never sent, the wrong count
+        refused(&mut w, p0, forged(DataHeader { ts: 999, ..answer_header(p0, Kind::Ack) }, &[]));
+        refused(&mut w, p0, forged(DataHeader { b: 2, ..answer_header(p0, Kind::PullResp) }, &[1.0, 2.0]));
+        refused(&mut w, q0, forged(DataHeader { sub: 999, b: 2, ..answer_header(q0, Kind::PullResp) }, &[1.0; 2]));
+        let n = q0.keys.len() as u64 * 2;
+        refused(
+            &mut w,
+            q0,
+            forged(DataHeader { b: n + 2, ..answer_header(q0, Kind::PullResp) }, &vec![0.0; n as usize + 2]),
+        );
+        // dense values before or beyond the request
+        let dh = answer_header(d0, Kind::PullResp);
+        refused(&mut w, d0, forged(DataHeader { a: dh.a - 1, ..dh }, &vec![0.0; dh.b as usize]));
+        refused(&mut w, d0, forged(DataHeader { b: dh.b + 1, ..dh }, &vec![0.0; dh.b as usize + 1]));
+        // bytes that are no frame at all
+        assert!(w.on_frame(p0.peer, &[0xAB; 13]).is_err());
+        // none of that counted: each operation still needs all its answers
+        for s in pushes.iter().chain(&pulls).chain(&dense.1) {
+            assert!(!w.is_done(s.h.ts).unwrap());
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+        }
+        assert!(w.is_done(push).unwrap() && w.is_done(pull).unwrap() && w.is_done(dense.0).unwrap());
+        // one answer too many
+        refused(&mut w, p0, answer(p0, 2, 0));
+        refused(&mut w, q0, answer(q0, 2, 0));
+        assert_eq!(w.finish(pull).unwrap().unwrap().len(), keys.len() * 2);
+    }
+
+    fn answer_header(s: &super::super::testkit::Sent, kind: Kind) -> DataHeader {
+        DataHeader { kind, ..s.h }
+    }
+
+    #[test]
+    fn a_sparse_pull_lands_each_value_at_its_keys_offset_in_any_answer_order() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(300);
+        // a stale buffer of the right length is reused and overwritten everywhere
+        let ts = w.issue(&mut sink, Kind::Pull, SPARSE, Keys::List(&keys), None, Some(vec![-1.0; 600])).unwrap();
+        let mut frames = drain(&mut sink);
+        assert!(frames.len() > 4);
+        frames.reverse();
+        for s in &frames {
+            assert!(s.vals.is_empty(), "a pull carries no values");
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+        }
+        let got = w.finish(ts).unwrap().unwrap();
+        let want: Vec<f32> = keys.iter().flat_map(|&k| [sparse_value(k, 0), sparse_value(k, 1)]).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_dense_pull_lands_each_run_at_its_offset_in_any_answer_order() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let (first, count) = (50u64, 700u64);
+        let ts = w.issue(&mut sink, Kind::Pull, DENSE, Keys::Range { first, count }, None, Some(vec![7.0; 3])).unwrap();
+        let mut frames = drain(&mut sink);
+        assert!(frames.len() > 4);
+        frames.reverse();
+        for (i, s) in frames.iter().enumerate() {
+            // the stamp rides in `sub` of a dense answer: matching goes by `a`
+            w.on_frame(s.peer, &answer(s, 3, 1000 + i as u64)).unwrap();
+        }
+        let got = w.finish(ts).unwrap().unwrap();
+        let want: Vec<f32> = (first * 3..(first + count) * 3).map(dense_value).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_refused_frame_fails_its_operation_once_every_frame_is_answered() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(100);
+        let ts = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 200]), None).unwrap();
+        let frames = drain(&mut sink);
+        w.on_frame(frames[0].peer, &refusal(&frames[0], "no room")).unwrap();
+        w.on_frame(frames[1].peer, &refusal(&frames[1], "a later reason")).unwrap();
+        for s in &frames[2..] {
+            assert!(!w.is_done(ts).unwrap());
+            w.on_frame(s.peer, &answer(s, 2, 0)).unwrap();
+        }
+        let o = testkit::owner_of(frames[0].peer);
+        match w.finish(ts) {
+            Err(PsError::Rejected { server, shard, reason }) => {
+                assert_eq!((server, shard, reason.as_str()), (o.server, o.shard, "no room"), "the first reason");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -235,3 +235,76 @@ impl WorkerCore {
         self.broken.get_or_insert(err);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{self, answer, drain, owner_of, spread_keys, DENSE, SPARSE};
+    use super::super::Keys;
+    use crate::error::PsError;
+    use crate::sim::SimSink;
+    use crate::transport::PeerId;
+    use crate::wire::Kind;
+
+    #[test]
+    fn requests_kept_for_failover_are_exactly_the_unanswered_ones_and_go_again_in_order() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        w.enable_failover(&mut sink, 0).unwrap();
+        assert_eq!(sink.frames.len(), 4, "a bind to every shard");
+        sink.frames.clear();
+        let keys = spread_keys(200);
+        w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 400]), None).unwrap();
+        w.issue(&mut sink, Kind::Pull, DENSE, Keys::Range { first: 0, count: 400 }, None, Some(Vec::new())).unwrap();
+        let frames = drain(&mut sink);
+        assert_eq!(w.unanswered(), frames.len());
+        // each shard answers the first half of what it got, in order, as a
+        // shard does (a dense answer carries a stamp in `sub`)
+        let per_owner = |p: PeerId| frames.iter().filter(|s| s.peer == p).count();
+        let mut seen = std::collections::HashMap::new();
+        let (answered, kept): (Vec<_>, Vec<_>) = frames.iter().enumerate().partition(|(_, s)| {
+            let n = seen.entry(s.peer).or_insert(0usize);
+            *n += 1;
+            *n <= per_owner(s.peer) / 2
+        });
+        assert!(!answered.is_empty() && !kept.is_empty());
+        for (_, s) in &answered {
+            w.on_frame(s.peer, &answer(s, 2, 77)).unwrap();
+        }
+        assert_eq!(w.unanswered(), kept.len());
+        let lost = frames[1].peer;
+        w.on_closed(lost, "test");
+        assert_eq!(w.lost_owners(), vec![owner_of(lost)]);
+        let new_peer = PeerId { index: 40, generation: 1 };
+        w.rebind(owner_of(lost), new_peer, &mut sink).unwrap();
+        assert!(w.lost_owners().is_empty());
+        let again = drain(&mut sink);
+        assert_eq!(again[0].h.kind, Kind::Bind);
+        assert!(again.iter().all(|s| s.peer == new_peer));
+        let want: Vec<&Vec<u8>> = kept.iter().filter(|(_, s)| s.peer == lost).map(|(_, s)| &s.bytes).collect();
+        let got: Vec<&Vec<u8>> = again[1..].iter().map(|s| &s.bytes).collect();
+        assert_eq!(got, want, "the unanswered requests of that owner, in order, and nothing else");
+        assert!(w.take_resumed().is_empty());
+        for (_, s) in &kept {
+            let peer = if s.peer == lost { new_peer } else { s.peer };
+            w.on_frame(peer, &answer(s, 2, 77)).unwrap();
+        }
+        assert_eq!(w.unanswered(), 0, "nothing is kept once answered");
+        assert_eq!(w.take_resumed(), vec![owner_of(lost)]);
+    }
+
+    #[test]
+    fn without_failover_a_lost_connection_fails_everything_in_flight_and_later() {
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let keys = spread_keys(50);
+        let ts = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 100]), None).unwrap();
+        let frames = drain(&mut sink);
+        assert_eq!(w.unanswered(), 0, "nothing is kept without failover");
+        w.on_closed(frames[0].peer, "gone");
+        assert!(w.is_done(ts).unwrap());
+        assert!(matches!(w.finish(ts), Err(PsError::ServerLost { .. })));
+        let later = w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 100]), None);
+        assert!(matches!(later, Err(PsError::ServerLost { .. })));
+        assert!(sink.frames.is_empty());
+    }
+}
