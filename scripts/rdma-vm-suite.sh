@@ -16,6 +16,18 @@ step() { # step NAME COMMAND... (PS_VM_STEP=NAME: only that one, for working on 
     fail=1
   fi
 }
+# a multi-process job failed: every warning and error it printed (what made a
+# node give up), then its last lines whatever they say (a node that exits
+# without a word still shows where the job was); $1 is the job's output with a
+# progress bar's carriage returns made line ends
+job_failed() {
+  echo "--- the job's warnings and errors:"
+  echo "$1" | grep -iE "warn|error|fail|lost|timed? ?out|panick|exited" | tail -40
+  echo "--- the job's last 80 lines (progress bars left out):"
+  echo "$1" | sed "s/.*$(printf '\033')\[2K//" | grep -v '^\s*$' \
+    | grep -v '\[[0-9][0-9]:[0-9][0-9]:[0-9][0-9]\] ' | tail -80
+  echo "---"
+}
 export PS_RDMA_REQUIRE=1 PS_LOG=${PS_LOG:-info}
 # PS_VM_ONLY=bench: only the bench (for measuring); PS_VM_SIZES: its sizes;
 # PS_VM_WINDOW: pslab's ops in flight (8)
@@ -72,9 +84,7 @@ failover_rdma() {
   rc=$?
   out=$(tr '\r' '\n' </tmp/step.log)
   echo "$out" | grep -E "killed|failing over|promoted|failed over|failover:|invariant 1|completed|error" | head -20
-  # on a failure, every warning and error of the job (what made a node give up;
-  # a progress bar's carriage returns are made line ends first)
-  [ $rc -eq 0 ] || echo "$out" | grep -iE "warn|error|fail|lost|timed? ?out" | tail -40
+  [ $rc -eq 0 ] || job_failed "$out"
   [ $rc -eq 0 ] && echo "$out" | grep -q "^failover: 3 connections" \
     && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
 }
@@ -89,7 +99,7 @@ rebuild_rdma() {
   rc=$?
   out=$(tr '\r' '\n' </tmp/step.log)
   echo "$out" | grep -E "killed|rebuilt|joined its chain|failover:|completed|error" | head -20
-  [ $rc -eq 0 ] || echo "$out" | grep -iE "warn|error|fail|lost|timed? ?out" | tail -40
+  [ $rc -eq 0 ] || job_failed "$out"
   [ $rc -eq 0 ] && [ "$(echo "$out" | grep -c 'joined its chain: 2 copies again')" -eq 2 ] \
     && [ "$(echo "$out" | grep -c 'finished: invariant 1 holds')" -eq 3 ]
 }
