@@ -1,5 +1,8 @@
 //! 8-byte aligned byte buffers, reused through a pool: frames are read into them
 //! and lent out without a copy, and they come back to the pool on `release`.
+//!
+//! Memory only: nothing here touches a socket or parses a frame, and a pool
+//! must never keep more free buffers than its bound.
 
 /// A byte buffer backed by `u64` words, so its start is 8-aligned.
 #[derive(Debug, Default)]
