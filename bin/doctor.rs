@@ -3,7 +3,7 @@
 //! and hugepages are read here. Exit status 0 either way: a machine without a
 //! device runs over TCP, and the report says so.
 
-use crate::net::{NetOpts, BUILT_WITH_RDMA};
+use ps_node::net::{NetOpts, BUILT_WITH_RDMA};
 
 /// Connections a node is assumed to register rings for (a few dozen workers).
 const DOCTOR_CONNECTIONS: u64 = 32;
@@ -86,7 +86,7 @@ pub fn run(net: &NetOpts, slab_bytes: u64) -> Result<(), String> {
     }
     // where a server with one shard per core would run its threads
     let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
-    match crate::placement::plan(cores, 0, crate::net::device_name(net).as_deref(), &[]) {
+    match ps_node::placement::plan(cores, 0, ps_node::net::device_name(net).as_deref(), &[]) {
         Ok(p) => println!("placement ({cores} shards): {}", p.describe()),
         Err(e) => problems.push(format!("placement: {e}: shard threads will not be pinned")),
     }

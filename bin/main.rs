@@ -10,8 +10,8 @@
 //! - `pslab prepare clothing`: the clothing reviews as LIBSVM files for the `lr` app.
 //!
 //! Environment: see docs/env.md.
-// the two exceptions: `net::export_slabs` (registering a shard's slabs for RDMA)
-// and `data::read_part` / `node::resume` (memory-mapping a data or checkpoint file)
+// the exceptions: `data::read_part` (memory-mapping a data file) and
+// `doctor`'s getrlimit; the runtime's (ps-node) are its own
 #![deny(unsafe_code)]
 
 mod apps;
@@ -21,9 +21,6 @@ mod data;
 mod doctor;
 mod jobfile;
 mod local;
-mod net;
-mod node;
-mod placement;
 mod plot;
 
 use std::net::SocketAddr;
@@ -32,6 +29,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ps_core::auth::JobSecret;
+use ps_node::control::OnAbort;
+use ps_node::net::{self, NetOpts, TransportMode};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -46,13 +45,35 @@ struct Cli {
     /// Data transport between workers and shards: auto (RDMA where an active
     /// device exists, else TCP, said in the log), rdma (or fail), tcp.
     #[arg(long, global = true, value_enum, env = "PS_TRANSPORT", default_value = "auto")]
-    transport: net::TransportArg,
+    transport: TransportArg,
     /// The RDMA device to use (default: the first with an active port).
     #[arg(long, global = true, env = "PS_RDMA_DEVICE")]
     rdma_device: Option<String>,
     /// The GID index to use (default: RoCE: the IPv4-mapped RoCEv2 GID; InfiniBand: the LID).
     #[arg(long, global = true, env = "PS_RDMA_GID_INDEX")]
     rdma_gid_index: Option<i32>,
+}
+
+/// `--transport`: the data transport between workers and shards.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
+enum TransportArg {
+    /// RDMA where an active verbs device exists, else TCP (one log line says which).
+    #[default]
+    Auto,
+    /// RDMA or fail.
+    Rdma,
+    /// TCP only.
+    Tcp,
+}
+
+impl From<TransportArg> for TransportMode {
+    fn from(t: TransportArg) -> TransportMode {
+        match t {
+            TransportArg::Auto => TransportMode::Auto,
+            TransportArg::Rdma => TransportMode::Rdma,
+            TransportArg::Tcp => TransportMode::Tcp,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -332,18 +353,6 @@ fn job_secret() -> Result<JobSecret, String> {
     Err("no job secret: set PS_JOB_SECRET (64 hex digits, e.g. from `pslab secret`) or PS_JOB_SECRET_FILE (a 0600 file) in every process of the job".into())
 }
 
-/// The label (for `lr`: the sweeps done) of the checkpoint in `dir`, from its first shard file.
-fn checkpoint_label(dir: &std::path::Path) -> Result<u64, String> {
-    let path = dir.join("server0-shard0.ckpt");
-    let mut head = vec![0u8; 64 << 10];
-    let n = std::io::Read::read(
-        &mut std::fs::File::open(&path).map_err(|e| format!("--resume: {}: {e}", path.display()))?,
-        &mut head,
-    )
-    .map_err(|e| format!("--resume: {}: {e}", path.display()))?;
-    ps_core::checkpoint::header(&head[..n]).map(|h| h.label).map_err(|e| format!("--resume: {}: {e}", path.display()))
-}
-
 /// Children started by `pslab local` stop when the launcher disappears.
 fn watch_parent() {
     if std::env::var("PS_PARENT_WATCH").is_err() {
@@ -359,7 +368,7 @@ fn watch_parent() {
     });
 }
 
-fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
+fn run_node(cmd: Cmd, netopts: &NetOpts) -> Result<String, String> {
     let Cmd::Node {
         role,
         mut manager,
@@ -409,22 +418,29 @@ fn run_node(cmd: Cmd, netopts: &net::NetOpts) -> Result<String, String> {
     };
     let manager_addrs = || -> Result<Vec<SocketAddr>, String> {
         let list = manager.as_deref().ok_or("--manager (or PS_MANAGER) is required for servers and workers")?;
-        list.split(',').map(|a| node::resolve(a.trim())).collect()
+        Ok(list.split(',').map(|a| ps_node::resolve(a.trim())).collect::<Result<_, _>>()?)
     };
     match role {
         RoleArg::Manager => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
             let job = apps::job_spec(&app, &params, servers, copies)?;
-            let replicas = replicas.iter().map(|a| node::resolve(a)).collect::<Result<Vec<_>, _>>()?;
-            node::run_manager(secret, node::resolve(&listen)?, replicas, job, servers, workers)
+            let replicas = replicas.iter().map(|a| ps_node::resolve(a)).collect::<Result<Vec<_>, _>>()?;
+            Ok(ps_node::run_manager(secret, ps_node::resolve(&listen)?, replicas, job, servers, workers)?)
         }
         RoleArg::Server => {
             let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
-            let opts = node::ServerOpts { host, shards: shards.unwrap_or(cores), port_base, cpus, pin: !no_pin, rank };
-            node::run_server(secret, &manager_addrs()?, opts, netopts)
+            let pid = std::process::id();
+            let shards = shards.unwrap_or(cores);
+            let on_abort = OnAbort::ExitProcess;
+            let opts = ps_node::ServerOpts { host, shards, port_base, cpus, pin: !no_pin, rank, pid, on_abort };
+            Ok(ps_node::run_server(secret, &manager_addrs()?, opts, netopts)?)
         }
-        RoleArg::Worker => node::run_worker(secret, &manager_addrs()?, &host, rank, netopts),
+        RoleArg::Worker => {
+            let (pid, on_abort) = (std::process::id(), OnAbort::ExitProcess);
+            let opts = ps_node::WorkerOpts { host, rank, pid, place: true, on_abort };
+            Ok(ps_node::run_worker(secret, &manager_addrs()?, opts, netopts, &apps::lookup)?)
+        }
         RoleArg::Auto => unreachable!("resolved above"),
     }
 }
@@ -642,16 +658,21 @@ fn run_local(spec: local::ClusterSpec, verbose: bool, png: Option<String>) -> Re
     }
 }
 
+/// A forced `--transport rdma` that cannot work fails before anything starts.
+fn preflight(netopts: &NetOpts) -> Result<(), String> {
+    Ok(net::preflight(netopts)?)
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging();
     let netopts =
-        net::NetOpts { transport: cli.transport, rdma_device: cli.rdma_device, rdma_gid_index: cli.rdma_gid_index };
+        NetOpts { transport: cli.transport.into(), rdma_device: cli.rdma_device, rdma_gid_index: cli.rdma_gid_index };
     // the processes `local` and `bench` start run the same transport
     netopts.export_env();
     let r = match cli.cmd {
         Cmd::Local { servers, shards, workers, app, params, no_pin, verbose, png, copies, kill, managers } => {
-            net::preflight(&netopts).and_then(|()| {
+            preflight(&netopts).and_then(|()| {
                 let params = serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
                 let spec = local::ClusterSpec {
                     servers,
@@ -702,7 +723,7 @@ fn main() {
             if no_sparse {
                 params["sparse_sizes"] = json!([]);
             }
-            net::preflight(&netopts).and_then(|()| {
+            preflight(&netopts).and_then(|()| {
                 benchcmd::run(benchcmd::BenchOpts {
                     servers,
                     shards,
@@ -752,13 +773,14 @@ fn main() {
                     }
                     if let Some(dir) = &resume {
                         // the servers load it (PS_RESUME); the workers start after its sweep
-                        p["resume_sweep"] = checkpoint_label(dir)?.into();
+                        p["resume_sweep"] =
+                            ps_node::checkpoint::checkpoint_label(dir).map_err(|e| e.to_string())?.into();
                         std::env::set_var("PS_RESUME", dir);
                     }
                     for (k, v) in extra.as_object().ok_or("--params must be a JSON object")? {
                         p[k] = v.clone();
                     }
-                    net::preflight(&netopts)?;
+                    preflight(&netopts)?;
                     let spec = local::ClusterSpec {
                         servers,
                         shards: 1,

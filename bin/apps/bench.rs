@@ -23,7 +23,7 @@ use ps_core::worker::Timestamp;
 use serde_json::json;
 
 use super::param;
-use crate::node::WorkerCtx;
+use ps_node::WorkerCtx;
 
 pub const OPS: [&str; 4] = ["push", "pull", "push_pull", "fused"];
 /// With `window` > 1: dense pushes (or pulls) kept `window` in flight, a new one

@@ -20,7 +20,7 @@ use ps_core::rules::RuleSpec;
 use serde_json::json;
 
 use super::param;
-use crate::node::WorkerCtx;
+use ps_node::WorkerCtx;
 
 #[derive(Clone, Debug)]
 struct Params {

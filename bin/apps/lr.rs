@@ -41,7 +41,7 @@ use serde_json::json;
 
 use super::param;
 use crate::data::{libsvm, Rows};
-use crate::node::WorkerCtx;
+use ps_node::WorkerCtx;
 
 const WEIGHTS: TableId = TableId(0);
 const METRICS: TableId = TableId(1);

@@ -29,7 +29,7 @@ use ps_core::rules::RuleSpec;
 use serde_json::json;
 
 use super::param;
-use crate::node::WorkerCtx;
+use ps_node::WorkerCtx;
 
 const USERS: TableId = TableId(0);
 const ITEMS: TableId = TableId(1);

@@ -12,7 +12,7 @@ pub mod train_lr;
 
 use ps_core::control::JobSpec;
 
-use crate::node::WorkerCtx;
+use ps_node::AppMain;
 
 pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp", "mf", "lr"];
 
@@ -35,17 +35,19 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32, copies: u32
     Ok(spec)
 }
 
-pub fn run(app: &str, ctx: &mut WorkerCtx) -> Result<String, String> {
-    match app {
-        "train-lr" => train_lr::run(ctx),
-        "check" => check::run(ctx),
-        "bench" => bench::run(ctx),
-        "torn" => torn::run(ctx),
-        "ssp" => ssp::run(ctx),
-        "mf" => mf::run(ctx),
-        "lr" => lr::run(ctx),
-        other => Err(format!("unknown app {other:?}")),
-    }
+/// The program of `app`, for the worker runtime (`ps_node::run_worker`).
+pub fn lookup(app: &str) -> Option<AppMain> {
+    let main: AppMain = match app {
+        "train-lr" => train_lr::run,
+        "check" => check::run,
+        "bench" => bench::run,
+        "torn" => torn::run,
+        "ssp" => ssp::run,
+        "mf" => mf::run,
+        "lr" => lr::run,
+        _ => return None,
+    };
+    Some(main)
 }
 
 /// Reads a parameter with a default.

@@ -30,7 +30,7 @@ use ps_core::store::DenseLayout;
 use serde_json::json;
 
 use super::param;
-use crate::node::WorkerCtx;
+use ps_node::WorkerCtx;
 
 const TABLE: u32 = 0;
 
@@ -204,7 +204,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             wrong += 1;
         }
     }
-    let stats = crate::net::stats_json(ctx.ps.transport_mut());
+    let stats = ps_node::net::stats_json(ctx.ps.transport_mut());
     ctx.emit(
         "torn",
         json!({"rank": ctx.rank, "reads": reads, "torn_seen": torn_seen, "final_wrong": wrong, "transport": stats}),
@@ -249,11 +249,11 @@ fn spawn_hammer(ctx: &WorkerCtx) -> Result<(std::process::Child, std::sync::mpsc
 /// The hammer: a client outside the manager's books that pushes +1 to every key
 /// of the torn table, many frames in flight, until it is killed. It says
 /// `@pushed N` before starting push N.
-pub fn hammer(secret: ps_core::auth::JobSecret, view_json: &str, net: &crate::net::NetOpts) -> Result<(), String> {
+pub fn hammer(secret: ps_core::auth::JobSecret, view_json: &str, net: &ps_node::NetOpts) -> Result<(), String> {
     let view: ps_core::control::ClusterView =
         serde_json::from_str(view_json).map_err(|e| format!("hammer: bad view: {e}"))?;
     let p = params(&view.job.params)?;
-    let mut ps = crate::node::connect_client(secret, &view, 9999, net)?;
+    let mut ps = ps_node::worker::connect_client(secret, &view, 9999, net)?;
     let ones = vec![1f32; p.keys as usize];
     let mut window = std::collections::VecDeque::new();
     for i in 1..=10 * p.hammer.max(1) as u64 {

@@ -28,7 +28,7 @@ use ps_core::rules::RuleSpec;
 use serde_json::json;
 
 use super::param;
-use crate::node::WorkerCtx;
+use ps_node::WorkerCtx;
 
 const WEIGHTS: TableId = TableId(0);
 const METRICS: TableId = TableId(1);

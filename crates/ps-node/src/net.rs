@@ -7,17 +7,22 @@
 //! `auto` uses RDMA where an active device exists and says so in one log line,
 //! else TCP with the reason; `rdma` that cannot work is an error, never a
 //! silent fallback; `tcp` never touches a device.
+//!
+//! This is the one file that names ps-rdma's transport; the rest of the
+//! runtime sees [`NodeTransport`] through `ps_core::transport::Transport`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::ValueEnum;
 use ps_core::shard::ShardCore;
 use ps_core::transport::PeerId;
 use ps_tcp_fallback::TcpTransport;
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
-pub enum TransportArg {
+use crate::error::NetError;
+
+/// The data transport a node asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TransportMode {
     /// RDMA where an active verbs device exists, else TCP (one log line says which).
     #[default]
     Auto,
@@ -27,12 +32,13 @@ pub enum TransportArg {
     Tcp,
 }
 
-impl TransportArg {
+impl TransportMode {
+    /// The flag's value (`--transport NAME`, PS_TRANSPORT).
     pub fn name(self) -> &'static str {
         match self {
-            TransportArg::Auto => "auto",
-            TransportArg::Rdma => "rdma",
-            TransportArg::Tcp => "tcp",
+            TransportMode::Auto => "auto",
+            TransportMode::Rdma => "rdma",
+            TransportMode::Tcp => "tcp",
         }
     }
 }
@@ -40,7 +46,7 @@ impl TransportArg {
 /// A node's transport settings.
 #[derive(Clone, Debug, Default)]
 pub struct NetOpts {
-    pub transport: TransportArg,
+    pub transport: TransportMode,
     pub rdma_device: Option<String>,
     pub rdma_gid_index: Option<i32>,
 }
@@ -60,8 +66,8 @@ impl NetOpts {
 
 /// Checked by the launchers (`local`, `bench`) before they start anything: a
 /// forced RDMA that cannot work fails here, with the reason, not in a child.
-pub fn preflight(net: &NetOpts) -> Result<(), String> {
-    if net.transport != TransportArg::Rdma {
+pub fn preflight(net: &NetOpts) -> Result<(), NetError> {
+    if net.transport != TransportMode::Rdma {
         return Ok(());
     }
     #[cfg(feature = "rdma")]
@@ -70,13 +76,13 @@ pub fn preflight(net: &NetOpts) -> Result<(), String> {
     }
     #[cfg(not(feature = "rdma"))]
     {
-        Err(format!("--transport rdma: {NO_RDMA_BUILD}"))
+        Err(NetError::NoRdmaBuild)
     }
 }
 
 /// The RDMA device a node would use, by name (for placing its threads near it).
 pub fn device_name(net: &NetOpts) -> Option<String> {
-    if net.transport == TransportArg::Tcp {
+    if net.transport == TransportMode::Tcp {
         return None;
     }
     #[cfg(feature = "rdma")]
@@ -89,17 +95,15 @@ pub fn device_name(net: &NetOpts) -> Option<String> {
     }
 }
 
+/// Every node's transport: RDMA-capable with the `rdma` feature, TCP without.
 #[cfg(feature = "rdma")]
 pub type NodeTransport = ps_rdma::transport::RdmaTransport;
+/// Every node's transport: RDMA-capable with the `rdma` feature, TCP without.
 #[cfg(not(feature = "rdma"))]
 pub type NodeTransport = TcpTransport;
 
+/// Whether this build can run RDMA at all.
 pub const BUILT_WITH_RDMA: bool = cfg!(feature = "rdma");
-
-#[cfg(not(feature = "rdma"))]
-const NO_RDMA_BUILD: &str =
-    "this pslab was built without RDMA support: rebuild with `cargo build --release --features rdma` \
-     (Debian packages: libibverbs-dev librdmacm-dev libclang-dev; see the README)";
 
 #[cfg(feature = "rdma")]
 fn open_device(net: &NetOpts) -> Result<ps_rdma::transport::Device, String> {
@@ -111,13 +115,13 @@ fn open_device(net: &NetOpts) -> Result<ps_rdma::transport::Device, String> {
 /// for TCP (what a shard tells workers that ask for RDMA); `Err` when a forced
 /// `--transport rdma` cannot work.
 #[cfg(feature = "rdma")]
-fn node_device(net: &NetOpts) -> Result<Result<ps_rdma::transport::Device, String>, String> {
-    if net.transport == TransportArg::Tcp {
+fn node_device(net: &NetOpts) -> Result<Result<ps_rdma::transport::Device, String>, NetError> {
+    if net.transport == TransportMode::Tcp {
         return Ok(Err("the node runs --transport tcp".into()));
     }
     match open_device(net) {
         Ok(d) => Ok(Ok(d)),
-        Err(e) if net.transport == TransportArg::Rdma => Err(format!("--transport rdma: {e} (run `pslab doctor`)")),
+        Err(e) if net.transport == TransportMode::Rdma => Err(NetError::RdmaUnusable(e)),
         Err(e) => {
             tracing::info!("transport: TCP (no usable RDMA device: {e})");
             Ok(Err(format!("no usable RDMA device: {e}")))
@@ -127,55 +131,59 @@ fn node_device(net: &NetOpts) -> Result<Result<ps_rdma::transport::Device, Strin
 
 /// The transports of a server's shards (one per shard thread), around their listeners.
 #[cfg(feature = "rdma")]
-pub fn server_transports(tcps: Vec<TcpTransport>, net: &NetOpts) -> Result<Vec<NodeTransport>, String> {
+pub fn server_transports(tcps: Vec<TcpTransport>, net: &NetOpts) -> Result<Vec<NodeTransport>, NetError> {
     let dev = node_device(net)?;
     if let Ok(d) = &dev {
         tracing::info!("transport: RDMA on {} for workers that ask, TCP for the rest", d.describe());
     }
     tcps.into_iter()
-        .map(|t| ps_rdma::transport::RdmaTransport::new(t, dev.clone()).map_err(|e| e.to_string()))
+        .map(|t| ps_rdma::transport::RdmaTransport::new(t, dev.clone()).map_err(|e| NetError::Transport(e.to_string())))
         .collect()
 }
 
+/// The transports of a server's shards (one per shard thread), around their listeners.
 #[cfg(not(feature = "rdma"))]
-pub fn server_transports(tcps: Vec<TcpTransport>, net: &NetOpts) -> Result<Vec<NodeTransport>, String> {
+pub fn server_transports(tcps: Vec<TcpTransport>, net: &NetOpts) -> Result<Vec<NodeTransport>, NetError> {
     match net.transport {
-        TransportArg::Rdma => Err(format!("--transport rdma: {NO_RDMA_BUILD}")),
-        TransportArg::Auto => {
+        TransportMode::Rdma => Err(NetError::NoRdmaBuild),
+        TransportMode::Auto => {
             tracing::info!("transport: TCP (built without the rdma feature)");
             Ok(tcps)
         }
-        TransportArg::Tcp => Ok(tcps),
+        TransportMode::Tcp => Ok(tcps),
     }
 }
 
 /// Lets the shard's RDMA clients READ its dense tables straight from the slabs.
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]
-pub fn export_slabs(t: &mut NodeTransport, core: &ShardCore) -> Result<(), String> {
+pub fn export_slabs(t: &mut NodeTransport, core: &ShardCore) -> Result<(), NetError> {
     for (table, layout, slab) in core.dense_slabs() {
         // SAFETY: the shard thread owns `core` and `t` together and drops `t`
         // first (`shard_loop`); a dense table's slab never moves or grows.
-        unsafe { t.export_dense(table.0, layout, slab) }.map_err(|e| format!("registering table {table:?}: {e}"))?;
+        unsafe { t.export_dense(table.0, layout, slab) }
+            .map_err(|e| NetError::Register { table: table.0, why: e.to_string() })?;
     }
     Ok(())
 }
 
+/// Lets the shard's RDMA clients READ its dense tables (nothing to do over TCP).
 #[cfg(not(feature = "rdma"))]
-pub fn export_slabs(_t: &mut NodeTransport, _core: &ShardCore) -> Result<(), String> {
+pub fn export_slabs(_t: &mut NodeTransport, _core: &ShardCore) -> Result<(), NetError> {
     Ok(())
 }
 
 /// A worker's transport (no listener), its device opened as `net` says.
 #[cfg(feature = "rdma")]
-pub fn worker_transport(tcp: TcpTransport, net: &NetOpts) -> Result<NodeTransport, String> {
-    ps_rdma::transport::RdmaTransport::new(tcp, node_device(net)?).map_err(|e| e.to_string())
+pub fn worker_transport(tcp: TcpTransport, net: &NetOpts) -> Result<NodeTransport, NetError> {
+    ps_rdma::transport::RdmaTransport::new(tcp, node_device(net)?).map_err(|e| NetError::Transport(e.to_string()))
 }
 
+/// A worker's transport (no listener): TCP, this build has no RDMA.
 #[cfg(not(feature = "rdma"))]
-pub fn worker_transport(tcp: TcpTransport, net: &NetOpts) -> Result<NodeTransport, String> {
-    if net.transport == TransportArg::Rdma {
-        return Err(format!("--transport rdma: {NO_RDMA_BUILD}"));
+pub fn worker_transport(tcp: TcpTransport, net: &NetOpts) -> Result<NodeTransport, NetError> {
+    if net.transport == TransportMode::Rdma {
+        return Err(NetError::NoRdmaBuild);
     }
     Ok(tcp)
 }
@@ -193,28 +201,28 @@ fn tcp_of(t: &mut NodeTransport) -> &mut TcpTransport {
 /// Connects a copy of a replicated shard to the next copy of its chain:
 /// authenticated TCP whatever the data transport (the forwarded frames are
 /// what the shard thread wrote, and go as frames).
-pub fn connect_copy(t: &mut NodeTransport, addr: SocketAddr) -> Result<PeerId, String> {
-    tcp_of(t).connect(addr, Duration::from_secs(1)).map_err(|e| e.to_string())
+pub fn connect_copy(t: &mut NodeTransport, addr: SocketAddr) -> Result<PeerId, NetError> {
+    Ok(tcp_of(t).connect(addr, Duration::from_secs(1))?)
 }
 
 /// Connects a worker to one shard (authenticated TCP), then moves it to RDMA
 /// where the settings and both ends allow. Returns the peer and how it is served.
-pub fn connect_shard(t: &mut NodeTransport, addr: SocketAddr, net: &NetOpts) -> Result<(PeerId, String), String> {
-    let peer = tcp_of(t).connect(addr, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+pub fn connect_shard(t: &mut NodeTransport, addr: SocketAddr, net: &NetOpts) -> Result<(PeerId, String), NetError> {
+    let peer = tcp_of(t).connect(addr, Duration::from_secs(10))?;
     #[cfg(feature = "rdma")]
     if t.has_device() {
         match t.connect_rdma(peer, Duration::from_secs(30)) {
             Ok(Ok(())) => return Ok((peer, "rdma".into())),
             // refused: the shard set nothing up, the TCP connection serves as it is
-            Ok(Err(why)) if net.transport == TransportArg::Auto => return Ok((peer, format!("tcp ({why})"))),
-            Ok(Err(why)) => return Err(format!("--transport rdma: the shard at {addr} refused RDMA: {why}")),
-            Err(e) if net.transport == TransportArg::Auto => {
+            Ok(Err(why)) if net.transport == TransportMode::Auto => return Ok((peer, format!("tcp ({why})"))),
+            Ok(Err(why)) => return Err(NetError::RdmaRefused { addr, why: why.to_string() }),
+            Err(e) if net.transport == TransportMode::Auto => {
                 // half set up: start over on a fresh, plain connection
                 ps_core::transport::Transport::close(t, peer, "RDMA set-up failed");
-                let peer = tcp_of(t).connect(addr, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+                let peer = tcp_of(t).connect(addr, Duration::from_secs(10))?;
                 return Ok((peer, format!("tcp ({e})")));
             }
-            Err(e) => return Err(format!("--transport rdma: RDMA set-up with the shard at {addr} failed: {e}")),
+            Err(e) => return Err(NetError::RdmaSetup { addr, why: e.to_string() }),
         }
     }
     let _ = net;
@@ -222,8 +230,8 @@ pub fn connect_shard(t: &mut NodeTransport, addr: SocketAddr, net: &NetOpts) -> 
 }
 
 /// A waker that makes the shard's blocked poll return (for shutdown).
-pub fn waker_of(t: &mut NodeTransport) -> std::io::Result<std::sync::Arc<mio::Waker>> {
-    tcp_of(t).waker()
+pub fn waker_of(t: &mut NodeTransport) -> Result<std::sync::Arc<mio::Waker>, NetError> {
+    tcp_of(t).waker().map_err(|e| NetError::Transport(format!("cannot make a poll waker: {e}")))
 }
 
 /// One line of transport counters for the end-of-run log (RDMA builds).

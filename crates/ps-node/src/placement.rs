@@ -13,6 +13,8 @@ use hwlocality::object::TopologyObject;
 use hwlocality::topology::builder::TypeFilter;
 use hwlocality::Topology;
 
+use crate::error::PlacementError;
+
 /// A placement and the reason for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -27,6 +29,7 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// One line for the log: where shard threads run, and why.
     pub fn describe(&self) -> String {
         format!(
             "shard threads on CPUs {:?} (NUMA node {}), other CPUs {:?}: {}",
@@ -47,12 +50,12 @@ fn cpus_of(o: &TopologyObject) -> Vec<usize> {
 }
 
 /// The machine as hwloc sees it, I/O devices included (to find the RDMA device).
-pub fn topology() -> Result<Topology, String> {
+pub fn topology() -> Result<Topology, PlacementError> {
     Topology::builder()
         .with_io_type_filter(TypeFilter::KeepImportant)
-        .map_err(|e| format!("hwloc: {e}"))?
+        .map_err(|e| PlacementError::Hwloc(e.to_string()))?
         .build()
-        .map_err(|e| format!("hwloc: {e}"))
+        .map_err(|e| PlacementError::Hwloc(e.to_string()))
 }
 
 /// The CPUs nearest the OS device named `device` (its first non-I/O
@@ -67,14 +70,14 @@ fn device_cpus(topo: &Topology, device: &str) -> Option<Vec<usize>> {
 /// Plans `shards` shard threads for a node using `device` (the RDMA device's
 /// name, if any), or on `cpus` when given; the cores are taken from the
 /// `offset`-th on (round robin), so servers sharing a machine spread out.
-pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) -> Result<Placement, String> {
+pub fn plan(shards: usize, offset: usize, device: Option<&str>, cpus: &[usize]) -> Result<Placement, PlacementError> {
     let topo = topology()?;
     // one logical CPU per core: the first of its hyperthreads
     let cores: Vec<usize> =
         topo.objects_with_type(ObjectType::Core).filter_map(|c| cpus_of(c).first().copied()).collect();
     let cores = if cores.is_empty() { cpus_of(topo.root_object()) } else { cores };
     if cores.is_empty() {
-        return Err("hwloc found no CPU".into());
+        return Err(PlacementError::NoCpu);
     }
     let numa_of = |cpu: usize| {
         topo.objects_with_type(ObjectType::NUMANode)
@@ -133,12 +136,12 @@ pub fn plan_worker(topo: &Topology, device: Option<&str>) -> (Option<Vec<usize>>
 }
 
 /// Binds the calling thread (a worker's compute thread) to `cpus`.
-pub fn bind_current(topo: &Topology, cpus: &[usize]) -> Result<(), String> {
+pub fn bind_current(topo: &Topology, cpus: &[usize]) -> Result<(), PlacementError> {
     let mut set = CpuSet::new();
     for &c in cpus {
         set.set(c);
     }
-    topo.bind_cpu(&set, CpuBindingFlags::THREAD).map_err(|e| format!("hwloc: {e}"))
+    topo.bind_cpu(&set, CpuBindingFlags::THREAD).map_err(|e| PlacementError::Hwloc(e.to_string()))
 }
 
 #[cfg(test)]
