@@ -192,8 +192,8 @@ fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
         })
         .collect();
     if o.baseline {
-        let seconds = crate::apps::param(&o.params, "seconds", 2.0f64)?;
-        let warmup = crate::apps::param(&o.params, "warmup_seconds", 0.5f64)?;
+        let seconds = ps_apps::param(&o.params, "seconds", 2.0f64)?;
+        let warmup = ps_apps::param(&o.params, "warmup_seconds", 0.5f64)?;
         let mut sizes: Vec<u64> = rows.iter().map(|r| r.size).collect();
         sizes.sort_unstable();
         sizes.dedup();
@@ -248,7 +248,7 @@ pub fn replot(json_path: &str, png_path: &str) -> Result<(), String> {
 }
 
 fn op_order(op: &str) -> usize {
-    crate::apps::bench::OPS.iter().position(|o| *o == op).unwrap_or(9)
+    ps_apps::bench::OPS.iter().position(|o| *o == op).unwrap_or(9)
 }
 
 fn human(b: u64) -> String {

@@ -10,14 +10,12 @@
 //! - `pslab prepare clothing`: the clothing reviews as LIBSVM files for the `lr` app.
 //!
 //! Environment: see docs/env.md.
-// the exceptions: `data::read_part` (memory-mapping a data file) and
-// `doctor`'s getrlimit; the runtime's (ps-node) are its own
+// the exception: `doctor`'s getrlimit; the runtime's (ps-node) and the
+// data readers' (ps-apps) are their crates' own
 #![deny(unsafe_code)]
 
-mod apps;
 mod baseline;
 mod benchcmd;
-mod data;
 mod doctor;
 mod jobfile;
 mod local;
@@ -424,7 +422,7 @@ fn run_node(cmd: Cmd, netopts: &NetOpts) -> Result<String, String> {
         RoleArg::Manager => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
-            let job = apps::job_spec(&app, &params, servers, copies)?;
+            let job = ps_apps::job_spec(&app, &params, servers, copies)?;
             let replicas = replicas.iter().map(|a| ps_node::resolve(a)).collect::<Result<Vec<_>, _>>()?;
             Ok(ps_node::run_manager(secret, ps_node::resolve(&listen)?, replicas, job, servers, workers)?)
         }
@@ -439,7 +437,7 @@ fn run_node(cmd: Cmd, netopts: &NetOpts) -> Result<String, String> {
         RoleArg::Worker => {
             let (pid, on_abort) = (std::process::id(), OnAbort::ExitProcess);
             let opts = ps_node::WorkerOpts { host, rank, pid, place: true, on_abort };
-            Ok(ps_node::run_worker(secret, &manager_addrs()?, opts, netopts, &apps::lookup)?)
+            Ok(ps_node::run_worker(secret, &manager_addrs()?, opts, netopts, &ps_apps::lookup)?)
         }
         RoleArg::Auto => unreachable!("resolved above"),
     }
@@ -494,7 +492,7 @@ fn auto_role(servers: u32, per_node: Option<u32>, manager: Option<String>, liste
 
 fn run_local(spec: local::ClusterSpec, verbose: bool, png: Option<String>) -> Result<(), String> {
     let (servers, shards, workers, app) = (spec.servers, spec.shards, spec.workers, spec.app.clone());
-    apps::job_spec(&app, &spec.params, servers, spec.copies)?; // fail fast on bad parameters
+    ps_apps::job_spec(&app, &spec.params, servers, spec.copies)?; // fail fast on bad parameters
     let copies = spec.copies.min(servers);
     eprintln!(
         "pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}{}",
@@ -795,11 +793,11 @@ fn main() {
                     run_local(spec, verbose, png)
                 })
         }
-        Cmd::Prepare { dataset: _, dir } => data::clothing::run(&dir),
+        Cmd::Prepare { dataset: _, dir } => ps_apps::data::clothing::run(&dir),
         Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),
-        Cmd::Hammer { view } => job_secret().and_then(|s| apps::torn::hammer(s, &view, &netopts)),
+        Cmd::Hammer { view } => job_secret().and_then(|s| ps_apps::torn::hammer(s, &view, &netopts)),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

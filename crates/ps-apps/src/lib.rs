@@ -1,9 +1,27 @@
-//! The programs a worker can run, and the tables each one needs. The manager
-//! builds the job spec from the app's name and parameters and hands it to every
-//! node, so all of them agree on the tables.
+//! # ps-apps: the programs a worker can run
+//!
+//! Each app is a module with two halves: `tables(params)`, the tables it
+//! needs (the manager builds the job spec from the app's name and parameters
+//! and hands it to every node, so all of them agree on the tables), and
+//! `run(ctx)`, the worker program, which sees the runtime only through the
+//! worker handle `ps_node::WorkerCtx` (rank, view, the PS client, barriers).
+//! [`lookup`] is the registry the binary hands to `ps_node::run_worker`:
+//! the runtime names no app, and nothing here reaches into the runtime.
+//!
+//! - `train_lr` (the main job), `check` (invariant 1; with `filters`,
+//!   through them), `torn` (invariant 3; with `hammer`, a client killed
+//!   mid-push), `bench`, `ssp` (invariant 2 with a straggler), `mf` (SGD
+//!   matrix factorisation on MovieLens 100k), `lr` (sparse logistic
+//!   regression by delayed block proximal gradient with the KKT filter);
+//! - [`data`]: the training data readers (LIBSVM, click logs, the clothing
+//!   reviews' preparation).
+
+// the exception: `data::read_part` (memory-mapping a data file)
+#![deny(unsafe_code)]
 
 pub mod bench;
 pub mod check;
+pub mod data;
 pub mod lr;
 pub mod mf;
 pub mod ssp;
@@ -14,6 +32,7 @@ use ps_core::control::JobSpec;
 
 use ps_node::AppMain;
 
+/// The apps' names, as the job's `app` gives them.
 pub const APPS: &[&str] = &["train-lr", "check", "bench", "torn", "ssp", "mf", "lr"];
 
 /// The job spec for `app` with `params` (a JSON object; missing fields take
