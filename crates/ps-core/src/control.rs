@@ -13,12 +13,16 @@ use crate::ring::{Owner, Ring, RingError, RingServer};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// runs the job: registration, the cluster view, barriers, failover
     Manager = 1,
+    /// holds shards of the tables and answers workers
     Server = 2,
+    /// runs the application, pushing to and pulling from servers
     Worker = 3,
 }
 
 impl Role {
+    /// The role whose handshake byte is `v`, or `None`.
     pub fn from_u8(v: u8) -> Option<Role> {
         match v {
             1 => Some(Role::Manager),
@@ -28,6 +32,7 @@ impl Role {
         }
     }
 
+    /// The role in lower case, for logs and messages.
     pub fn name(self) -> &'static str {
         match self {
             Role::Manager => "manager",
@@ -42,12 +47,14 @@ impl Role {
 /// nothing but the manager's address and the job secret.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
+    /// Every table of the job; ids must be distinct.
     pub tables: Vec<TableSpec>,
     /// The worker program: "train-lr", "bench", "check", ...
     pub app: String,
     /// The program's parameters.
     #[serde(default)]
     pub params: serde_json::Value,
+    /// Bounds on frames and queues every node uses (defaults if absent).
     #[serde(default)]
     pub limits: WireLimits,
     /// Ring partitions (virtual nodes, all servers together): a power of two.
@@ -63,6 +70,8 @@ fn one() -> u32 {
 }
 
 impl JobSpec {
+    /// Checks every table, that table ids are distinct, `copies` and the
+    /// limits; the error says what to fix in the spec.
     pub fn validate(&self) -> Result<(), String> {
         let mut ids = std::collections::BTreeSet::new();
         for t in &self.tables {
@@ -78,12 +87,17 @@ impl JobSpec {
     }
 }
 
+/// A server as registered with the manager: where to reach its shards.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServerInfo {
+    /// Its rank, 0.. (its index in [`ClusterView::servers`]).
     pub rank: u32,
+    /// The host name or address it registered with, where its ports listen.
     pub host: String,
     /// One listening port per shard.
     pub ports: Vec<u16>,
+    /// Its process id on `host` (with `host`, tells a restarted process from
+    /// the same one registering again).
     pub pid: u32,
     /// In a replicated job, the ports of the copies this server holds of
     /// other servers' shards: the copy `i` places down the chain of shard
@@ -96,8 +110,11 @@ pub struct ServerInfo {
 /// Everything a node needs to take part: handed out once all nodes registered.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClusterView {
+    /// The job every node runs.
     pub job: JobSpec,
+    /// Every server, indexed by rank (the dead ones included).
     pub servers: Vec<ServerInfo>,
+    /// Number of workers (ranks 0..workers, the dead ones included).
     pub workers: u32,
     /// Moves on with every change the manager publishes (`Control::View`).
     #[serde(default)]
@@ -106,6 +123,7 @@ pub struct ClusterView {
     /// without them, their clocks hold nobody back.
     #[serde(default)]
     pub dead_servers: Vec<u32>,
+    /// Ranks of the workers the manager found dead (see `dead_servers`).
     #[serde(default)]
     pub dead_workers: Vec<u32>,
     /// Copies placed after failovers to bring chains back to `copies`: each
@@ -117,7 +135,9 @@ pub struct ClusterView {
 /// A copy of `owner`'s key ranges rebuilt on `server` (`ClusterView::placed`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacedCopy {
+    /// the shard whose key ranges it copies
     pub owner: Owner,
+    /// rank of the server it is placed on
     pub server: u32,
     /// tells this placement from an earlier one of the same shard (a rebuild
     /// that lost its source starts over as a new placement)
@@ -133,6 +153,7 @@ pub struct PlacedCopy {
 }
 
 impl ServerInfo {
+    /// A server with no copy ports reported yet.
     pub fn new(rank: u32, host: &str, ports: Vec<u16>, pid: u32) -> Self {
         Self { rank, host: host.to_string(), ports, pid, copy_ports: Vec::new() }
     }
@@ -242,6 +263,8 @@ impl ClusterView {
             || self.servers.iter().all(|s| s.copy_ports.len() == (self.copies() as usize - 1) * s.ports.len())
     }
 
+    /// The ring over this view's servers and their shard counts, with the
+    /// job's partitions.
     pub fn ring(&self) -> Result<Ring, RingError> {
         let servers: Vec<RingServer> =
             self.servers.iter().map(|s| RingServer { id: s.rank, nr_shards: s.ports.len() as u32 }).collect();
@@ -251,62 +274,130 @@ impl ClusterView {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "msg")]
+/// A control message, as JSON with its variant name in `msg` (snake case).
 pub enum Control {
     /// node -> manager, first message.
     /// `rank`: the rank this node asks for (a launcher's rank), or none for the
     /// lowest free one.
     Register {
+        /// what the node is; the manager checks it against the handshake's
         role: Role,
+        /// where the node's ports listen
         host: String,
+        /// a server's listening ports, one per shard; empty for a worker
         ports: Vec<u16>,
+        /// the node's process id (with `host` and `role`, tells a node
+        /// registering again from a new one)
         pid: u32,
+        /// the rank asked for (see above)
         #[serde(default)]
         rank: Option<u32>,
     },
     /// manager -> node, once every expected node has registered.
-    Welcome { rank: u32, view: ClusterView },
+    Welcome {
+        /// the rank the node was given, among nodes of its role
+        rank: u32,
+        /// the cluster as it is now
+        view: ClusterView,
+    },
     /// node -> manager, every `HEARTBEAT_INTERVAL_MS`.
     Heartbeat,
     /// worker -> manager: I reached barrier `name`.
-    Barrier { name: String },
+    Barrier {
+        /// the barrier, as the application names it
+        name: String,
+    },
     /// manager -> workers: every worker reached barrier `name`.
-    Released { name: String },
+    Released {
+        /// the barrier released
+        name: String,
+    },
     /// worker -> manager: my program ended; `ok` false means it failed.
-    Done { ok: bool, message: String },
+    Done {
+        /// whether the program succeeded
+        ok: bool,
+        /// its last word, for the manager's log
+        message: String,
+    },
     /// manager -> all: stop now, the job is over (orderly).
-    Shutdown { reason: String },
+    Shutdown {
+        /// why, for the log
+        reason: String,
+    },
     /// manager -> all: stop now, the job failed.
-    Abort { reason: String },
+    Abort {
+        /// what failed, for the log
+        reason: String,
+    },
     /// server -> manager, after its welcome in a replicated job: the ports of
     /// the copies it holds (`ServerInfo::copy_ports`).
-    Copies { ports: Vec<u16> },
+    Copies {
+        /// laid out as [`ServerInfo::copy_ports`]
+        ports: Vec<u16>,
+    },
     /// manager -> all: the view changed (copies reported, a server or a
     /// worker lost); nodes act on the newest epoch.
-    View { view: ClusterView },
+    View {
+        /// the new view (its `epoch` moved on)
+        view: ClusterView,
+    },
     /// server -> manager: the copy of `owner` placed on me (placement `id`)
     /// listens on `port`.
-    CopyAdded { owner: Owner, id: u64, port: u16 },
+    CopyAdded {
+        /// the shard copied
+        owner: Owner,
+        /// the placement ([`PlacedCopy::id`])
+        id: u64,
+        /// where the copy listens
+        port: u16,
+    },
     /// server -> manager: that copy has its chain's tail's snapshot (and the
     /// frames after it follow): the tail may wait for it.
-    CopySynced { owner: Owner, id: u64 },
+    CopySynced {
+        /// the shard copied
+        owner: Owner,
+        /// the placement ([`PlacedCopy::id`])
+        id: u64,
+    },
     /// the chain's tail's server -> manager: the rebuilt copy acknowledged
     /// every frame the tail answered before it waited for it: a member now.
-    CopyReady { owner: Owner, id: u64 },
+    CopyReady {
+        /// the shard copied
+        owner: Owner,
+        /// the placement ([`PlacedCopy::id`])
+        id: u64,
+    },
     /// node -> a new manager leader: I registered with the one before (and
     /// was welcomed as `rank`); answered with the current view.
-    Rejoin { role: Role, rank: u32, pid: u32 },
+    Rejoin {
+        /// what the node is; must match its handshake's role
+        role: Role,
+        /// the rank it was welcomed as
+        rank: u32,
+        /// its process id, as it registered
+        pid: u32,
+    },
     /// manager replica -> node: I do not lead; try `leader` (its address), or
     /// the others.
-    NotLeader { leader: Option<String> },
+    NotLeader {
+        /// the leader's address, if this replica knows one
+        leader: Option<String>,
+    },
     /// manager replica -> manager replica: a Raft message (`consensus`), hex.
-    Raft { bytes: String },
+    Raft {
+        /// the encoded Raft message, in hex
+        bytes: String,
+    },
 }
 
 impl Control {
+    /// The message as JSON bytes (what a control frame carries).
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("control messages always serialize")
     }
 
+    /// Parses a control frame's JSON; [`crate::wire::WireError::Control`] says
+    /// why it is not a valid message.
     pub fn from_json(b: &[u8]) -> Result<Control, crate::wire::WireError> {
         serde_json::from_slice(b).map_err(|e| crate::wire::WireError::Control(e.to_string()))
     }

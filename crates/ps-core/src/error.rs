@@ -3,36 +3,108 @@
 
 use crate::keys::TableId;
 
+/// Why a worker operation failed; its text says what to do.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum PsError {
     #[error("table {0:?} is not defined in this job; define it in the job spec the manager hands out")]
+    /// The operation names a table the job spec does not define.
     UnknownTable(TableId),
     #[error("keys must be strictly ascending (sorted, no duplicates); key #{index} ({key}) is not above the one before it. Sort and merge them first, e.g. with ps_core::keys::sort_merge")]
-    KeysNotSorted { index: usize, key: u64 },
+    /// A key list is not strictly ascending; sort and merge it first.
+    KeysNotSorted {
+        /// position in the list of the first key not above the one before it
+        index: usize,
+        /// that key
+        key: u64,
+    },
     #[error("key {key} is outside table {table:?}'s key range {begin}..{end}")]
-    KeyOutOfRange { table: TableId, key: u64, begin: u64, end: u64 },
+    /// A key (or the end of a range) is outside the table's key range.
+    KeyOutOfRange {
+        /// the table
+        table: TableId,
+        /// a key outside (a list's first or last; a range's first or last)
+        key: u64,
+        /// the table's first key
+        begin: u64,
+        /// one past the table's last key
+        end: u64,
+    },
     #[error("table {table:?} has dim {dim}: expected {expected} values for {keys} keys, got {got}")]
-    WrongValueCount { table: TableId, dim: u32, keys: usize, expected: usize, got: usize },
+    /// The values do not match the keys: a table of dim `d` takes `d` values a key.
+    WrongValueCount {
+        /// the table
+        table: TableId,
+        /// its values per key
+        dim: u32,
+        /// keys in the operation
+        keys: usize,
+        /// values those keys need (`keys * dim`)
+        expected: usize,
+        /// values given
+        got: usize,
+    },
     #[error("table {table:?} is {layout}; this operation needs a {needed} table")]
-    WrongLayout { table: TableId, layout: &'static str, needed: &'static str },
+    /// The operation needs another layout (a range operation on a sparse table).
+    WrongLayout {
+        /// the table
+        table: TableId,
+        /// its layout: "sparse" or "dense"
+        layout: &'static str,
+        /// the layout the operation needs
+        needed: &'static str,
+    },
     #[error("too many operations in flight ({0}); wait on some timestamps first")]
+    /// As many operations as the worker allows are unanswered (the count
+    /// given): wait on some before issuing more.
     TooManyInFlight(usize),
     #[error("timestamp {0} is unknown: never issued, or already waited on")]
+    /// No operation with this timestamp is pending: it was never issued, or
+    /// was waited on already.
     UnknownTimestamp(u64),
     #[error("timestamp {0} is not a pull; use wait() for pushes")]
+    /// Asked for the values of a timestamp that is not a pull: wait on it instead.
     NotAPull(u64),
     #[error("server {server} shard {shard} rejected the request: {reason}")]
-    Rejected { server: u32, shard: u32, reason: String },
+    /// A shard refused a frame of the operation (the worker itself refuses a
+    /// table it cannot cache this way, with server and shard `u32::MAX`).
+    Rejected {
+        /// rank of the server that refused
+        server: u32,
+        /// the shard on that server
+        shard: u32,
+        /// the shard's message
+        reason: String,
+    },
     #[error("lost the connection to server {server} shard {shard}: {reason}")]
-    ServerLost { server: u32, shard: u32, reason: String },
+    /// The connection to a shard ended with the operation unanswered (with
+    /// no failover, every pending operation fails this way).
+    ServerLost {
+        /// rank of the server
+        server: u32,
+        /// the shard on that server
+        shard: u32,
+        /// why the connection ended
+        reason: String,
+    },
     #[error("transport: {0}")]
+    /// The transport refused to queue a frame, a frame could not be coded,
+    /// or a shard broke the protocol; the text says which.
     Transport(String),
     #[error("clock() needs this worker's rank: call WorkerCore::set_rank first (the node runtime does)")]
+    /// `clock()` before the worker knows its rank.
     NoRank,
     #[error("timestamp {dep} this operation was to run after failed: {reason}")]
-    DependencyFailed { dep: u64, reason: String },
+    /// The operation was to run after another, and that one failed.
+    DependencyFailed {
+        /// the timestamp that failed
+        dep: u64,
+        /// why it failed
+        reason: String,
+    },
     #[error("timestamp {0} is not issued yet, so nothing can run after it")]
+    /// The operation was to run after a timestamp not issued yet.
     FutureTimestamp(u64),
     #[error("timed out after {0:?} waiting for the servers")]
+    /// The servers did not answer within the client's operation timeout (given).
     Timeout(std::time::Duration),
 }

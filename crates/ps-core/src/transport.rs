@@ -19,14 +19,18 @@ use std::time::Duration;
 /// with a new generation, so a stale id never reaches a new peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId {
+    /// the connection's slot in the transport's table
     pub index: u32,
+    /// how many times the slot was reused before this connection
     pub generation: u32,
 }
 
 /// Who a peer said it was in its (verified) handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerHello {
+    /// its [`crate::control::Role`], as the byte the handshake carries
     pub role: u8,
+    /// the number it gave itself (see [`crate::wire::Frame::Hello`])
     pub node: u32,
 }
 
@@ -34,20 +38,39 @@ pub struct PeerHello {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
     /// A peer connected and passed the handshake.
-    Opened { peer: PeerId, hello: PeerHello },
+    Opened {
+        /// the new connection
+        peer: PeerId,
+        /// who the peer proved to be
+        hello: PeerHello,
+    },
     /// A connection ended; `reason` says why (peer closed, bad frame, failed handshake...).
-    Closed { peer: PeerId, reason: String },
+    Closed {
+        /// the connection that ended; its id is not used again
+        peer: PeerId,
+        /// why, for the log
+        reason: String,
+    },
 }
 
+/// Why [`FrameSink::frame`] gave no space for a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
     /// The peer's send queue is full: flush, handle received frames, try again.
     #[error("send queue of {0:?} is full")]
     Full(PeerId),
+    /// The connection is closed (or was never opened): the frame cannot go.
     #[error("no open connection {0:?}")]
     Closed(PeerId),
+    /// The frame is larger than one frame to this peer may be (TCP: the
+    /// job's `frame_bytes_max` plus the prefix; RDMA: a ring slot): split it.
     #[error("frame of {len} bytes is above the bound of {max}")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// the frame's size, bytes
+        len: usize,
+        /// the bound, bytes
+        max: usize,
+    },
 }
 
 /// Where encoded frames go. The shard, worker and manager state machines only
@@ -83,21 +106,27 @@ pub const GATHER_PARTS_MAX: usize = 128;
 
 /// A received frame in a buffer the transport lends out.
 pub trait RxFrame {
+    /// The connection it came in on.
     fn peer(&self) -> PeerId;
     /// The whole frame, prefix included, 8-byte aligned.
     fn bytes(&self) -> &[u8];
 }
 
+/// Why a transport call failed as a whole (not one connection: those end
+/// with [`PeerEvent::Closed`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
+    /// An operating-system or device error, as its text.
     #[error("{0}")]
     Io(String),
+    /// Waited this long and it did not happen.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
 
 /// A batched, message-oriented transport.
 pub trait Transport: FrameSink {
+    /// A received frame, lent until [`Transport::release`].
     type Rx: RxFrame;
 
     /// Appends received frames to `out`, waiting up to `timeout` if none is ready.

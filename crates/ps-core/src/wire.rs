@@ -25,17 +25,26 @@
 
 use crate::limits::{CONTROL_BYTES_MAX, HANDSHAKE_FRAME_BYTES_MAX};
 
+/// The version byte every frame carries; a node refuses frames of any other
+/// ([`WireError::Version`]).
 pub const WIRE_VERSION: u8 = 1;
+/// Size of the prefix every frame starts with, bytes.
 pub const PREFIX_BYTES: usize = 8;
+/// Size of a data frame's prefix and header together, bytes; its payload starts here.
 pub const DATA_HEADER_BYTES: usize = 40;
+/// Size of a handshake nonce, bytes.
 pub const NONCE_BYTES: usize = 32;
+/// Size of a handshake MAC (HMAC-SHA256), bytes.
 pub const MAC_BYTES: usize = 32;
+/// Flags bit 0: a data frame addresses a range of a dense table (`a` is a flat
+/// float offset, no keys in the payload) rather than a list of keys.
 pub const FLAG_DENSE: u16 = 1;
 /// the payload is coded by the table's filters (`filter::Decoder` undoes it)
 pub const FLAG_CODED: u16 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
+/// What a frame is: byte 5 of its prefix.
 pub enum Kind {
     /// server -> client: a fresh nonce to prove knowledge of the job secret against
     Challenge = 1,
@@ -43,11 +52,23 @@ pub enum Kind {
     Hello = 2,
     /// server -> client: the server's MAC, so the client knows the server is in the job too
     Welcome = 3,
+    /// worker -> shard: merge values into a table (sparse: `a` keys and `b`
+    /// values; dense: `b` values from flat float `a`); answered with an `Ack`
     Push = 10,
+    /// worker -> shard: read values (sparse: `a` keys, `b` values wanted;
+    /// dense: `b` values from flat float `a`); answered with a `PullResp`
     Pull = 11,
+    /// worker -> shard: a push, then a pull of the same keys or range after
+    /// it is merged; answered with a `PullResp`
     PushPull = 12,
+    /// shard -> worker (or copy -> copy): one request frame is done; echoes
+    /// the request's `table`, `sub`, `ts` and `a`, with no payload
     Ack = 13,
+    /// shard -> worker, the answer to a `Pull` or `PushPull`: `b` values, in
+    /// the request's key order (see [`stamp_of`] for bounded staleness)
     PullResp = 14,
+    /// shard -> worker: one request frame was refused; echoes its `table`,
+    /// `sub` and `ts`, and carries `b` bytes of UTF-8 message
     Error = 15,
     /// worker -> shard: "I have finished `a` clocks" (`b`: my worker rank);
     /// answered with an `Ack`
@@ -84,6 +105,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind whose byte is `v`, or `None` for an unknown byte.
     pub fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             1 => Kind::Challenge,
@@ -107,6 +129,9 @@ impl Kind {
         })
     }
 
+    /// Whether this is one of the kinds with a [`DataHeader`]. It leaves out
+    /// `Watch`, although a `Watch` is sent with a header and [`decode`] reads
+    /// it as [`Frame::Data`]; nothing in the workspace calls it today.
     pub fn is_data(self) -> bool {
         matches!(
             self,
@@ -129,22 +154,54 @@ impl Kind {
 /// Why a frame was refused. The connection that sent it is dropped with this text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// The prefix carries another wire version (the one given): the peer runs
+    /// another build; run one build across the job.
     #[error("wire version {0}, this node speaks {WIRE_VERSION}: mixed builds in one job?")]
     Version(u8),
+    /// The prefix's kind byte (given) is no [`Kind`].
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// A body (or a control message's JSON) is longer than this connection
+    /// allows; before the handshake the bound is [`HANDSHAKE_BODY_MAX`].
     #[error("frame body of {len} bytes is above the bound of {max}")]
-    TooLong { len: usize, max: usize },
+    TooLong {
+        /// length the frame claims, bytes
+        len: usize,
+        /// the bound, bytes
+        max: usize,
+    },
+    /// The prefix's body length (given, bytes) is not a multiple of 8.
     #[error("frame body of {0} bytes is not a multiple of 8")]
     Unaligned(usize),
+    /// The frame holds fewer bytes than its prefix or header says it has.
     #[error("{kind:?} frame is {len} bytes; its header says it needs {need}")]
-    Short { kind: Kind, len: usize, need: usize },
+    Short {
+        /// the frame's kind (`Control` when even the prefix is incomplete)
+        kind: Kind,
+        /// bytes present, prefix included
+        len: usize,
+        /// bytes its prefix or header calls for, prefix included
+        need: usize,
+    },
+    /// The frame is longer than its payload and padding: the header's
+    /// counts do not match the prefix's length.
     #[error("{kind:?} frame carries {extra} bytes beyond its payload and padding")]
-    Trailing { kind: Kind, extra: usize },
+    Trailing {
+        /// the frame's kind
+        kind: Kind,
+        /// bytes beyond the padded payload
+        extra: usize,
+    },
+    /// A count in the header does not fit the address space (the text says
+    /// which one).
     #[error("counts overflow: {0}")]
     Overflow(&'static str),
+    /// A well-formed frame of a kind the receiver does not take in its
+    /// state (a handshake frame after the handshake, say).
     #[error("{0:?} frame is not allowed here")]
     Unexpected(Kind),
+    /// A control message that is not valid JSON for [`crate::control::Control`],
+    /// or one the chain protocol refuses; the text says why.
     #[error("control message is not valid: {0}")]
     Control(String),
 }
@@ -152,7 +209,9 @@ pub enum WireError {
 /// The 8-byte prefix, parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prefix {
+    /// what the frame is
     pub kind: Kind,
+    /// [`FLAG_DENSE`] and [`FLAG_CODED`]; other bits are ignored
     pub flags: u16,
     /// whole frame, prefix included
     pub frame_len: usize,
@@ -190,13 +249,60 @@ fn write_prefix(buf: &mut [u8], kind: Kind, flags: u16) {
 
 /// The fixed header of a data frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// What `a`, `b`, `ts` and `sub` hold depends on the kind: see each field.
+/// "Request" below means a `Push`, `Pull` or `PushPull` frame; "counted"
+/// frames (the chain's word) are pushes, push-pulls and clocks.
 pub struct DataHeader {
+    /// what the frame is: any kind but the handshake's three and `Control`
     pub kind: Kind,
+    /// [`FLAG_DENSE`]: the request addresses a range of a dense table
+    /// (`a` a flat float offset, no keys in the payload); answers and errors
+    /// echo it; false on every other kind
     pub dense: bool,
+    /// the table ([`crate::keys::TableId`]) of a request, `Refresh` or
+    /// `Watch`; answers and errors echo the request's. 0 on `Clock`,
+    /// `Checkpoint`, `Bind`, `Forward`, `Snapshot` and the chain's own acks
     pub table: u32,
+    /// - request, `Clock`, `Checkpoint`: the frame's number within its
+    ///   timestamp, 0, 1, ... in the order the worker sent them; `Ack`,
+    ///   `PullResp` and `Error` echo it (a sparse response's values are
+    ///   placed by it), except a dense `PullResp` of a table with a
+    ///   staleness bound, which carries the clock stamp here ([`stamp_of`])
+    /// - `Refresh`: 1 on the last frame of a refresh, else 0
+    /// - `Snapshot`: 1 on the last chunk, else 0
+    /// - `Bind`, `Forward`, `Watch`: 0
     pub sub: u32,
+    /// - request, `Clock`, `Checkpoint`: the worker's timestamp of the
+    ///   operation (one per operation, shared by all its frames); `Ack`,
+    ///   `PullResp` and `Error` echo it
+    /// - `Refresh`: the clock stamp of its values ([`stamp_of`])
+    /// - `Forward`: the inner frame's number among its origin's counted
+    ///   frames to this shard; the `Ack` of a `Forward` echoes it
+    /// - `Snapshot`: offset of this chunk in the whole state, bytes
+    /// - `Bind`, `Watch`: 0 (so the `Ack` of a `Bind` has ts 0)
     pub ts: u64,
+    /// - dense request: first flat float, `(key - table's first key) * dim + j`
+    /// - sparse request, `Refresh`: number of keys in the payload
+    /// - `Clock`: clocks the worker has finished
+    /// - `Checkpoint`: the checkpoint's label
+    /// - `Ack`, `PullResp`: echo the request's, except a sparse `PullResp`
+    ///   of a table with a staleness bound, which carries the clock stamp
+    /// - `Bind`, `Forward`: the origin (the client's number in the chain)
+    /// - `Snapshot`: size of the whole state, bytes
+    /// - `Error`, `Watch`: 0
     pub a: u64,
+    /// - `Push`, `PushPull`, `Refresh`: number of f32 values in the payload
+    ///   (keys * dim when sparse)
+    /// - `Pull`: number of values asked for (no values in the payload)
+    /// - `PullResp`: number of f32 values in the payload (the request's `b`)
+    /// - `Clock`: the worker's rank
+    /// - `Bind`: the number the origin's next counted frame has
+    /// - `Forward`: size of the inner frame / 4 (frames are 8-aligned)
+    /// - `Snapshot`: size of this chunk / 4, rounded up (the last chunk's
+    ///   payload may end in padding: `a` tells the real size)
+    /// - `Error`: size of the message, bytes (not a count of values)
+    /// - `Ack`, `Checkpoint`, `Watch`: 0
     pub b: u64,
 }
 
@@ -219,7 +325,9 @@ impl DataHeader {
             Kind::Pull => (keys()?, 0),
             Kind::PullResp => (0, vals()?),
             Kind::Ack => (0, 0),
-            // error frames carry their message bytes as "values": b is the byte count / 4 rounded up
+            // an error frame's `b` counts message bytes, not values: `decode`
+            // and `error_len` size it; `Clock`, `Checkpoint`, `Bind`, `Watch`
+            // carry nothing
             _ => (0, 0),
         })
     }
@@ -282,28 +390,48 @@ pub fn set_stamp(h: &mut DataHeader, stamp: u64) {
 /// A decoded frame, borrowing its payload from the receive buffer.
 #[derive(Debug, PartialEq)]
 pub enum Frame<'a> {
+    /// The server's first handshake frame ([`Kind::Challenge`]).
     Challenge {
+        /// the server's fresh nonce
         nonce: &'a [u8; NONCE_BYTES],
     },
+    /// The client's handshake frame ([`Kind::Hello`]).
     Hello {
+        /// the client's [`crate::control::Role`], as its byte
         role: u8,
+        /// a number the client gives itself (the node runtime: a pid, a
+        /// shard or replica index); covered by the MAC, checked by no one
         node: u32,
+        /// the client's fresh nonce
         nonce: &'a [u8; NONCE_BYTES],
+        /// [`crate::auth::JobSecret::client_mac`] over both nonces, `role` and `node`
         mac: &'a [u8; MAC_BYTES],
     },
+    /// The server's last handshake frame ([`Kind::Welcome`]).
     Welcome {
+        /// [`crate::auth::JobSecret::server_mac`] over both nonces
         mac: &'a [u8; MAC_BYTES],
     },
-    /// keys: little-endian u64s; vals: little-endian f32s
+    /// Any data frame but an error. keys: little-endian u64s; vals:
+    /// little-endian f32s (read them with [`keys_of`] and [`vals_of`])
     Data {
+        /// the header; its counts are checked against the payload
         h: DataHeader,
+        /// `a` keys of a sparse push, pull, push-pull or refresh (8 bytes each); else empty
         keys: &'a [u8],
+        /// the values (4 bytes each), or the inner frame of a `Forward`, or
+        /// the chunk of a `Snapshot`; empty for the kinds with no payload
         vals: &'a [u8],
     },
+    /// A shard refused one frame ([`Kind::Error`]).
     Error {
+        /// the refused frame's `table`, `sub`, `ts` and `dense`; `b` the message length
         h: DataHeader,
+        /// why, for a person; `"(not utf-8)"` if the bytes were not
         message: &'a str,
     },
+    /// The JSON bytes of a control message (parse with
+    /// [`crate::control::Control::from_json`]).
     Control(&'a [u8]),
 }
 
@@ -397,7 +525,8 @@ pub fn decode(frame: &[u8], body_max: usize) -> Result<Frame<'_>, WireError> {
     }
 }
 
-/// Builds handshake and control frames (small; allocation is fine off the data path).
+/// The server's `Challenge` frame, carrying its nonce. Handshake and control
+/// frames are small, so these allocate (fine off the data path).
 pub fn encode_challenge(nonce: &[u8; NONCE_BYTES]) -> Vec<u8> {
     let mut f = vec![0u8; padded_len(NONCE_BYTES)];
     write_prefix(&mut f, Kind::Challenge, 0);
@@ -405,6 +534,7 @@ pub fn encode_challenge(nonce: &[u8; NONCE_BYTES]) -> Vec<u8> {
     f
 }
 
+/// The client's `Hello` frame (see [`Frame::Hello`] for the fields).
 pub fn encode_hello(role: u8, node: u32, nonce: &[u8; NONCE_BYTES], mac: &[u8; MAC_BYTES]) -> Vec<u8> {
     let mut f = vec![0u8; padded_len(8 + NONCE_BYTES + MAC_BYTES)];
     write_prefix(&mut f, Kind::Hello, 0);
@@ -415,6 +545,7 @@ pub fn encode_hello(role: u8, node: u32, nonce: &[u8; NONCE_BYTES], mac: &[u8; M
     f
 }
 
+/// The server's `Welcome` frame, carrying its MAC.
 pub fn encode_welcome(mac: &[u8; MAC_BYTES]) -> Vec<u8> {
     let mut f = vec![0u8; padded_len(MAC_BYTES)];
     write_prefix(&mut f, Kind::Welcome, 0);
