@@ -22,31 +22,49 @@ const MAGIC: &[u8; 8] = b"PSLABCK1";
 /// One table's part on one shard.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TableImage {
+    /// the table
     pub id: TableId,
+    /// its values per key
     pub dim: u32,
-    /// the keys of a sparse table (ascending); empty for a dense one
+    /// whether the table is sparse (its keys listed) or dense
     pub sparse: bool,
+    /// the keys of a sparse table (ascending); empty for a dense one
     pub keys: Vec<Key>,
+    /// the values: a sparse table's `dim` a key, in the order of `keys`; a
+    /// dense table's every value this shard owns, in its layout's order
     pub vals: Vec<f32>,
+    /// the update rule's state (e.g. Adagrad's sums), laid out as the store
+    /// keeps it; empty for a rule with none
     pub state: Vec<f32>,
 }
 
+/// A checkpoint's JSON header: whose it is and how many of each item follow.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Header {
+    /// rank of the server that wrote it
     pub server: u32,
+    /// the shard, on that server
     pub shard: u32,
     /// what the job called this checkpoint (the lr app: the sweep it was taken after)
     pub label: u64,
+    /// one entry per table, in the order their bytes follow
     pub tables: Vec<TableHeader>,
 }
 
+/// One table's entry in a checkpoint's [`Header`] (see [`TableImage`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TableHeader {
+    /// the table's id ([`TableId`]'s number)
     pub id: u32,
+    /// its values per key
     pub dim: u32,
+    /// whether keys are listed (a sparse table)
     pub sparse: bool,
+    /// number of keys (u64 each) stored; 0 for a dense table
     pub keys: u64,
+    /// number of values (f32 each) stored
     pub values: u64,
+    /// number of the rule's state floats (f32 each) stored
     pub state: u64,
 }
 
@@ -54,6 +72,8 @@ fn pad(out: &mut Vec<u8>) {
     out.resize(out.len().next_multiple_of(8), 0);
 }
 
+/// A checkpoint of shard `shard` of server `server`, labelled `label`, as
+/// the bytes the module's layout describes.
 pub fn encode(server: u32, shard: u32, label: u64, tables: &[TableImage]) -> Vec<u8> {
     let header = Header {
         server,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rules::RuleSpec;
 
+/// A key of a table: any `u64` but `u64::MAX`.
 pub type Key = u64;
 
 /// A table's identity on the wire.
@@ -23,26 +24,33 @@ pub struct TableId(pub u32);
 /// [`KeyRange::FULL`] is every other key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeyRange {
+    /// the first key in the range
     pub begin: Key,
+    /// one past the last key in the range
     pub end: Key,
 }
 
 impl KeyRange {
+    /// Every key but `u64::MAX`: `0..u64::MAX`.
     pub const FULL: KeyRange = KeyRange { begin: 0, end: u64::MAX };
 
+    /// `begin..end`; panics if `begin > end`.
     pub fn new(begin: Key, end: Key) -> Self {
         assert!(begin <= end, "KeyRange {begin}..{end} is reversed");
         Self { begin, end }
     }
 
+    /// Number of keys in the range.
     pub fn len(&self) -> u64 {
         self.end - self.begin
     }
 
+    /// Whether the range holds no key.
     pub fn is_empty(&self) -> bool {
         self.begin == self.end
     }
 
+    /// Whether `k` is in `begin..end`.
     pub fn contains(&self, k: Key) -> bool {
         self.begin <= k && k < self.end
     }
@@ -60,19 +68,27 @@ impl KeyRange {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Layout {
     /// Every key of `keys` exists; values are zero until pushed.
-    Dense { keys: KeyRange },
+    Dense {
+        /// the table's keys
+        keys: KeyRange,
+    },
     /// Keys of `keys` come into being on their first push; a pull of a key never
     /// pushed reads zeros (and does not create it).
-    Sparse { keys: KeyRange },
+    Sparse {
+        /// the keys the table may hold
+        keys: KeyRange,
+    },
 }
 
 impl Layout {
+    /// The table's key range, whatever the layout.
     pub fn keys(&self) -> KeyRange {
         match *self {
             Layout::Dense { keys } | Layout::Sparse { keys } => keys,
         }
     }
 
+    /// "dense" or "sparse", for messages.
     pub fn name(&self) -> &'static str {
         match self {
             Layout::Dense { .. } => "dense",
@@ -84,10 +100,13 @@ impl Layout {
 /// One table of the job: what every server and worker agrees on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TableSpec {
+    /// Its identity on the wire; unique in the job.
     pub id: TableId,
+    /// Its name, for people (messages, logs).
     pub name: String,
     /// Values per key (>= 1).
     pub dim: u32,
+    /// Dense or sparse, and the key range.
     pub layout: Layout,
     /// The server-side update rule that merges pushes into this table.
     pub rule: RuleSpec,
@@ -101,6 +120,7 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
+    /// A dense table over `keys`: eventual consistency, no filters.
     pub fn dense(id: u32, name: &str, keys: KeyRange, dim: u32, rule: RuleSpec) -> Self {
         Self {
             id: TableId(id),
@@ -113,6 +133,7 @@ impl TableSpec {
         }
     }
 
+    /// A sparse table over `keys`: eventual consistency, no filters.
     pub fn sparse(id: u32, name: &str, keys: KeyRange, dim: u32, rule: RuleSpec) -> Self {
         Self {
             id: TableId(id),
@@ -137,10 +158,12 @@ impl TableSpec {
         self
     }
 
+    /// The table's key range.
     pub fn keys(&self) -> KeyRange {
         self.layout.keys()
     }
 
+    /// Whether the layout is dense.
     pub fn is_dense(&self) -> bool {
         matches!(self.layout, Layout::Dense { .. })
     }

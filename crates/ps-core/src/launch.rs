@@ -16,7 +16,9 @@
 pub struct Launch {
     /// which launcher's variables said so: "openmpi", "pmix", "pmi", "slurm"
     pub source: &'static str,
+    /// this process's rank in the job, 0..size
     pub rank: u32,
+    /// the job's processes, all nodes together
     pub size: u32,
     /// rank among the job's processes on this node, when the launcher says
     pub local_rank: Option<u32>,
@@ -31,14 +33,44 @@ pub struct Launch {
 /// Why the launcher's variables cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LaunchError {
+    /// A variable that should hold a number does not.
     #[error("{var}={value:?} is not a number")]
-    NotANumber { var: &'static str, value: String },
+    NotANumber {
+        /// the variable's name
+        var: &'static str,
+        /// what it holds
+        value: String,
+    },
+    /// The rank is not below the job's size.
     #[error("{rank_var} is {rank} but the job has {size} processes ({size_var})")]
-    RankOutOfRange { rank_var: &'static str, rank: u32, size_var: &'static str, size: u32 },
+    RankOutOfRange {
+        /// the rank variable's name
+        rank_var: &'static str,
+        /// the rank it holds
+        rank: u32,
+        /// the size variable's name
+        size_var: &'static str,
+        /// the size it holds
+        size: u32,
+    },
+    /// The launcher's rank variable is set but its size variable is not.
     #[error("{launcher} sets {rank_var} but not {size_var}: cannot tell the job's size")]
-    NoSize { launcher: &'static str, rank_var: &'static str, size_var: &'static str },
+    NoSize {
+        /// the launcher ([`Launch::source`]'s names)
+        launcher: &'static str,
+        /// the rank variable's name
+        rank_var: &'static str,
+        /// the size variable's name, missing
+        size_var: &'static str,
+    },
+    /// A Slurm host list or tasks-per-node list cannot be expanded.
     #[error("host list {list:?}: {why}")]
-    HostList { list: String, why: String },
+    HostList {
+        /// the list as the variable holds it
+        list: String,
+        /// what is wrong with it
+        why: String,
+    },
 }
 
 /// One launcher's variables.
@@ -216,6 +248,7 @@ pub fn expand_tasks_per_node(s: &str) -> Result<Vec<u32>, LaunchError> {
 /// the manager, the next `servers` ranks are servers, the rest workers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RankRole {
+    /// rank 0
     Manager,
     /// the n-th server
     Server(u32),

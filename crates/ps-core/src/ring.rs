@@ -28,6 +28,7 @@ use crate::rng::mix64;
 pub struct Owner {
     /// Index of the server in the view's server list (its rank).
     pub server: u32,
+    /// The shard on that server, 0..its shard count.
     pub shard: u32,
 }
 
@@ -36,21 +37,40 @@ pub struct Owner {
 pub struct RingServer {
     /// A stable identity (the server's rank): the rendezvous hash input.
     pub id: u32,
+    /// Its shards (at least 1); its partitions go to them round-robin.
     pub nr_shards: u32,
 }
 
+/// Why a ring cannot be built from a view; fix the job's `partitions` or servers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {
+    /// The server list is empty.
     #[error("the ring needs at least one server")]
     NoServers,
+    /// The partition count (given) is not a power of two.
     #[error("partitions ({0}) must be a power of two")]
     NotPowerOfTwo(u32),
+    /// Too few partitions per server to balance load: raise the job's
+    /// partitions to `need`.
     #[error("{partitions} partitions over {servers} servers is {per} virtual nodes each; at least {min} are needed for balance: raise ring partitions to {need}")]
-    TooFewVnodes { partitions: u32, servers: usize, per: u32, min: u32, need: u32 },
+    TooFewVnodes {
+        /// the job's partitions
+        partitions: u32,
+        /// the servers in the view
+        servers: usize,
+        /// partitions per server, rounded down
+        per: u32,
+        /// the least allowed (`limits::RING_VNODES_PER_SERVER_MIN`)
+        min: u32,
+        /// the smallest power of two that gives every server `min`
+        need: u32,
+    },
+    /// A server (this id) has no shards.
     #[error("server {0} has no shards")]
     NoShards(u32),
 }
 
+/// The ring of one view: the owner of each of its partitions.
 #[derive(Clone, Debug)]
 pub struct Ring {
     owners: Vec<Owner>,
@@ -75,6 +95,9 @@ pub fn first_key_at(range: KeyRange, pos: u128) -> Key {
 }
 
 impl Ring {
+    /// The ring over `servers` cut into `partitions` (a power of two, at
+    /// least `RING_VNODES_PER_SERVER_MIN` per server); a pure function of the
+    /// servers' ids and shard counts.
     pub fn new(servers: &[RingServer], partitions: u32) -> Result<Ring, RingError> {
         if servers.is_empty() {
             return Err(RingError::NoServers);
@@ -117,14 +140,17 @@ impl Ring {
         Ok(Ring { owners, shift: 64 - partitions.trailing_zeros(), servers: servers.to_vec() })
     }
 
+    /// Number of partitions.
     pub fn partitions(&self) -> u32 {
         self.owners.len() as u32
     }
 
+    /// The servers it was built over, in the order given.
     pub fn servers(&self) -> &[RingServer] {
         &self.servers
     }
 
+    /// The partition a ring position (see [`position`]) falls in.
     #[inline]
     pub fn partition_of(&self, pos: u64) -> usize {
         if self.shift == 64 {
@@ -140,10 +166,12 @@ impl Ring {
         (p as u128 * w, (p as u128 + 1) * w)
     }
 
+    /// Who owns partition `p` (panics if `p` is not below [`Ring::partitions`]).
     pub fn owner_of_partition(&self, p: usize) -> Owner {
         self.owners[p]
     }
 
+    /// Who owns `key` of `table`.
     #[inline]
     pub fn owner(&self, table: &TableSpec, key: Key) -> Owner {
         self.owners[self.partition_of(position(table.keys(), key))]

@@ -25,11 +25,32 @@ pub enum RuleSpec {
     /// `w += g` (what a KVStore sums; ps-lite's default server handle).
     Sum,
     /// `w -= lr * g`.
-    Sgd { lr: f32 },
+    Sgd {
+        /// learning rate (> 0)
+        lr: f32,
+    },
     /// `n += g²; w -= lr * g / (sqrt(n) + eps)`; n starts at `initial_accumulator`.
-    Adagrad { lr: f32, eps: f32, initial_accumulator: f32 },
+    Adagrad {
+        /// learning rate (> 0)
+        lr: f32,
+        /// added to `sqrt(n)` so the step stays finite (>= 0)
+        eps: f32,
+        /// the first value of every `n` (>= 0)
+        initial_accumulator: f32,
+    },
     /// FTRL-proximal (McMahan et al., KDD 2013), per coordinate.
-    Ftrl { alpha: f32, beta: f32, l1: f32, l2: f32 },
+    /// The learning rate of a coordinate is `alpha / (beta + sqrt(n))`,
+    /// `n` its summed squared gradients.
+    Ftrl {
+        /// learning-rate scale (> 0)
+        alpha: f32,
+        /// learning-rate smoothing (>= 0)
+        beta: f32,
+        /// L1 strength: coordinates with `|z| <= l1` are exactly 0 (>= 0)
+        l1: f32,
+        /// L2 strength (>= 0)
+        l2: f32,
+    },
     /// The server step of delayed block proximal gradient (Li et al., OSDI 2014,
     /// Algorithm 3) for `Σ loss + l1‖w‖₁ + (l2/2)‖w‖²`. Values are pairs per key
     /// (dim 2). Workers push `[g, u]`: their part of the loss gradient and of a
@@ -37,16 +58,27 @@ pub enum RuleSpec {
     /// every worker has finished that clock sets
     /// `w ← soft(U·w − G, l1) / (U + l2)`, moved at most `max_step` from `w`,
     /// and stores G beside it: a pull reads `[w, G]` (G feeds the KKT filter).
-    BlockProx { l1: f32, l2: f32, max_step: f32 },
+    BlockProx {
+        /// L1 strength (>= 0)
+        l1: f32,
+        /// L2 strength (>= 0)
+        l2: f32,
+        /// largest change of `w` in one settle (> 0)
+        max_step: f32,
+    },
     /// A rule registered under `name` in the server's [`RuleRegistry`].
     Custom {
+        /// the name it was registered under
         name: String,
+        /// handed to the rule's factory as they are (null if absent)
         #[serde(default)]
         params: serde_json::Value,
     },
 }
 
 impl RuleSpec {
+    /// Checks the built-in rules' parameters (a custom rule's factory checks
+    /// its own); the error names the parameter and what it must be.
     pub fn validate(&self) -> Result<(), String> {
         let pos = |what: &str, v: f32| {
             if v.is_finite() && v > 0.0 {
@@ -270,6 +302,8 @@ impl RuleRegistry {
         self.custom.insert(name.to_string(), Arc::new(factory));
     }
 
+    /// The rule `spec` names, its parameters checked; an unregistered custom
+    /// name is an error listing what is registered.
     pub fn build(&self, spec: &RuleSpec) -> Result<Arc<dyn UpdateRule>, String> {
         spec.validate()?;
         Ok(match spec {
