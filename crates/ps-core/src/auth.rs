@@ -31,15 +31,20 @@ impl std::fmt::Debug for JobSecret {
     }
 }
 
+/// Why a job secret's text was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
+    /// Not 64 hex digits long; the length given is in bytes, after trimming.
+    /// `pslab secret` prints a good one.
     #[error("the job secret must be 64 hex digits (32 bytes); got {0} characters. Generate one with `pslab secret`")]
     Length(usize),
+    /// A byte that is not a hex digit, at this 0-based position after trimming.
     #[error("the job secret has a non-hex character at position {0}")]
     NotHex(usize),
 }
 
 impl JobSecret {
+    /// The secret with these bytes.
     pub fn from_bytes(b: [u8; SECRET_BYTES]) -> Self {
         Self(b)
     }
@@ -58,6 +63,7 @@ impl JobSecret {
         Ok(Self(out))
     }
 
+    /// The secret as 64 lower-case hex digits (what [`JobSecret::from_hex`] reads).
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -45,11 +45,15 @@ pub enum Lookup {
     /// every row is cached fresh enough: the values were copied out; the stamp
     /// is the least of the rows'
     Hit {
+        /// clocks every worker had finished when the stalest row was served
         stamp: u64,
     },
+    /// a row is missing or too stale: the read goes to the shards (nothing
+    /// was copied)
     Miss,
 }
 
+/// One table's cache on one worker: rows, their stamps, and read counters.
 #[derive(Debug)]
 pub struct Cache {
     dim: usize,
@@ -69,13 +73,18 @@ pub struct Cache {
 /// Read counters of one table's cache.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// reads answered from the cache
     pub hits: u64,
+    /// reads that went to the shards
     pub misses: u64,
     /// reads by staleness (clock minus stamp), the last bucket open-ended
     pub staleness: Vec<u64>,
 }
 
 impl Cache {
+    /// An empty cache of a table with `dim` values a key; `eager`: the
+    /// shards refresh it (`essp`); `owners`: the job's shards, all servers
+    /// together (flat owner indices are below it).
     pub fn new(dim: usize, eager: bool, owners: usize) -> Self {
         Self {
             dim,
@@ -212,6 +221,7 @@ impl Cache {
         self.vals.clear();
     }
 
+    /// The read counters so far.
     pub fn stats(&self) -> CacheStats {
         CacheStats { hits: self.hits, misses: self.misses, staleness: self.staleness.to_vec() }
     }

@@ -25,6 +25,7 @@ use crate::worker::{Keys, Timestamp, WorkerCore};
 
 /// Monotonic time since some origin, handed in so tests can run on simulated time.
 pub trait Clock {
+    /// Time since the clock's origin; never goes back.
     fn now(&self) -> Duration;
 }
 
@@ -47,6 +48,7 @@ struct Failover<T> {
     retry_at: std::collections::HashMap<Owner, Duration>,
 }
 
+/// A worker: the protocol state ([`WorkerCore`]) driven over transport `T`.
 pub struct Worker<T: Transport, C: Clock> {
     core: WorkerCore,
     transport: T,
@@ -64,6 +66,9 @@ impl<T: Transport, C: Clock> std::fmt::Debug for Worker<T, C> {
 }
 
 impl<T: Transport, C: Clock> Worker<T, C> {
+    /// A worker over `transport`; a wait not over after `op_timeout` (counted
+    /// from its first poll) fails with [`PsError::Timeout`]. Failover is off until
+    /// [`Worker::enable_failover`].
     pub fn new(core: WorkerCore, transport: T, clock: C, op_timeout: Duration) -> Self {
         Self { core, transport, clock, rx: Vec::with_capacity(64), events: Vec::new(), op_timeout, failover: None }
     }
@@ -112,14 +117,17 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         Ok(())
     }
 
+    /// The protocol state (counters, tables, what is in flight).
     pub fn core(&self) -> &WorkerCore {
         &self.core
     }
 
+    /// The transport, to open connections or read its counters.
     pub fn transport_mut(&mut self) -> &mut T {
         &mut self.transport
     }
 
+    /// The protocol state, to change (add a push filter, set the rank).
     pub fn core_mut(&mut self) -> &mut WorkerCore {
         &mut self.core
     }

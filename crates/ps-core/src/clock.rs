@@ -32,9 +32,16 @@ pub enum Consistency {
     Sequential,
     /// Stale synchronous parallel: a read at clock `c` reflects every update of
     /// clocks `<= c - staleness - 1` from every worker.
-    Bounded { staleness: u32 },
+    Bounded {
+        /// clocks a read may lag by: at clock `c` it waits for every update
+        /// of clocks `<= c - staleness - 1`
+        staleness: u32,
+    },
     /// The same bound, with the server pushing fresh rows eagerly.
-    Essp { staleness: u32 },
+    Essp {
+        /// clocks a read may lag the reader's own clock by, as in `Bounded`
+        staleness: u32,
+    },
     /// No waiting: a read sees whatever has been merged.
     #[default]
     Eventual,

@@ -63,10 +63,13 @@ impl Replica {
         Ok(r)
     }
 
+    /// This replica's id (1-based).
     pub fn id(&self) -> u64 {
         self.node.raft.id
     }
 
+    /// Advances Raft's logical clock by one tick (elections and heartbeats
+    /// count ticks); call it every [`TICK_MS`].
     pub fn tick(&mut self) {
         self.node.tick();
         self.pump();
@@ -87,6 +90,7 @@ impl Replica {
         Ok(())
     }
 
+    /// Whether this replica leads now.
     pub fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }
@@ -96,6 +100,7 @@ impl Replica {
         Some(self.node.raft.leader_id).filter(|&l| l != raft::INVALID_ID)
     }
 
+    /// The Raft term this replica is in.
     pub fn term(&self) -> u64 {
         self.node.raft.term
     }

@@ -60,14 +60,27 @@ pub enum FilterSpec {
     /// LZ4 over the whole payload.
     Lz4,
     /// Values as `bits`-bit fixed point (8 or 16), stochastic rounding, residual kept.
-    Quantize { bits: u8 },
+    Quantize {
+        /// bits of a coded value: 8 or 16
+        bits: u8,
+    },
     /// Send a value once the sum not yet sent moved more than `threshold`.
-    SignificantlyModified { threshold: f32 },
+    SignificantlyModified {
+        /// a key's values go once any of them (residual included) is above
+        /// it in magnitude (>= 0)
+        threshold: f32,
+    },
     /// Hold back each value with probability `p` (seeded), residual kept.
-    RandomSkip { p: f32, seed: u64 },
+    RandomSkip {
+        /// chance that a key's values are held back from one push, in [0, 1)
+        p: f32,
+        /// seeds the draws, mixed with the table id (not the worker's rank)
+        seed: u64,
+    },
 }
 
 impl FilterSpec {
+    /// Checks the parameters; the error names the filter and what it needs.
     pub fn validate(&self) -> Result<(), String> {
         match *self {
             FilterSpec::Quantize { bits } if bits != 8 && bits != 16 => {
@@ -94,7 +107,9 @@ impl FilterSpec {
 /// ascending) with `dim` values each; what it drops it should keep and send
 /// later ([`PushFilter::flush`]), so no update is lost.
 pub trait PushFilter: Send + std::fmt::Debug {
+    /// The filter's name, for logs (a built-in's is its spec's name).
     fn name(&self) -> &str;
+    /// Filters one push in place: `keys` ascending, `vals` `dim` per key.
     fn filter(&mut self, keys: &mut Vec<Key>, vals: &mut Vec<f32>, dim: usize);
     /// Everything held back, to be pushed as it is (keys ascending).
     fn flush(&mut self, dim: usize) -> (Vec<Key>, Vec<f32>);
@@ -114,6 +129,7 @@ impl Residuals {
         }
     }
 
+    /// Adds `v` to what is held for `key` (an all-zero `v` is not kept).
     pub fn keep(&mut self, key: Key, v: &[f32]) {
         if v.iter().any(|&x| x != 0.0) {
             let r = self.held.entry(key).or_insert_with(|| vec![0.0; v.len()]);
@@ -121,6 +137,7 @@ impl Residuals {
         }
     }
 
+    /// Everything held, keys ascending with `dim` values each, and forgets it.
     pub fn flush(&mut self, dim: usize) -> (Vec<Key>, Vec<f32>) {
         let mut held: Vec<(Key, Vec<f32>)> = self.held.drain().collect();
         held.sort_unstable_by_key(|(k, _)| *k);
@@ -129,10 +146,12 @@ impl Residuals {
         (keys, vals)
     }
 
+    /// Number of keys with something held.
     pub fn len(&self) -> usize {
         self.held.len()
     }
 
+    /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
@@ -165,7 +184,9 @@ fn sparsify(
 /// The significantly-modified filter.
 #[derive(Debug)]
 pub struct SignificantlyModified {
+    /// see [`FilterSpec::SignificantlyModified`]
     pub threshold: f32,
+    /// what was held back, per key
     pub residuals: Residuals,
 }
 
@@ -185,8 +206,11 @@ impl PushFilter for SignificantlyModified {
 /// The random-skip filter.
 #[derive(Debug)]
 pub struct RandomSkip {
+    /// chance that a key is held back from one push, in [0, 1)
     pub p: f32,
+    /// draws one number per key per push
     pub rng: SplitMix64,
+    /// what was held back, per key
     pub residuals: Residuals,
 }
 

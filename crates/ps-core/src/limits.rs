@@ -63,6 +63,9 @@ pub const PARKED_PULL_BYTES_MAX: usize = 64 << 20;
 /// per worker and table at `KEY_CACHE_BYTES_MAX`. 256 lists cover the blocks
 /// of a block-cyclic solver many times over.
 pub const KEY_CACHE_LISTS_MAX: usize = 256;
+/// Bytes of key lists one connection may have remembered per table (the
+/// key-caching filter); the oldest lists go first. A list above a quarter of
+/// this is never remembered.
 pub const KEY_CACHE_BYTES_MAX: usize = 16 << 20;
 
 /// Bytes of pushes a shard holds for `sequential` tables until every worker has
@@ -141,8 +144,14 @@ const _: () = {
 /// Bounds on what a node accepts from the network; handed to every transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WireLimits {
+    /// Largest frame body (after the 8-byte prefix) accepted after the
+    /// handshake, bytes; at least `chunk_bytes + 4096`. Default [`FRAME_BYTES_MAX`].
     pub frame_bytes_max: usize,
+    /// Most payload a worker puts in one request frame, bytes: a multiple of
+    /// 8, at least 4096. Default [`CHUNK_BYTES`].
     pub chunk_bytes: usize,
+    /// Bytes one connection may have queued for sending; at least twice
+    /// `frame_bytes_max`. Default [`TX_QUEUE_BYTES_MAX`].
     pub tx_queue_bytes_max: usize,
 }
 

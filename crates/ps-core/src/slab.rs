@@ -46,7 +46,9 @@ pub struct Slab {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("torn block: head version {head}, tail version {tail}")]
 pub struct Torn {
+    /// the version word at the block's start
     pub head: u64,
+    /// the version word at the block's end (odd: a write was in progress)
     pub tail: u64,
 }
 
@@ -58,6 +60,7 @@ impl Slab {
         Ok(Slab { map, blocks })
     }
 
+    /// Number of blocks (at least 1).
     pub fn blocks(&self) -> usize {
         self.blocks
     }

@@ -23,6 +23,8 @@ struct Page {
     slots: Vec<u32>,
 }
 
+/// Maps a sparse table's keys to their slots (indices into the store's
+/// value and state arrays).
 #[derive(Debug, Default, Clone)]
 pub struct SlotIndex {
     pages: Vec<Page>,
@@ -88,20 +90,22 @@ impl<'a> Cursor<'a> {
 }
 
 impl SlotIndex {
+    /// Number of keys held.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// A cursor at the start, for one ascending run of lookups.
     /// Every (key, slot), keys ascending.
     pub fn iter(&self) -> impl Iterator<Item = (Key, u32)> + '_ {
         self.pages.iter().flat_map(|p| p.keys.iter().copied().zip(p.slots.iter().copied()))
     }
 
+    /// A cursor at the start, for one ascending run of lookups.
     pub fn cursor(&self) -> Cursor<'_> {
         let mut c = Cursor { index: self, page: 0, pos: 0, keys: &[], slots: &[], next_first: Key::MAX };
         if !self.pages.is_empty() {
