@@ -1,6 +1,6 @@
 //! Every tunable and bound of the system, with its reason, and the compile-time
 //! checks of how they relate (eRPC's `static_assert` habit). Runtime-configurable
-//! values live in [`WireLimits`] / [`ClientLimits`]; their defaults are here.
+//! values live in [`WireLimits`]; their defaults are here.
 //!
 //! Units are last in names: `_bytes`, `_ms`, `_max`.
 

@@ -78,14 +78,14 @@ impl FromStr for Isa {
 pub struct Kernels {
     /// The instruction set every fn in this table uses.
     pub isa: Isa,
-    /// dst[i] += src[i]. Panics (assert) if lengths differ — callers check first.
+    /// `dst[i] += src[i]`. Panics (assert) if lengths differ — callers check first.
     pub add: fn(&mut [f32], &[f32]),
-    /// dst[i] += a * src[i]. Same length contract.
+    /// `dst[i] += a * src[i]`. Same length contract.
     pub axpy: fn(&mut [f32], f32, &[f32]),
-    /// For each i in 0..idx.len(): dst[idx[i]*dim .. idx[i]*dim+dim] += vals[i*dim .. i*dim+dim].
+    /// For each i in `0..idx.len()`: `dst[idx[i]*dim .. idx[i]*dim+dim] += vals[i*dim .. i*dim+dim]`.
     /// Duplicated indices must accumulate correctly (every update counted).
     /// Preconditions checked with assert! before any unsafe: vals.len() == idx.len()*dim, dim >= 1,
-    /// every (idx[i] as usize + 1) * dim <= dst.len() (check the max index once, not per element).
+    /// every `(idx[i] as usize + 1) * dim <= dst.len()` (check the max index once, not per element).
     pub scatter_add: fn(&mut [f32], &[u32], &[f32], usize),
     /// `dst.copy_from_slice(src)`, for the bulk copies of the datapath (values
     /// into a send buffer, READ images into a response): see [`copy_bytes`].
