@@ -105,11 +105,15 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$work/initrd.gz")
 
 # --- boot ----------------------------------------------------------------------
+# the console shows the command's output; the kernel's own lines ("[   1.234567]
+# ...") and the firmware's are left out. Only those: a job's log lines start with
+# "[worker0]" and the like, and once an over-wide '^\[' hid every one of them.
 log=$work/serial.log
 set +e
 timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 -nographic -no-reboot \
   -kernel "$cache/vmlinuz" -initrd "$work/initrd.gz" \
-  -append "console=ttyS0 panic=-1 loglevel=4 edd=off" < /dev/null 2>&1 | tee "$log" | grep -a --line-buffered -vE '^\[|SeaBIOS|iPXE|Press Ctrl-B|Booting from ROM|^.\[\?7l' || true
+  -append "console=ttyS0 panic=-1 loglevel=4 edd=off" < /dev/null 2>&1 | tee "$log" \
+  | grep -a --line-buffered -vE '^\[ *[0-9]+\.[0-9]+\]|SeaBIOS|iPXE|Press Ctrl-B|Booting from ROM|^.\[\?7l' || true
 set -e
 rc=$(grep -a -o '@vm-exit [0-9]*' "$log" | tail -1 | awk '{print $2}')
 if [ -z "$rc" ]; then
