@@ -253,7 +253,7 @@ pub fn hammer(secret: ps_core::auth::JobSecret, view_json: &str, net: &ps_node::
     let view: ps_core::control::ClusterView =
         serde_json::from_str(view_json).map_err(|e| format!("hammer: bad view: {e}"))?;
     let p = params(&view.job.params)?;
-    let mut ps = ps_node::worker::connect_client(secret, &view, 9999, net)?;
+    let mut ps = ps_node::worker::connect_client(secret, &view, None, 9999, net)?;
     let ones = vec![1f32; p.keys as usize];
     let mut window = std::collections::VecDeque::new();
     for i in 1..=10 * p.hammer.max(1) as u64 {

@@ -52,6 +52,13 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// briefly descheduled process (2 cores, many processes) is not declared dead.
 pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_INTERVAL_MS;
 
+/// How long a starting worker waits for the manager to name a new head when
+/// the head it is connecting to dies (a server lost while the job starts, in a
+/// job with copies): the manager sees a killed server at once (its control
+/// connection closes) and a silent one after [`HEARTBEAT_TIMEOUT_MS`]; past
+/// this the worker gives up with the connect error.
+pub const NEW_HEAD_WAIT_MS: u64 = 3 * HEARTBEAT_TIMEOUT_MS;
+
 /// Bytes of pull frames a shard holds back for the clock bound (SSP) at most;
 /// a pull beyond it is refused with an error frame, so a flood of early reads
 /// cannot grow a shard's memory. A worker waits for its reads before it moves

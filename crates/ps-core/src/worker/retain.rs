@@ -92,7 +92,14 @@ impl WorkerCore {
         });
         for &peer in self.peers.iter().flatten() {
             let f = crate::chain::bind_frame(origin, 0);
-            tx.frame(peer, f.len()).map_err(tx_error)?.copy_from_slice(&f);
+            match tx.frame(peer, f.len()) {
+                Ok(b) => b.copy_from_slice(&f),
+                // the head died between connecting and now (a server killed while
+                // the job starts): its close event comes next, the owner is lost
+                // like any other, and the rebind to the next copy binds there
+                Err(TxError::Closed(_)) => {}
+                Err(e) => return Err(tx_error(e)),
+            }
         }
         Ok(())
     }
@@ -238,11 +245,12 @@ impl WorkerCore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testkit::{self, answer, drain, owner_of, spread_keys, DENSE, SPARSE};
+    use super::super::testkit::{self, answer, drain, owner_of, peer_of, spread_keys, Sent, DENSE, SPARSE};
     use super::super::Keys;
     use crate::error::PsError;
+    use crate::ring::Owner;
     use crate::sim::SimSink;
-    use crate::transport::PeerId;
+    use crate::transport::{FrameSink, PeerId, TxError};
     use crate::wire::Kind;
 
     #[test]
@@ -290,6 +298,37 @@ mod tests {
         }
         assert_eq!(w.unanswered(), 0, "nothing is kept once answered");
         assert_eq!(w.take_resumed(), vec![owner_of(lost)]);
+    }
+
+    /// A head that died between the worker's connect and its failover set-up
+    /// (a server killed while the job starts; seen in the soft-RoCE suite's
+    /// rebuild job) is an owner lost like any other, not the worker's end.
+    #[test]
+    fn a_head_closed_before_failover_is_set_up_is_lost_then_rebound() {
+        struct ClosedTo(PeerId, SimSink);
+        impl FrameSink for ClosedTo {
+            fn frame(&mut self, peer: PeerId, len: usize) -> Result<&mut [u8], TxError> {
+                if peer == self.0 {
+                    return Err(TxError::Closed(peer));
+                }
+                self.1.frame(peer, len)
+            }
+        }
+        let mut w = testkit::worker();
+        let dead = peer_of(Owner { server: 1, shard: 0 });
+        let mut sink = ClosedTo(dead, SimSink::default());
+        w.enable_failover(&mut sink, 0).expect("a closed head does not fail the set-up");
+        assert_eq!(sink.1.frames.len(), 3, "a bind to every live shard");
+        // its close event follows; requests for it wait for the rebind
+        w.on_closed(dead, "killed");
+        assert_eq!(w.lost_owners(), vec![owner_of(dead)]);
+        let keys = spread_keys(200);
+        w.issue(&mut sink, Kind::Push, SPARSE, Keys::List(&keys), Some(&vec![1.0; 400]), None).unwrap();
+        let new_peer = PeerId { index: 41, generation: 1 };
+        w.rebind(owner_of(dead), new_peer, &mut sink.1).unwrap();
+        let to_new: Vec<Sent> = drain(&mut sink.1).into_iter().filter(|s| s.peer == new_peer).collect();
+        assert_eq!(to_new[0].h.kind, Kind::Bind);
+        assert!(to_new.len() > 1, "the push's frames for the lost owner go to the new head");
     }
 
     #[test]

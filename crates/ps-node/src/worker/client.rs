@@ -23,10 +23,13 @@ use crate::view::ViewBoard;
 use crate::{resolve, StdClock};
 
 /// A PS client connected to every shard of `view` (TCP, moved to RDMA as
-/// `netopts` and the shards allow); `node` is its id in the handshakes.
+/// `netopts` and the shards allow); `node` is its id in the handshakes. In a
+/// replicated job, `board` (the manager's newest view) lets a head that dies
+/// while the worker connects be replaced by the next copy.
 pub fn connect_client(
     secret: JobSecret,
     view: &ClusterView,
+    board: Option<&ViewBoard>,
     node: u32,
     netopts: &NetOpts,
 ) -> Result<PsWorker, NodeError> {
@@ -42,13 +45,7 @@ pub fn connect_client(
         let mut row = Vec::new();
         for h in 0..s.ports.len() {
             let owner = Owner { server: s.rank, shard: h as u32 };
-            let addr = head_addr(view, owner)?;
-            let (peer, mode) = net::connect_shard(&mut t, addr, netopts).map_err(|source| NodeError::ConnectShard {
-                server: s.rank,
-                shard: h as u32,
-                addr,
-                source,
-            })?;
+            let (peer, mode) = connect_head(&mut t, view, board, owner, netopts)?;
             *modes.entry(mode).or_default() += 1;
             row.push(peer);
         }
@@ -58,6 +55,43 @@ pub fn connect_client(
     tracing::info!("client {node}: transport: {}", modes.join(", "));
     let core = WorkerCore::new(&view.job.tables, ring, peers, view.job.limits);
     Ok(Worker::new(core, t, StdClock(Instant::now()), Duration::from_secs(120)))
+}
+
+/// Connects to the head of `owner`'s chain. With `board` (a job with copies),
+/// a head that cannot be reached (a server killed while the job starts) is
+/// waited out: once the manager's view names another head, the worker
+/// connects there, for up to `NEW_HEAD_WAIT_MS`.
+fn connect_head(
+    t: &mut NodeTransport,
+    view: &ClusterView,
+    board: Option<&ViewBoard>,
+    owner: Owner,
+    netopts: &NetOpts,
+) -> Result<(ps_core::transport::PeerId, String), NodeError> {
+    let (server, shard) = (owner.server, owner.shard);
+    let deadline = Instant::now() + Duration::from_millis(ps_core::limits::NEW_HEAD_WAIT_MS);
+    let mut addr = head_addr(view, owner)?;
+    loop {
+        let source = match net::connect_shard(t, addr, netopts) {
+            Ok(connected) => return Ok(connected),
+            Err(source) => source,
+        };
+        let Some(board) = board else { return Err(NodeError::ConnectShard { server, shard, addr, source }) };
+        let next = loop {
+            let next = head_addr(&board.get(), owner)?;
+            if next != addr {
+                break next;
+            }
+            if Instant::now() > deadline {
+                return Err(NodeError::ConnectShard { server, shard, addr, source });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        tracing::warn!(
+            "shard ({server}, {shard}): its head at {addr} was lost while connecting ({source}); the manager names {next} now"
+        );
+        addr = next;
+    }
 }
 
 /// Where the copy of `owner` that is the head of its chain now listens.

@@ -111,7 +111,8 @@ pub fn run_worker(
     if opts.place {
         place_worker(rank, netopts);
     }
-    let mut ps = connect_client(secret, &view, rank, netopts)?;
+    let board = (view.copies() > 1).then(|| link.board().clone());
+    let mut ps = connect_client(secret, &view, board.as_deref(), rank, netopts)?;
     ps.core_mut().set_rank(rank);
     if view.copies() > 1 {
         enable_failover(&mut ps, rank, link.board().clone(), netopts)?;
