@@ -1,6 +1,6 @@
 //! A whole replicated cluster in one test thread, driven by a seed: every
 //! copy of every shard, the workers, the manager's view and the connections
-//! between them over `SimNet`, with kills and rebuilds as the manager does
+//! between them over `PacketSim` (ordered, no faults), with kills and rebuilds as the manager does
 //! them. The runs and their invariants are in `sim_tests`.
 //!
 //! Must never: reach into a copy's state to help it along (it drives copies
@@ -17,7 +17,7 @@ use crate::limits::WireLimits;
 use crate::ring::Owner;
 use crate::rules::{RuleRegistry, RuleSpec};
 use crate::shard::ShardCore;
-use crate::sim::{SimNet, SimSink};
+use crate::sim::{Faults, PacketSim, SimSink};
 use crate::transport::PeerId;
 use crate::worker::WorkerCore;
 
@@ -59,7 +59,7 @@ pub(super) struct Cluster {
     /// (server, owner) of each copy
     pub(super) at: Vec<(u32, Owner)>,
     pub(super) workers: Vec<WorkerCore>,
-    net: SimNet,
+    net: PacketSim,
     pub(super) sink: SimSink,
     gen: HashMap<(usize, usize), u32>,
     /// the manager's view: deaths, placed copies
@@ -77,7 +77,7 @@ impl Cluster {
             copies: Vec::new(),
             at: Vec::new(),
             workers: Vec::new(),
-            net: SimNet::new(seed),
+            net: PacketSim::with_faults(seed, Faults::NONE),
             sink: SimSink::default(),
             gen: HashMap::new(),
             view: v.clone(),
