@@ -52,8 +52,7 @@
 //! - `protocol`: binding, numbering, applying, forwarding, the forwarding log
 //!   and its acknowledgements;
 //! - `rebuild`: the snapshot and shadow stream that rebuild a lost copy;
-//! - `sim_cluster` and `sim_tests` (tests only): a whole replicated cluster
-//!   in one thread, and the seeded failover runs over it.
+//! - the seeded failover simulations run on the one harness, `crate::sim`.
 //!
 //! Must never: answer a counted frame before its downstream acknowledged it,
 //! apply a frame of an origin out of order (a gap is an error, the sender
@@ -75,10 +74,6 @@ mod frames;
 mod protocol;
 mod rebuild;
 mod routing;
-#[cfg(test)]
-mod sim_cluster;
-#[cfg(test)]
-mod sim_tests;
 
 /// Frames that change a shard's state, numbered per origin and forwarded.
 pub fn is_counted(kind: Kind) -> bool {
@@ -213,7 +208,7 @@ impl ChainCore {
     }
 
     /// A live member of its chain (not a copy still being rebuilt, not dead).
-    fn is_member(&self) -> bool {
+    pub(crate) fn is_member(&self) -> bool {
         self.chain.contains(&self.me) && !self.dead.contains(&self.me)
     }
 

@@ -8,11 +8,21 @@
 //! - `packet`: the packet simulator: ordered connections with per-frame
 //!   delay, loss (a closed connection), partitions that heal and process
 //!   pauses, each at a rate drawn per seed; virtual time.
+//! - `cluster` (tests): shards in chains of copies on servers, workers and
+//!   the manager state machine, all inside; the manager decides views,
+//!   failovers and where lost copies are rebuilt, and its views travel as
+//!   frames. Servers crash when a run says so. `servers`: the server
+//!   process's side of its control link (views, placed copies, reports).
+//! - `check` (tests): the invariants: every acknowledged push is in the
+//!   final values and every live copy equals its head (invariant 1), the job
+//!   is never aborted, no forwarding log overflows.
+//! - `failover_tests`: workers push while servers crash, over a lossy,
+//!   partitioned, pausing network (2 copies any server, 3 copies two
+//!   servers, rebuilds then a second death).
 //! - `consistency_tests` and `ssp_tests`: unreplicated shards and workers
 //!   over the same simulator without loss (their state machines do not
 //!   survive a closed connection): invariant 1 with read-your-writes, filters,
 //!   and invariant 2 for sequential, SSP and ESSP.
-//! - `chain::sim_tests` (still beside the chain): the failover runs.
 //!
 //! Must never: read the wall clock or any randomness but the seed's, or
 //! reach into a state machine to help it along (it is driven only through
@@ -25,7 +35,15 @@ pub mod packet;
 pub use packet::{FaultStats, Faults, Micros, PacketSim};
 
 #[cfg(test)]
+pub(crate) mod check;
+#[cfg(test)]
+pub(crate) mod cluster;
+#[cfg(test)]
 mod consistency_tests;
+#[cfg(test)]
+mod failover_tests;
+#[cfg(test)]
+mod servers;
 #[cfg(test)]
 mod ssp_tests;
 
