@@ -52,7 +52,8 @@
 //! - `protocol`: binding, numbering, applying, forwarding, the forwarding log
 //!   and its acknowledgements;
 //! - `rebuild`: the snapshot and shadow stream that rebuild a lost copy;
-//! - the seeded failover simulations run on the one harness, `crate::sim`.
+//! - `planted` (tests only): bugs a test plants to prove the seeded
+//!   simulation (`crate::sim`) finds them.
 //!
 //! Must never: answer a counted frame before its downstream acknowledged it,
 //! apply a frame of an origin out of order (a gap is an error, the sender
@@ -74,6 +75,28 @@ mod frames;
 mod protocol;
 mod rebuild;
 mod routing;
+
+/// Bugs planted on purpose, per test thread, to prove the seeded simulation
+/// (`crate::sim::planted_tests`) finds them; off unless a test turns one on.
+#[cfg(test)]
+pub(crate) mod planted {
+    use std::cell::Cell;
+
+    thread_local! {
+        static EARLY_ANSWER: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// The head answers a client's counted frame as soon as it forwards it,
+    /// before the copies after it acknowledged it (breaks invariant 1 when
+    /// the head dies with the frame in flight).
+    pub(crate) fn set_early_answer(on: bool) {
+        EARLY_ANSWER.with(|c| c.set(on));
+    }
+
+    pub(crate) fn early_answer() -> bool {
+        EARLY_ANSWER.with(|c| c.get())
+    }
+}
 
 /// Frames that change a shard's state, numbered per origin and forwarded.
 pub fn is_counted(kind: Kind) -> bool {
