@@ -46,8 +46,11 @@ impl TransportMode {
 /// A node's transport settings.
 #[derive(Clone, Debug, Default)]
 pub struct NetOpts {
+    /// `--transport`: auto (RDMA where a device works, else TCP), rdma, tcp
     pub transport: TransportMode,
+    /// `--rdma-device`: the RDMA device (`None`: the first with an active port)
     pub rdma_device: Option<String>,
+    /// `--rdma-gid-index`: the GID index (`None`: RoCEv2 IPv4-mapped GID, or the LID on InfiniBand)
     pub rdma_gid_index: Option<i32>,
 }
 

@@ -25,7 +25,7 @@ pub struct Placement {
     pub worker_cpus: Vec<usize>,
     /// the NUMA node(s) the shard cores are on
     pub numa: Vec<usize>,
-    pub why: String,
+    pub(crate) why: String,
 }
 
 impl Placement {

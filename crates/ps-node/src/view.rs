@@ -16,7 +16,7 @@ pub struct ViewBoard {
 }
 
 impl ViewBoard {
-    pub fn new(view: ClusterView) -> Arc<Self> {
+    pub(crate) fn new(view: ClusterView) -> Arc<Self> {
         Arc::new(Self { epoch: AtomicU64::new(view.epoch), view: Mutex::new(view), wakers: Mutex::new(Vec::new()) })
     }
 

@@ -26,15 +26,18 @@ const REGISTER_S: u64 = 180;
 /// What a node's control thread tells its main thread.
 #[derive(Debug)]
 pub enum Notice {
+    /// The manager released barrier `name`: every live worker reached it.
     Released(String),
+    /// The manager ended the job (the reason): the node returns it as its last line.
     Shutdown(String),
+    /// The job was aborted (the reason); the node fails with `job aborted: ...`.
     Abort(String),
 }
 
 /// Who registers with the manager.
 #[derive(Clone, Debug)]
 pub struct Member {
-    pub role: Role,
+    pub(crate) role: Role,
     /// the address others reach this node at
     pub host: String,
     /// a server's shard ports (none for a worker)

@@ -32,11 +32,13 @@ use shard_loop::Units;
 pub struct ServerOpts {
     /// the address workers and other servers reach this server at
     pub host: String,
+    /// shards (one pinned thread and port each) this server serves; 0 counts as 1
     pub shards: usize,
     /// the first shard port (0: any free ports)
     pub port_base: u16,
     /// cores to pin shard threads to, in order; empty: all cores, round-robin
     pub cpus: Vec<usize>,
+    /// pin each shard thread to a core (`--no-pin` turns it off)
     pub pin: bool,
     /// the rank to ask the manager for
     pub rank: Option<u32>,

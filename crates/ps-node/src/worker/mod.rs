@@ -30,8 +30,11 @@ pub type AppMain = fn(&mut WorkerCtx) -> Result<String, String>;
 /// What an application gets: its rank, the view, the PS client, and through
 /// the handle's methods the barriers and the manager's newest view.
 pub struct WorkerCtx {
+    /// this worker's rank among the workers, 0-based
     pub rank: u32,
+    /// the view the worker registered into (the dead ones since: [`WorkerCtx::dead_workers`])
     pub view: ClusterView,
+    /// the PS client: push, pull and wait on the tables
     pub ps: PsWorker,
     link: ControlLink,
 }
