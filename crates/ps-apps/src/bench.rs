@@ -25,6 +25,7 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+/// The operations a run measures one at a time, in the order reports list them.
 pub const OPS: [&str; 4] = ["push", "pull", "push_pull", "fused"];
 /// With `window` > 1: dense pushes (or pulls) kept `window` in flight, a new one
 /// issued as the oldest is answered (a sliding window, as perftest's tx depth):
@@ -84,7 +85,7 @@ fn keys_per_server(servers: u32, partitions: u32) -> Result<(u64, Vec<u64>), Str
     Err("no small dense table spreads one key to every server".into())
 }
 
-pub fn tables(
+pub(crate) fn tables(
     p: &serde_json::Value,
     servers: u32,
     partitions: u32,
@@ -296,7 +297,7 @@ fn report(
     );
 }
 
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let servers = ctx.view.servers.len() as u32;
     let (_, keys) = keys_per_server(servers, ctx.view.job.partitions)?;

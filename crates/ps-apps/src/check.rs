@@ -67,7 +67,7 @@ const UNIVERSE: u64 = 20_000;
 const PRIVATE_BASE: u64 = 50_000;
 const PRIVATE_KEYS: u64 = 1000;
 
-pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let r = params(p)?;
     let tables = TABLES
         .iter()
@@ -121,7 +121,7 @@ fn update(p: &Params, w: u64, i: u32, t: usize) -> (Keys, Vec<f32>) {
     (keys, vals)
 }
 
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);
     if workers > p.workers_max {

@@ -38,7 +38,7 @@ const METRICS: TableId = TableId(2);
 const USER_KEYS: u64 = 944;
 const ITEM_KEYS: u64 = 1683;
 
-pub const DEFAULT_DATA: &str = "data/movielens/MovieLens100k_data.parquet.brotli";
+pub(crate) const DEFAULT_DATA: &str = "data/movielens/MovieLens100k_data.parquet.brotli";
 
 #[derive(Clone, Debug)]
 struct Params {
@@ -75,7 +75,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
     Ok(r)
 }
 
-pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let mut r = params(p)?;
     // resolved here, on the manager, so every worker gets the same absolute path
     let path = std::path::Path::new(&r.data);
@@ -168,7 +168,7 @@ fn init_row(seed: u64, table: TableId, key: u64, scale: f32, out: &mut [f32]) {
     }
 }
 
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let e = |e: ps_core::PsError| e.to_string();
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);

@@ -56,7 +56,7 @@ const SPARSE: u32 = 1;
 /// witness keys after the bulk keys of the dense table, one per worker rank
 const WITNESSES: u64 = 256;
 
-pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let r = params(p)?;
     if r.keys == 0 || r.clocks == 0 {
         return Err("ssp: keys and clocks must be at least 1".into());
@@ -76,7 +76,7 @@ pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Valu
     ))
 }
 
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let e = |e: ps_core::PsError| e.to_string();
     let w = ctx.workers() as u64;

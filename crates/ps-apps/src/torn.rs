@@ -60,7 +60,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
     Ok(r)
 }
 
-pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let r = params(p)?;
     let t = TableSpec::dense(TABLE, "torn", KeyRange::new(0, r.keys), 1, RuleSpec::Sum);
     Ok((
@@ -100,7 +100,7 @@ fn segments(ctx: &WorkerCtx, keys: u64) -> Result<Vec<u64>, String> {
     Ok(seg)
 }
 
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let workers = ctx.workers();
     if workers < 2 {

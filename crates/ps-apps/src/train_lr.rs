@@ -70,7 +70,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
     Ok(r)
 }
 
-pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
     let r = params(p)?;
     let tables = vec![
         TableSpec::sparse(
@@ -150,7 +150,7 @@ fn share(p: &Params, rank: u64, workers: u64, dead: &std::collections::BTreeSet<
         .collect()
 }
 
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);
     let mut dead = ctx.dead_workers();

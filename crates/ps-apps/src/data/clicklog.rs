@@ -25,7 +25,7 @@ pub fn key_of(field: usize, text: &[u8], key_space: u64) -> u64 {
     1 + mix64(h ^ mix64(field as u64 + 1)) % key_space
 }
 
-pub fn parse(text: &[u8], first: usize, key_space: u64) -> Result<Rows, String> {
+pub(crate) fn parse(text: &[u8], first: usize, key_space: u64) -> Result<Rows, String> {
     let mut rows = Rows::new();
     for (no, line) in lines(text, first) {
         let mut fields = line.split(|&b| b == b'\t');

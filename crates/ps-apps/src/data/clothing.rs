@@ -19,7 +19,7 @@ use parquet::record::Field;
 
 use super::{libsvm, Rows};
 
-pub const FILE: &str = "WomensClothingE-CommerceReviews.parquet.brotli";
+pub(crate) const FILE: &str = "WomensClothingE-CommerceReviews.parquet.brotli";
 
 /// The reviews as (label, text), in file order, filtered as the note says.
 pub fn load(path: &Path) -> Result<Vec<(f32, String)>, String> {

@@ -39,28 +39,35 @@ pub struct Rows {
     pub labels: Vec<f32>,
     /// row i is `keys[start[i]..start[i + 1]]`; `start.len() == labels.len() + 1`
     pub start: Vec<usize>,
+    /// every row's feature keys, one row after the other
     pub keys: Vec<u64>,
+    /// the value of each key in `keys`, at the same position
     pub vals: Vec<f32>,
 }
 
 impl Rows {
+    /// No rows (`start` already holds the leading 0).
     pub fn new() -> Rows {
         Rows { start: vec![0], ..Default::default() }
     }
 
+    /// The number of rows.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether there is no row.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
 
+    /// Row `i`'s keys and values (panics if `i >= len()`).
     pub fn row(&self, i: usize) -> (&[u64], &[f32]) {
         let r = self.start[i]..self.start[i + 1];
         (&self.keys[r.clone()], &self.vals[r])
     }
 
+    /// The number of non-zeros: keys over all rows.
     pub fn nnz(&self) -> usize {
         self.keys.len()
     }
