@@ -32,6 +32,7 @@
 //! threads of one test process (`tests/cluster_in_process.rs`).
 
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod checkpoint;
 pub mod control;
