@@ -125,6 +125,7 @@ pub struct ChainStats {
     pub replayed: u64,
     /// snapshots sent to copies being rebuilt, and their bytes
     pub snapshots: u64,
+    /// bytes of those snapshots
     pub snapshot_bytes: u64,
 }
 
@@ -235,18 +236,22 @@ impl ChainCore {
         self.chain.contains(&self.me) && !self.dead.contains(&self.me)
     }
 
+    /// The shard this copy holds.
     pub fn core(&self) -> &ShardCore {
         &self.core
     }
 
+    /// The shard this copy holds, to change outside the chain's protocol.
     pub fn core_mut(&mut self) -> &mut ShardCore {
         &mut self.core
     }
 
+    /// The owner whose key ranges this chain replicates.
     pub fn owner(&self) -> Owner {
         self.core.owner()
     }
 
+    /// The replication counters so far (the shard's own are in [`ShardCore::stats`]).
     pub fn stats(&self) -> ChainStats {
         self.stats
     }
@@ -269,7 +274,7 @@ impl ChainCore {
         self.live().next()
     }
 
-    pub fn is_head(&self) -> bool {
+    pub(crate) fn is_head(&self) -> bool {
         self.head() == Some(self.me)
     }
 

@@ -43,13 +43,19 @@ mod state;
 #[cfg(test)]
 mod testkit;
 
-pub use state::{ManagerState, NodeRecord};
+pub use state::ManagerState;
 
+/// Where the job is in its life; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
+    /// Waiting for every expected server and worker to register.
     Registering,
+    /// Every node registered and got the view; the job runs.
     Running,
+    /// The workers finished and the servers were told to shut down; waiting
+    /// for them to disconnect.
     Stopping,
+    /// Over: the outcome is final ([`ManagerCore::outcome`]).
     Ended,
 }
 
@@ -77,8 +83,12 @@ impl Node {
 /// Tunables of the manager, with defaults from `limits`.
 #[derive(Clone, Copy, Debug)]
 pub struct ManagerTimeouts {
+    /// A node silent for this long is declared dead.
     pub heartbeat: Duration,
+    /// The job fails if not every expected node registered within this.
     pub registration: Duration,
+    /// How long servers get to disconnect after the shutdown before the job
+    /// ends anyway.
     pub stopping: Duration,
 }
 
@@ -92,6 +102,8 @@ impl Default for ManagerTimeouts {
     }
 }
 
+/// The manager's state machine: registration, the cluster view, barriers,
+/// heartbeats and the job's end. Fed frames and the time; writes its answers.
 #[derive(Debug)]
 pub struct ManagerCore {
     job: JobSpec,
@@ -112,6 +124,7 @@ pub struct ManagerCore {
 }
 
 impl ManagerCore {
+    /// A manager for `job`, waiting for this many servers and workers to register.
     pub fn new(job: JobSpec, expect_servers: u32, expect_workers: u32, timeouts: ManagerTimeouts) -> Self {
         Self {
             job,
@@ -155,6 +168,7 @@ impl ManagerCore {
         self.broadcast(tx, &[Role::Server, Role::Worker], &msg);
     }
 
+    /// Where the job is now.
     pub fn phase(&self) -> Phase {
         self.phase
     }

@@ -15,7 +15,7 @@ use crate::transport::PeerId;
 
 /// A node as the replicated state keeps it (no connection, no clock).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct NodeRecord {
+pub(crate) struct NodeRecord {
     pub role: Role,
     pub rank: u32,
     pub host: String,
@@ -28,15 +28,17 @@ pub struct NodeRecord {
 /// leader replicates after every change (`consensus`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ManagerState {
-    pub job: JobSpec,
-    pub expect_servers: u32,
-    pub expect_workers: u32,
-    pub nodes: Vec<NodeRecord>,
+    pub(crate) job: JobSpec,
+    pub(crate) expect_servers: u32,
+    pub(crate) expect_workers: u32,
+    pub(crate) nodes: Vec<NodeRecord>,
+    /// The job's phase: [`Phase::Ended`] once its outcome is final.
     pub phase: Phase,
-    pub barriers: BTreeMap<String, BTreeSet<u32>>,
+    pub(crate) barriers: BTreeMap<String, BTreeSet<u32>>,
+    /// `Ok(summary)` once the job ended well, `Err(reason)` once it failed.
     pub outcome: Option<Result<String, String>>,
-    pub view: Option<ClusterView>,
-    pub losses: Vec<String>,
+    pub(crate) view: Option<ClusterView>,
+    pub(crate) losses: Vec<String>,
 }
 
 /// The peer of a node restored from the replicated state, until it rejoins.

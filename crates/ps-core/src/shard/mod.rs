@@ -83,10 +83,15 @@ enum TableStore {
 /// Counters a shard reports when it stops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardStats {
+    /// push frames handled
     pub push_frames: u64,
+    /// pull frames handled
     pub pull_frames: u64,
+    /// bytes of frames received, as they came off the wire (filter coding included)
     pub bytes_in: u64,
+    /// bytes of response frames written
     pub bytes_out: u64,
+    /// error frames sent back (each names what the request got wrong)
     pub errors_sent: u64,
     /// held pushes (sequential tables) that could not be merged when their
     /// clock ended, though acknowledged: only a full sparse slab does this
@@ -96,12 +101,16 @@ pub struct ShardStats {
 /// Why a frame makes the shard drop its sender.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
+    /// The frame does not decode: the peer is broken or hostile.
     #[error("bad frame: {0}")]
     Wire(#[from] WireError),
+    /// The response could not be queued to the peer (see [`TxError`]).
     #[error("send queue: {0}")]
     Tx(#[from] TxError),
 }
 
+/// One shard's state machine: the tables of the key ranges it owns, the merges
+/// of pushes, the answers to pulls and the clocks of staleness-bounded tables.
 #[derive(Debug)]
 pub struct ShardCore {
     owner: Owner,
@@ -259,6 +268,7 @@ impl ShardCore {
         Ok(self.decoder.decode(peer, frame, self.body_max)?)
     }
 
+    /// The `(server, shard)` whose key ranges this shard holds.
     pub fn owner(&self) -> Owner {
         self.owner
     }
@@ -278,6 +288,7 @@ impl ShardCore {
             .collect()
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> ShardStats {
         self.stats
     }

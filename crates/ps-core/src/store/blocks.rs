@@ -22,11 +22,11 @@ impl BlockStore {
         Ok(Self { slabs: vec![Slab::new(need)?], blocks_per_slab: per })
     }
 
-    pub fn blocks(&self) -> usize {
+    pub(crate) fn blocks(&self) -> usize {
         self.slabs.iter().map(|s| s.blocks()).sum()
     }
 
-    pub fn slabs(&self) -> &[Slab] {
+    pub(crate) fn slabs(&self) -> &[Slab] {
         &self.slabs
     }
 

@@ -24,6 +24,8 @@ pub struct DenseStore {
 }
 
 impl DenseStore {
+    /// The part `owned` of the dense table `table_keys`, `dim` floats per key,
+    /// zeroed, merged by `rule`. Fails only if the slab cannot be mapped.
     pub fn new(table_keys: KeyRange, dim: u32, owned: &[KeyRange], rule: Arc<dyn UpdateRule>) -> std::io::Result<Self> {
         let layout = DenseLayout::new(table_keys, dim, owned);
         let floats = layout.floats() as usize;
@@ -37,7 +39,7 @@ impl DenseStore {
         })
     }
 
-    pub fn values(&self) -> &BlockStore {
+    pub(crate) fn values(&self) -> &BlockStore {
         &self.values
     }
 

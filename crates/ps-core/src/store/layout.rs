@@ -11,7 +11,9 @@ use crate::keys::{Key, KeyRange};
 /// worker needs to turn a table-global float span into block addresses.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DenseLayout {
+    /// the table's first key: flat indices count from it
     pub table_begin: Key,
+    /// floats per key
     pub dim: u32,
     /// (first key, end key, flat float index of the first key's values), ascending
     pub ranges: Vec<(Key, Key, u64)>,

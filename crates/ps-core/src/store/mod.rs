@@ -46,14 +46,25 @@ use crate::keys::Key;
 /// Why a shard refused part of a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
+    /// The key is outside this shard's ranges: the sender's ring is stale.
     #[error("key {0} is not owned by this shard (stale ring?)")]
     NotOwned(Key),
+    /// A one-sided span (in floats of the table's flat layout) crosses or
+    /// leaves the ranges this shard owns.
     #[error("span of {len} floats at flat offset {start} is not inside one range this shard owns")]
-    SpanNotOwned { start: u64, len: u64 },
+    SpanNotOwned {
+        /// first float of the span
+        start: u64,
+        /// floats in the span
+        len: u64,
+    },
+    /// Slab memory could not be mapped; the OS error says why.
     #[error("out of memory for slabs: {0}")]
     Memory(String),
+    /// The request's keys are not strictly ascending: the sender must sort and dedupe them.
     #[error("keys must be strictly ascending; {0} is not above the key before it")]
     NotSorted(Key),
+    /// The sparse table has given out every slot number; new keys are refused.
     #[error("sparse table is full: {0} slots")]
     Full(usize),
 }

@@ -35,6 +35,8 @@ pub struct SparseStore {
 const NO_SLOT: u32 = u32::MAX;
 
 impl SparseStore {
+    /// An empty sparse table over the key ranges `owned`, `dim` floats per key,
+    /// merged by `rule`, growing by slabs of `blocks_per_slab` blocks.
     pub fn new(
         dim: u32,
         owned: Vec<KeyRange>,
@@ -55,14 +57,17 @@ impl SparseStore {
         })
     }
 
+    /// Keys that have a slot (were ever pushed).
     pub fn len(&self) -> usize {
         self.index.len()
     }
 
+    /// True if no key was ever pushed.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
 
+    /// The values, one `dim`-float row per slot.
     pub fn values(&self) -> &BlockStore {
         &self.values
     }

@@ -63,7 +63,12 @@ pub enum Keys<'a> {
     /// Strictly ascending keys, any table.
     List(&'a [Key]),
     /// `count` consecutive keys from `first`, dense tables.
-    Range { first: Key, count: u64 },
+    Range {
+        /// the first key
+        first: Key,
+        /// how many keys
+        count: u64,
+    },
 }
 
 /// The keys of an operation, kept past the call for the cache.
@@ -97,6 +102,9 @@ fn key_iter<'a>(k: &'a Keys<'a>) -> impl Iterator<Item = Key> + Clone + 'a {
     list.iter().copied().chain(range)
 }
 
+/// One worker's state machine: splits pushes and pulls into frames per
+/// owning shard, tracks each operation by [`Timestamp`] until every frame is
+/// answered, and assembles pulled values.
 #[derive(Debug)]
 pub struct WorkerCore {
     tables: BTreeMap<TableId, TableSpec>,
@@ -195,10 +203,11 @@ impl WorkerCore {
         }
     }
 
-    pub fn table(&self, id: TableId) -> Result<&TableSpec, PsError> {
+    pub(crate) fn table(&self, id: TableId) -> Result<&TableSpec, PsError> {
         self.tables.get(&id).ok_or(PsError::UnknownTable(id))
     }
 
+    /// The ring this worker routes keys by.
     pub fn ring(&self) -> &Ring {
         &self.ring
     }
@@ -208,12 +217,12 @@ impl WorkerCore {
         self.rank = Some(rank);
     }
 
-    /// Clocks this worker has finished (`clock` calls made).
     /// Bytes of data frames sent so far (what the filters save shows here).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent
     }
 
+    /// Clocks this worker has finished (`clock` calls made).
     pub fn clocks(&self) -> u64 {
         self.clocks
     }
@@ -288,7 +297,7 @@ impl WorkerCore {
         })
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.pending.len()
     }
 
@@ -326,7 +335,7 @@ impl WorkerCore {
         }
     }
 
-    pub fn is_pull(&self, ts: Timestamp) -> bool {
+    pub(crate) fn is_pull(&self, ts: Timestamp) -> bool {
         self.pending.get(&ts).is_some_and(|p| p.pull.is_some())
             || self.deferred.iter().any(|d| d.ts == ts && d.out.is_some())
     }
