@@ -6,7 +6,7 @@
 
 /// A byte buffer backed by `u64` words, so its start is 8-aligned.
 #[derive(Debug, Default)]
-pub struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     words: Vec<u64>,
 }
 

@@ -20,7 +20,8 @@ pub(crate) const GATHER_DIRECT_BYTES_MIN: usize = 16 * 1024;
 /// Who this transport is and what it accepts.
 #[derive(Clone, Debug)]
 pub struct TcpConfig {
-    pub secret: JobSecret,
+    pub(crate) secret: JobSecret,
+    /// Frame and queue bounds; set them to the job's before connecting.
     pub limits: WireLimits,
     /// Our identity in outgoing handshakes.
     pub identity: PeerHello,
@@ -30,14 +31,18 @@ pub struct TcpConfig {
     pub blocking_tx: bool,
     /// How long a blocked `frame()` waits before giving up on the peer.
     pub tx_stall_timeout: Duration,
+    /// A connection that has not finished the handshake within this is dropped.
     pub handshake_timeout: Duration,
     /// A peer that sent part of a frame and then nothing for this long is
     /// dropped (a peer we are not reading from, for back-pressure, never is).
     pub stall_timeout: Duration,
+    /// A listener refuses connections beyond this many open ones.
     pub connections_max: usize,
 }
 
 impl TcpConfig {
+    /// A config proving `secret`, introducing itself as `identity`, with the
+    /// default limits and timeouts; `blocking_tx`: true for a client, false for a listener.
     pub fn new(secret: JobSecret, identity: PeerHello, blocking_tx: bool) -> Self {
         Self {
             secret,

@@ -26,10 +26,23 @@ use crate::transport::{TcpTransport, LISTENER};
 /// A failed outgoing connection, with what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The TCP connection itself failed: check that the node runs and listens at `addr`.
     #[error("cannot connect to {addr}: {err} (is the node running and listening there?)")]
-    Connect { addr: SocketAddr, err: io::Error },
+    Connect {
+        /// where we tried to connect
+        addr: SocketAddr,
+        /// what the OS said
+        err: io::Error,
+    },
+    /// The peer answered but the handshake failed: most often a different job
+    /// secret, or something else listening on that port.
     #[error("handshake with {addr} failed: {why}")]
-    Handshake { addr: SocketAddr, why: String },
+    Handshake {
+        /// the peer
+        addr: SocketAddr,
+        /// what went wrong
+        why: String,
+    },
 }
 
 impl TcpTransport {

@@ -43,7 +43,6 @@ mod control;
 mod datapath;
 mod transport;
 
-pub use buf::AlignedBuf;
 pub use config::TcpConfig;
 pub use conn::TcpRx;
 pub use control::{generate_secret, ConnectError};

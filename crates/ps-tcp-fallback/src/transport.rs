@@ -26,14 +26,22 @@ pub(crate) const EXTRA: Token = Token(usize::MAX - 3);
 /// Counters, for the end-of-run report and the memory-bound test.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TcpStats {
+    /// incoming connections accepted (before their handshake)
     pub accepted: u64,
+    /// incoming connections refused at the `connections_max` bound
     pub refused: u64,
+    /// connections dropped: bad framing, a failed or late handshake, a stall, or `close`
     pub dropped: u64,
+    /// frames received
     pub frames_in: u64,
+    /// bytes read from sockets
     pub bytes_in: u64,
+    /// bytes written to sockets
     pub bytes_out: u64,
 }
 
+/// The TCP transport of one thread: its listener (if any), its connections
+/// and their buffers; implements `ps_core::transport::Transport`.
 #[derive(Debug)]
 pub struct TcpTransport {
     pub(crate) poll: Poll,
@@ -70,6 +78,7 @@ impl TcpTransport {
         })
     }
 
+    /// The address the listener is bound to (`None` for a client).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
     }
@@ -96,11 +105,12 @@ impl TcpTransport {
         self.cfg.limits = limits;
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> TcpStats {
         self.stats
     }
 
-    pub fn open_connections(&self) -> usize {
+    pub(crate) fn open_connections(&self) -> usize {
         self.conns.iter().filter(|c| c.is_some()).count()
     }
 
