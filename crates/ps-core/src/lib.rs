@@ -33,6 +33,7 @@
 //! This crate never opens a socket, never reads the wall clock and never spawns a
 //! thread. `unsafe` is denied everywhere except in [`kernels`].
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
 #[cfg(not(target_endian = "little"))]

@@ -35,6 +35,7 @@
 //!
 //! No `unsafe` anywhere in this crate.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod buf;
 mod config;

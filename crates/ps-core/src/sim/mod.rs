@@ -54,6 +54,7 @@ mod ssp_tests;
 /// Collects frames written by a state machine, tagged with their destination.
 #[derive(Debug, Default)]
 pub struct SimSink {
+    /// every frame written, in order, with the peer it was written to
     pub frames: Vec<(PeerId, Vec<u8>)>,
 }
 

@@ -35,10 +35,15 @@ pub type Micros = u64;
 pub struct Faults {
     /// each frame takes 1..=`delay_us_max` to arrive
     pub delay_us_max: u64,
+    /// chance per frame that it is lost, which closes its connection (millionths)
     pub loss_ppm: u64,
+    /// chance per delivery that a partition starts (millionths)
     pub partition_ppm: u64,
+    /// a partition heals within 1..=`partition_us_max` of virtual time
     pub partition_us_max: u64,
+    /// chance per delivery that a process pauses (millionths)
     pub pause_ppm: u64,
+    /// a pause ends within 1..=`pause_us_max` of virtual time
     pub pause_us_max: u64,
 }
 
@@ -69,9 +74,13 @@ impl Faults {
 /// the faults happened at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultStats {
+    /// frames that arrived
     pub delivered: u64,
+    /// frames lost (each closed its connection)
     pub lost: u64,
+    /// partitions started
     pub partitions: u64,
+    /// process pauses started
     pub pauses: u64,
 }
 
@@ -111,6 +120,8 @@ impl PacketSim {
         Self::with_faults(seed, Faults::of_seed(seed, false))
     }
 
+    /// The network of one seed with the faults given (a test that wants
+    /// a particular storm, or none).
     pub fn with_faults(seed: u64, faults: Faults) -> Self {
         Self {
             rng: SplitMix64::new(seed),
@@ -126,18 +137,23 @@ impl PacketSim {
         }
     }
 
+    /// The run's one random stream: every choice of a run comes from it, so
+    /// a seed replays exactly.
     pub fn rng(&mut self) -> &mut SplitMix64 {
         &mut self.rng
     }
 
+    /// Virtual time now, microseconds since the run began.
     pub fn now(&self) -> Micros {
         self.now
     }
 
+    /// The faults this run injects.
     pub fn faults(&self) -> Faults {
         self.faults
     }
 
+    /// The faults injected so far.
     pub fn stats(&self) -> FaultStats {
         self.stats
     }
@@ -205,6 +221,7 @@ impl PacketSim {
         }
     }
 
+    /// Frames sent and not yet delivered, over every link.
     pub fn in_flight(&self) -> usize {
         self.links.iter().map(|l| l.q.len()).sum()
     }
