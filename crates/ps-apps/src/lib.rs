@@ -18,6 +18,7 @@
 
 // the exception: `data::read_part` (memory-mapping a data file)
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod bench;
 pub mod check;

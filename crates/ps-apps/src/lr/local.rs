@@ -7,9 +7,11 @@ use crate::data::Rows;
 
 /// One worker's rows, arranged for block steps.
 pub struct Local {
+    /// each row's label, as the data file gives it
     pub labels: Vec<f32>,
     /// w·x_i at the weights this worker last read
     pub margins: Vec<f64>,
+    /// the rows' data split by feature block
     pub blocks: Vec<Block>,
     /// Σ|x_ij| over the block's features of each row, for the block being worked on
     scale: Vec<f64>,
@@ -28,6 +30,7 @@ pub struct Block {
 }
 
 impl Local {
+    /// `rows` arranged by `blocks` feature blocks, margins at zero weights.
     pub fn new(rows: &Rows, blocks: u64) -> Local {
         let mut cols: Vec<std::collections::BTreeMap<u64, Vec<(u32, f32)>>> =
             (0..blocks).map(|_| Default::default()).collect();
@@ -102,6 +105,7 @@ impl Local {
         }
     }
 
+    /// The logistic loss of the rows at the margins last read.
     pub fn loss(&self) -> f64 {
         self.margins.iter().zip(&self.labels).map(|(&m, &y)| logloss(m, y)).sum()
     }

@@ -56,26 +56,36 @@ const METRICS: TableId = TableId(1);
 /// metrics slots per sweep: loss, rows, keys pushed, keys filtered, bytes sent
 const SLOTS: u64 = 5;
 
+/// Where `scripts/fetch-clothing.sh` puts the clothing reviews as LIBSVM.
 pub const DEFAULT_DATA: &str = "data/clothing";
 
+/// The lr app's parameters (the job spec's `params`, with defaults).
 #[derive(Clone, Debug)]
 pub struct Params {
     /// a directory with train.libsvm and test.libsvm
     pub data: String,
     /// features: keys 1..=features (0: the largest index of the train file)
     pub features: u64,
+    /// the L1 weight of the objective (`reg: l1` sets it to `c`)
     pub l1: f32,
+    /// the L2 weight of the objective (`reg: l2` sets it to `c`)
     pub l2: f32,
+    /// feature blocks: key k is in block k mod `blocks`; a worker steps one block an iteration
     pub blocks: u64,
+    /// passes over the blocks (dbpg) or over the data (ftrl)
     pub sweeps: u64,
+    /// the delay: a block's read is used τ iterations after its step (below `blocks`)
     pub tau: u32,
+    /// the largest step a key may take in one proximal step
     pub max_step: f32,
     /// the curvature bound is multiplied by 1 + damping·τ: stale margins
     /// call for shorter steps
     pub damping: f32,
     /// KKT filter: skip when |G| <= l1 - delta
     pub kkt: bool,
+    /// the KKT filter's margin Δ
     pub kkt_delta: f32,
+    /// every this many sweeps (and in the last) every key is pushed, the KKT filter or not
     pub kkt_every: u64,
     /// where worker 0 writes the model ("" = nowhere)
     pub model: String,
@@ -97,13 +107,18 @@ pub struct Params {
     /// sweeps done; `resume_sweep` starts from such a checkpoint (the servers
     /// load it from `PS_RESUME`)
     pub checkpoint_every: u64,
+    /// the sweeps a resumed run's checkpoint had done (0: a fresh run)
     pub resume_sweep: u64,
     /// ftrl: the rule's alpha and beta, and examples per minibatch
     pub alpha: f32,
+    /// ftrl: the rule's beta
     pub beta: f32,
+    /// ftrl: examples per minibatch
     pub batch: usize,
 }
 
+/// The job spec's `params` read into [`Params`], defaults filled in; a bad
+/// value is refused with the reason.
 pub fn params(p: &serde_json::Value) -> Result<Params, String> {
     let reg: String = param(p, "reg", "l1".to_string())?;
     let c: f32 = param(p, "c", 1.0)?;

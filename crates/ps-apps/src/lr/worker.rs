@@ -47,6 +47,8 @@ enum Read {
     },
 }
 
+/// One lr worker: its part of the data, then sweeps of delayed block
+/// proximal steps (or FTRL minibatches) until `sweeps`; worker 0 reports.
 pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let p = params(&ctx.view.job.params)?;
     let p = Params { features: param(&ctx.view.job.params, "features", 0)?, ..p };
