@@ -7,31 +7,10 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+pub use crate::benchrow::Row;
 use crate::local::{self, ClusterSpec, Event};
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Row {
-    pub layout: String,
-    pub op: String,
-    pub size: u64,
-    pub keys: u64,
-    pub ops: u64,
-    pub ops_per_s: f64,
-    pub gb_per_s: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    /// the raw-TCP exchange of the same shape (dense rows only)
-    pub baseline: Option<String>,
-    pub baseline_gb_per_s: Option<f64>,
-    pub baseline_p50_us: Option<f64>,
-    /// PS GB/s over raw GB/s, within one run (the median over runs when repeated)
-    pub ratio_gb_per_s: Option<f64>,
-    /// PS p50 over raw p50, within one run
-    pub ratio_p50: Option<f64>,
-}
 
 pub struct BenchOpts {
     pub servers: u32,

@@ -16,6 +16,7 @@
 
 mod baseline;
 mod benchcmd;
+mod benchrow;
 mod cli;
 mod doctor;
 mod jobfile;

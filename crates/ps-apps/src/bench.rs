@@ -15,10 +15,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use ps_core::keys::{KeyRange, TableId, TableSpec};
+use ps_core::keys::{KeyRange, TableId};
 use ps_core::ring::{Ring, RingServer};
 use ps_core::rng::SplitMix64;
 use ps_core::rules::RuleSpec;
+use ps_core::table::TableSpec;
 use ps_core::worker::Timestamp;
 use serde_json::json;
 

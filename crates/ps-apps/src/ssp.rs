@@ -19,9 +19,10 @@
 use std::time::{Duration, Instant};
 
 use ps_core::clock::Consistency;
-use ps_core::keys::{KeyRange, TableId, TableSpec};
+use ps_core::keys::{KeyRange, TableId};
 use ps_core::rng::mix64;
 use ps_core::rules::RuleSpec;
+use ps_core::table::TableSpec;
 use serde_json::json;
 
 use super::param;

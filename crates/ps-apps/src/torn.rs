@@ -22,11 +22,12 @@
 
 use std::time::{Duration, Instant};
 
-use ps_core::keys::{KeyRange, TableId, TableSpec};
+use ps_core::keys::{KeyRange, TableId};
 use ps_core::ring::Owner;
 use ps_core::rules::RuleSpec;
 use ps_core::slab::BLOCK_FLOATS;
 use ps_core::store::DenseLayout;
+use ps_core::table::TableSpec;
 use serde_json::json;
 
 use super::param;

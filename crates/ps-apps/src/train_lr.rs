@@ -22,9 +22,10 @@
 
 use std::time::Instant;
 
-use ps_core::keys::{KeyRange, TableId, TableSpec};
+use ps_core::keys::{KeyRange, TableId};
 use ps_core::rng::{mix64, SplitMix64};
 use ps_core::rules::RuleSpec;
+use ps_core::table::TableSpec;
 use serde_json::json;
 
 use super::param;

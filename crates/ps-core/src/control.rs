@@ -5,9 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::TableSpec;
 use crate::limits::WireLimits;
 use crate::ring::{Owner, Ring, RingError, RingServer};
+use crate::table::TableSpec;
 
 /// A node's role. The handshake carries it as a byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -172,7 +172,7 @@ impl ClusterView {
 
     /// The servers holding copies of `owner`, head first.
     pub fn chain(&self, owner: Owner) -> Vec<u32> {
-        let mut c = crate::chain::chain_of(owner, self.servers.len() as u32, self.copies());
+        let mut c = crate::ring::chain_of(owner, self.servers.len() as u32, self.copies());
         c.extend(self.placed.iter().filter(|p| p.owner == owner && p.ready).map(|p| p.server));
         c
     }

@@ -62,10 +62,12 @@ pub mod sim;
 pub mod slab;
 pub mod slot_index;
 pub mod store;
+pub mod table;
 pub mod transport;
 pub mod wire;
 pub mod worker;
 
 pub use error::PsError;
-pub use keys::{Key, KeyRange, Layout, TableId, TableSpec};
+pub use keys::{Key, KeyRange, Layout, TableId};
 pub use rules::RuleSpec;
+pub use table::TableSpec;

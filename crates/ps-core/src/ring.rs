@@ -20,8 +20,9 @@
 //!
 //! Inside a server, its partitions (in ring order) go round-robin to its shards.
 
-use crate::keys::{Key, KeyRange, TableSpec};
+use crate::keys::{Key, KeyRange};
 use crate::rng::mix64;
+use crate::table::TableSpec;
 
 /// Who owns a partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -214,6 +215,12 @@ impl Ring {
         }
         out
     }
+}
+
+/// The server ranks holding copies of `owner`, head first: `copies` of them
+/// (at most `servers`), the owner's own server and the next ones, wrapping.
+pub fn chain_of(owner: Owner, servers: u32, copies: u32) -> Vec<u32> {
+    (0..copies.min(servers)).map(|i| (owner.server + i) % servers).collect()
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use ps_core::auth::JobSecret;
 use ps_core::control::JobSpec;
-use ps_core::keys::{KeyRange, TableId, TableSpec};
+use ps_core::keys::{KeyRange, TableId};
 use ps_core::rules::RuleSpec;
+use ps_core::table::TableSpec;
 use ps_node::control::OnAbort;
 use ps_node::{AppMain, Manager, NetOpts, NodeError, ServerOpts, TransportMode, WorkerCtx, WorkerOpts};
 

@@ -34,8 +34,9 @@
 use std::path::{Path, PathBuf};
 
 use ps_core::clock::Consistency;
-use ps_core::keys::{KeyRange, TableId, TableSpec};
+use ps_core::keys::{KeyRange, TableId};
 use ps_core::rules::RuleSpec;
+use ps_core::table::TableSpec;
 use serde_json::json;
 
 use super::param;

@@ -103,11 +103,8 @@ pub fn is_counted(kind: Kind) -> bool {
     matches!(kind, Kind::Push | Kind::PushPull | Kind::Clock)
 }
 
-/// The server ranks holding copies of `owner`, head first: `k` of them, the
-/// owner's own server and the next ones, wrapping.
-pub fn chain_of(owner: Owner, servers: u32, copies: u32) -> Vec<u32> {
-    (0..copies.min(servers)).map(|i| (owner.server + i) % servers).collect()
-}
+/// Where a shard's copies live (placement, in the ring's module).
+pub use crate::ring::chain_of;
 
 /// A `Bind` frame (see the module doc).
 pub fn bind_frame(origin: u32, first_seq: u64) -> Vec<u8> {

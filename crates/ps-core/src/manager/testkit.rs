@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use super::ManagerCore;
 use crate::control::{ClusterView, Control, JobSpec, Role};
-use crate::keys::{KeyRange, TableSpec};
+use crate::keys::KeyRange;
 use crate::rules::RuleSpec;
+use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerHello, PeerId};
 use crate::wire::{self, Frame};
 

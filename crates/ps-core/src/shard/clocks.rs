@@ -179,11 +179,12 @@ impl ShardCore {
 #[cfg(test)]
 mod tests {
     use crate::clock::Consistency;
-    use crate::keys::{KeyRange, TableId, TableSpec};
+    use crate::keys::{KeyRange, TableId};
     use crate::rules::RuleSpec;
     use crate::shard::testing::{clock, dense_pull, frame, kinds, shard, shard_of, values, A, B};
     use crate::shard::ShardCore;
     use crate::sim::SimSink;
+    use crate::table::TableSpec;
     use crate::transport::PeerId;
     use crate::wire::{self, DataHeader, Kind};
 

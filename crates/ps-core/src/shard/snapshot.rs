@@ -148,10 +148,11 @@ impl ShardCore {
 
 #[cfg(test)]
 mod tests {
-    use crate::keys::{KeyRange, TableSpec};
+    use crate::keys::KeyRange;
     use crate::rules::RuleSpec;
     use crate::shard::testing::{frame, kinds, shard_of, values, A, B};
     use crate::sim::SimSink;
+    use crate::table::TableSpec;
     use crate::wire::{self, DataHeader, Kind};
 
     #[test]

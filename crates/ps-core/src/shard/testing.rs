@@ -7,11 +7,12 @@
 use crate::clock::Consistency;
 use crate::control::{ClusterView, JobSpec, ServerInfo};
 use crate::kernels::Kernels;
-use crate::keys::{KeyRange, TableSpec};
+use crate::keys::KeyRange;
 use crate::limits::WireLimits;
 use crate::ring::Owner;
 use crate::rules::{RuleRegistry, RuleSpec};
 use crate::sim::SimSink;
+use crate::table::TableSpec;
 use crate::transport::PeerId;
 use crate::wire::{self, DataHeader, Frame, Kind};
 

@@ -25,13 +25,14 @@ use std::time::Duration;
 use crate::chain::{chain_of, ChainCore};
 use crate::control::{send_control, ClusterView, Control, JobSpec, Role, ServerInfo};
 use crate::kernels::Kernels;
-use crate::keys::{KeyRange, TableSpec};
+use crate::keys::KeyRange;
 use crate::limits::WireLimits;
 use crate::manager::{ManagerCore, ManagerTimeouts};
 use crate::ring::Owner;
 use crate::rules::{RuleRegistry, RuleSpec};
 use crate::shard::ShardCore;
 use crate::sim::{Faults, Micros, PacketSim, SimSink};
+use crate::table::TableSpec;
 use crate::transport::{PeerHello, PeerId};
 use crate::worker::WorkerCore;
 

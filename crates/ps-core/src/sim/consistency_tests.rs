@@ -9,12 +9,13 @@
 use super::{PacketSim, SimSink};
 use crate::control::{ClusterView, JobSpec, ServerInfo};
 use crate::kernels::Kernels;
-use crate::keys::{KeyRange, TableId, TableSpec};
+use crate::keys::{KeyRange, TableId};
 use crate::limits::WireLimits;
 use crate::ring::Owner;
 use crate::rng::SplitMix64;
 use crate::rules::{RuleRegistry, RuleSpec};
 use crate::shard::ShardCore;
+use crate::table::TableSpec;
 use crate::transport::PeerId;
 use crate::wire::Kind;
 use crate::worker::{Keys, WorkerCore};

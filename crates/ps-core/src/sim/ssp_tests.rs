@@ -9,9 +9,10 @@
 use super::consistency_tests::{cluster, deliver, view, SERVERS, SHARDS, WORKERS};
 use super::{PacketSim, SimSink};
 use crate::clock::Consistency;
-use crate::keys::{KeyRange, TableId, TableSpec};
+use crate::keys::{KeyRange, TableId};
 use crate::ring::Owner;
 use crate::rules::RuleSpec;
+use crate::table::TableSpec;
 use crate::transport::PeerId;
 use crate::wire::Kind;
 use crate::worker::{Keys, WorkerCore};

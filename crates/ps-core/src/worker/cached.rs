@@ -11,9 +11,10 @@ use super::{key_iter, Keys, OwnedKeys, Timestamp, WorkerCore};
 use crate::cache::{Cache, CacheStats, Lookup};
 use crate::clock::Consistency;
 use crate::error::PsError;
-use crate::keys::{Key, KeyRange, TableId, TableSpec};
+use crate::keys::{Key, KeyRange, TableId};
 use crate::ring::{position, Ring};
 use crate::rules::RuleSpec;
+use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerId};
 use crate::wire::{self, DataHeader, Kind};
 

@@ -15,7 +15,8 @@ use super::responses::{Pending, PullOut};
 use super::{key_iter, tx_error, Keys, Timestamp, WorkerCore};
 use crate::error::PsError;
 use crate::filter::{has_codecs, PushFilter};
-use crate::keys::{Key, TableId, TableSpec};
+use crate::keys::{Key, TableId};
+use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerId, TxError};
 use crate::wire::{DataHeader, Kind};
 

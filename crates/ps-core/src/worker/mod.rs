@@ -33,8 +33,9 @@ use std::ops::Range;
 use crate::cache::Cache;
 use crate::error::PsError;
 use crate::filter::{Encoder, PushFilter};
-use crate::keys::{Key, KeyRange, TableId, TableSpec};
+use crate::keys::{Key, KeyRange, TableId};
 use crate::ring::{Owner, Ring};
+use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerId, TxError};
 use crate::wire::{DataHeader, Kind};
 

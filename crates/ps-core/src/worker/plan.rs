@@ -7,8 +7,9 @@ use std::ops::Range;
 
 use super::{Keys, WorkerCore};
 use crate::error::PsError;
-use crate::keys::{check_sorted, TableSpec};
+use crate::keys::check_sorted;
 use crate::ring::{position, Owner};
+use crate::table::TableSpec;
 
 /// One chunk to send.
 #[derive(Clone, Debug)]

@@ -6,11 +6,12 @@
 //! so a test can tell whether each landed where it belongs.
 
 use super::WorkerCore;
-use crate::keys::{KeyRange, TableId, TableSpec};
+use crate::keys::{KeyRange, TableId};
 use crate::limits::WireLimits;
 use crate::ring::{position, Owner, Ring, RingServer};
 use crate::rules::RuleSpec;
 use crate::sim::SimSink;
+use crate::table::TableSpec;
 use crate::transport::PeerId;
 use crate::wire::{self, DataHeader, Frame, Kind};
 
