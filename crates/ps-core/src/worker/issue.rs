@@ -181,13 +181,14 @@ impl WorkerCore {
             Some(Stop::Coding(e)) => return Err(e),
             Some(Stop::Refused(e)) => {
                 // frames already queued for this ts will be answered; account for them
+                let why = format!("frame {sent} of the request refused: {e}");
                 let mut p = Pending::new(sent, Some(tx_error(e)), None);
                 p.pushed = pushed;
                 self.pending.insert(ts, p);
                 if sent == 0 {
                     self.settle(ts);
                 }
-                return Err(PsError::Transport("send queue refused a frame mid-request".into()));
+                return Err(PsError::Transport(why));
             }
         }
         self.pending.insert(ts, Pending { frames_left: sent, error: None, pull, read, pushed });
