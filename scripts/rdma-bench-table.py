@@ -33,9 +33,11 @@ for line in lines:
         buf.append(line.strip())
     elif line.startswith("@perf "):
         f = line.split()
-        # @perf ROUND OP SIZE bytes iters bw_peak bw_avg msg_rate (MB/s = 10^6 B/s)
+        # @perf ROUND OP SIZE bytes iters bw_peak bw_avg msg_rate; perftest's
+        # MB/s is 2^20 B/s (its MEGA is 1048576 unless --report_gbits), pslab's
+        # GB/s is 10^9 B/s: converted here, so the ratio compares like with like
         if len(f) >= 9 and float(f[7]) > 0:
-            perf.setdefault((f[1], f[2], int(f[3])), []).append(float(f[7]) * 1e6 / 1e9)
+            perf.setdefault((f[1], f[2], int(f[3])), []).append(float(f[7]) * 1048576 / 1e9)
 if not bench or not perf:
     print("rdma-bench-table: no bench or perftest output in the log (bench skipped?)")
     sys.exit(0)
