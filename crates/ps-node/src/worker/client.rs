@@ -70,27 +70,47 @@ fn connect_head(
 ) -> Result<(ps_core::transport::PeerId, String), NodeError> {
     let (server, shard) = (owner.server, owner.shard);
     let deadline = Instant::now() + Duration::from_millis(ps_core::limits::NEW_HEAD_WAIT_MS);
-    let mut addr = head_addr(view, owner)?;
+    let mut addr = match (head_addr(view, owner), board) {
+        (Ok(addr), _) => addr,
+        // a head promoted a moment ago has not said where its copy listens yet
+        (Err(e @ NodeError::NoPort { .. }), Some(board)) => next_head(board, owner, None, deadline)?.ok_or(e)?,
+        (Err(e), _) => return Err(e),
+    };
     loop {
         let source = match net::connect_shard(t, addr, netopts) {
             Ok(connected) => return Ok(connected),
             Err(source) => source,
         };
         let Some(board) = board else { return Err(NodeError::ConnectShard { server, shard, addr, source }) };
-        let next = loop {
-            let next = head_addr(&board.get(), owner)?;
-            if next != addr {
-                break next;
-            }
-            if Instant::now() > deadline {
-                return Err(NodeError::ConnectShard { server, shard, addr, source });
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(next) = next_head(board, owner, Some(addr), deadline)? else {
+            return Err(NodeError::ConnectShard { server, shard, addr, source });
         };
         tracing::warn!(
             "shard ({server}, {shard}): its head at {addr} was lost while connecting ({source}); the manager names {next} now"
         );
         addr = next;
+    }
+}
+
+/// Waits, until `deadline`, for the manager's view (`board`) to name a head
+/// of `owner` other than `not` whose copy's port is known (a copy promoted a
+/// moment ago reports its port a moment later). `None` if none came.
+fn next_head(
+    board: &ViewBoard,
+    owner: Owner,
+    not: Option<SocketAddr>,
+    deadline: Instant,
+) -> Result<Option<SocketAddr>, NodeError> {
+    loop {
+        match head_addr(&board.get(), owner) {
+            Ok(next) if Some(next) != not => return Ok(Some(next)),
+            Ok(_) | Err(NodeError::NoPort { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
