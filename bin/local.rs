@@ -30,17 +30,27 @@ pub struct ClusterSpec {
 
 /// `--kill NAME@MS`: SIGKILL the process `NAME` (`server1`, `worker2`,
 /// `manager`, `manager1` of replicas, or `leader`: the replica leading then)
-/// `MS` milliseconds after the job started running.
+/// `MS` milliseconds after the job started running. `--kill NAME@whole+MS`:
+/// `MS` milliseconds after every copy the manager placed to replace a lost one
+/// has joined its chain (so a test of a second death does not race the
+/// rebuild of the first, however slow the machine).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kill {
     pub name: String,
     pub after_ms: u64,
+    /// counted from the moment the chains were whole again, not from the start
+    pub after_whole: bool,
 }
 
 impl std::str::FromStr for Kill {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, ms) = s.split_once('@').ok_or_else(|| format!("--kill {s:?}: write NAME@MS, e.g. server1@1500"))?;
+        let (name, when) =
+            s.split_once('@').ok_or_else(|| format!("--kill {s:?}: write NAME@MS or NAME@whole+MS, e.g. server1@1500"))?;
+        let (after_whole, ms) = match when.strip_prefix("whole+") {
+            Some(ms) => (true, ms),
+            None => (false, when),
+        };
         let after_ms = ms.parse().map_err(|_| format!("--kill {s:?}: {ms:?} is not a number of milliseconds"))?;
         let ok = name == "manager"
             || name == "leader"
@@ -50,7 +60,33 @@ impl std::str::FromStr for Kill {
         if !ok {
             return Err(format!("--kill {s:?}: name a process as manager, managerN, leader, serverN or workerN"));
         }
-        Ok(Kill { name: name.to_string(), after_ms })
+        Ok(Kill { name: name.to_string(), after_ms, after_whole })
+    }
+}
+
+/// Whether the chains are whole again, from the manager's lines: every copy
+/// it placed to replace a lost one has joined its chain.
+#[derive(Default)]
+struct Rebuilds {
+    placed: usize,
+    joined: usize,
+    whole_since: Option<Instant>,
+}
+
+impl Rebuilds {
+    fn see(&mut self, role: &str, line: &str) {
+        if !role.starts_with("manager") {
+            return;
+        }
+        if line.contains("a new copy is rebuilt on") {
+            self.placed += 1;
+            self.whole_since = None;
+        } else if line.contains("joined its chain:") {
+            self.joined += 1;
+            if self.joined >= self.placed {
+                self.whole_since = Some(Instant::now());
+            }
+        }
     }
 }
 
@@ -249,6 +285,7 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
     let mut manager_done: Option<Instant> = None;
     let mut leader: Option<String> = None;
     let mut manager_killed_at: Option<Instant> = None;
+    let mut rebuilds = Rebuilds::default();
     loop {
         // lines until there are none for a moment, or 50 ms passed (kills are due on time)
         let until = Instant::now() + Duration::from_millis(50);
@@ -266,6 +303,7 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
                     });
                 }
             }
+            rebuilds.see(&role, &line);
             on_event(parse(role, line));
             if Instant::now() > until {
                 break;
@@ -277,8 +315,11 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
             break;
         }
         if let Some(t0) = running_since {
-            let due: Vec<Kill> =
-                kills.iter().filter(|k| t0.elapsed() >= Duration::from_millis(k.after_ms)).cloned().collect();
+            let due_at = |k: &Kill| {
+                let from = if k.after_whole { rebuilds.whole_since } else { Some(t0) };
+                from.is_some_and(|t| t.elapsed() >= Duration::from_millis(k.after_ms))
+            };
+            let due: Vec<Kill> = kills.iter().filter(|k| due_at(k)).cloned().collect();
             kills.retain(|k| !due.contains(k));
             for k in due {
                 let name = if k.name == "leader" { leader.clone().unwrap_or_default() } else { k.name.clone() };
@@ -332,5 +373,37 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
     match failure {
         Some(f) => Err(f),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Kill, Rebuilds};
+
+    #[test]
+    fn a_kill_is_timed_from_the_start_or_from_whole_chains() {
+        let k: Kill = "server2@7000".parse().unwrap();
+        assert_eq!((k.name.as_str(), k.after_ms, k.after_whole), ("server2", 7000, false));
+        let k: Kill = "server2@whole+500".parse().unwrap();
+        assert_eq!((k.name.as_str(), k.after_ms, k.after_whole), ("server2", 500, true));
+        assert!("server2@whole".parse::<Kill>().is_err());
+        assert!("server2@whole+x".parse::<Kill>().is_err());
+        assert!("disk0@whole+5".parse::<Kill>().is_err());
+    }
+
+    #[test]
+    fn chains_are_whole_once_every_placed_copy_joined() {
+        let mut r = Rebuilds::default();
+        assert!(r.whole_since.is_none(), "nothing rebuilt yet is not whole again");
+        r.see("manager", "shard (0, 0): a new copy is rebuilt on server 2");
+        r.see("manager", "shard (1, 0): a new copy is rebuilt on server 0");
+        r.see("server0", "server 2's rebuilt copy of shard (0, 0) joined its chain: 2 copies again");
+        assert!(r.whole_since.is_none(), "only the manager's lines count");
+        r.see("manager", "server 2's rebuilt copy of shard (0, 0) joined its chain: 2 copies again");
+        assert!(r.whole_since.is_none(), "one of two joined");
+        r.see("manager", "server 0's rebuilt copy of shard (1, 0) joined its chain: 2 copies again");
+        assert!(r.whole_since.is_some());
+        r.see("manager", "shard (2, 0): a new copy is rebuilt on server 0");
+        assert!(r.whole_since.is_none(), "a new loss makes them short again");
     }
 }
