@@ -194,7 +194,8 @@ impl RdmaTransport {
     /// from it completes: while some are in flight this spins (the send CQ raises
     /// no event); when every slot holds a frame waiting for a credit, only a
     /// response can help, and this sleeps in the poller until one comes or the
-    /// peer's TCP connection closes (then `Closed`, at once).
+    /// peer's TCP connection closes (then `Closed`, at once). A peer that
+    /// frees nothing for `TX_STALL` is dropped (`Closed` too).
     fn wait_slot(&mut self, idx: usize, peer: PeerId) -> Result<usize, TxError> {
         // the clock is read only once there is a wait (a clock read is a system
         // call where the VM's clock source is the HPET)
@@ -209,7 +210,17 @@ impl RdmaTransport {
                 return Err(TxError::Closed(peer));
             }
             if start.get_or_insert_with(Instant::now).elapsed() > TX_STALL {
-                return Err(TxError::Full(peer));
+                // as TCP does with a peer that takes nothing: the connection
+                // is dropped, so a replicated job fails over to another copy
+                // and any other job fails with a reason, not a full queue
+                let (queued, writes) = self.conns[idx].as_ref().map_or((0, 0), |c| (c.tx_queue.len(), c.tx_inflight.len()));
+                let why = format!(
+                    "peer took nothing for {TX_STALL:?} ({queued} frames queued, {writes} WRITEs and {} READs in flight)",
+                    self.reads.len()
+                );
+                self.fail(peer, why);
+                self.close_failed();
+                return Err(TxError::Closed(peer));
             }
             if self.credit_bound(idx) {
                 self.arm_recv().map_err(closed)?;
