@@ -187,8 +187,8 @@ fn auto_role(servers: u32, per_node: Option<u32>, manager: Option<String>, liste
         .map_err(|e| format!("--role auto: {e}"))?
         .ok_or("--role auto needs a launcher (mpirun, mpiexec or srun): none of OMPI_COMM_WORLD_RANK, PMIX_RANK, PMI_RANK, SLURM_PROCID is set")?;
     let (role, servers) = match per_node {
-        Some(k) => role_per_node(&l, k)?,
-        None => (role_of(l.rank, l.size, servers)?, servers),
+        Some(k) => role_per_node(&l, k).map_err(|e| e.to_string())?,
+        None => (role_of(l.rank, l.size, servers).map_err(|e| e.to_string())?, servers),
     };
     if let Some(p) = std::env::var("SLURM_PROCID").ok().filter(|p| l.source != "slurm" && *p != l.rank.to_string()) {
         tracing::info!("SLURM_PROCID={p} ignored: {} started this rank inside a Slurm allocation", l.source);

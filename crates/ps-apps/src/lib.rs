@@ -51,7 +51,7 @@ pub fn job_spec(app: &str, params: &serde_json::Value, servers: u32, copies: u32
         other => return Err(format!("unknown app {other:?}; known: {}", APPS.join(", "))),
     };
     let spec = JobSpec { tables, app: app.to_string(), params, limits: Default::default(), partitions, copies };
-    spec.validate()?;
+    spec.validate().map_err(|e| e.to_string())?;
     Ok(spec)
 }
 

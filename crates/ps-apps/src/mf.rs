@@ -66,7 +66,7 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         clocks: param(p, "clocks", 400)?,
         init: param(p, "init", 0.1)?,
         seed: param(p, "seed", 42)?,
-        model: param::<String>(p, "model", "bounded:1".into())?.parse()?,
+        model: param::<String>(p, "model", "bounded:1".into())?.parse::<Consistency>().map_err(|e| e.to_string())?,
         cache: param(p, "cache", true)?,
         slow_ms: param(p, "slow_ms", 0)?,
     };

@@ -38,9 +38,10 @@ struct Params {
 }
 
 fn params(p: &serde_json::Value) -> Result<Params, String> {
-    let model: Consistency = param::<String>(p, "model", "bounded:1".into())?.parse()?;
+    let model: Consistency =
+        param::<String>(p, "model", "bounded:1".into())?.parse::<Consistency>().map_err(|e| e.to_string())?;
     let check = match param::<Option<String>>(p, "check", None)? {
-        Some(c) => c.parse()?,
+        Some(c) => c.parse::<Consistency>().map_err(|e| e.to_string())?,
         None => model,
     };
     Ok(Params {

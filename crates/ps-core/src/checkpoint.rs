@@ -68,6 +68,130 @@ pub struct TableHeader {
     pub state: u64,
 }
 
+/// Why checkpoint bytes cannot be read, or do not fit the shard they are
+/// restored into (then the text says what differs: restore the checkpoint of
+/// this server and shard, taken by a job with the same tables).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CheckpointError {
+    /// The bytes do not start with the magic.
+    #[error("not a pslab checkpoint (no PSLABCK1 at its start)")]
+    NotACheckpoint,
+    /// The header's length overflows.
+    #[error("header length")]
+    HeaderLength,
+    /// The bytes end inside the header.
+    #[error("the header is cut short")]
+    HeaderCut,
+    /// The header is not the JSON a checkpoint holds (the parser's reason).
+    #[error("checkpoint header: {0}")]
+    Header(String),
+    /// The header's counts overflow.
+    #[error("counts overflow")]
+    CountsOverflow,
+    /// The bytes end before the tables the header counts.
+    #[error("the checkpoint is cut short")]
+    Cut,
+    /// Taken by another server or shard.
+    #[error("the checkpoint is of server {server} shard {shard}, this is server {this_server} shard {this_shard}")]
+    OtherShard {
+        /// the checkpoint's server
+        server: u32,
+        /// the checkpoint's shard
+        shard: u32,
+        /// this shard's server
+        this_server: u32,
+        /// this shard
+        this_shard: u32,
+    },
+    /// The checkpoint and the job have different numbers of tables.
+    #[error("the checkpoint has {checkpoint} tables, the job {job}")]
+    TableCount {
+        /// tables in the checkpoint
+        checkpoint: usize,
+        /// tables in the job
+        job: usize,
+    },
+    /// The checkpoint holds a table (its id) the job does not have.
+    #[error("the checkpoint has table {0}, the job does not")]
+    UnknownTable(u32),
+    /// A table's dim differs between the checkpoint and the job.
+    #[error("table {table}: dim {checkpoint} in the checkpoint, {job} in the job")]
+    Dim {
+        /// the table's id
+        table: u32,
+        /// its dim in the checkpoint
+        checkpoint: u32,
+        /// its dim in the job
+        job: u32,
+    },
+    /// A table (its id) does not fit its store: the reason follows.
+    #[error("table {table}: {source}")]
+    Table {
+        /// the table's id
+        table: u32,
+        /// why it does not fit
+        source: Box<CheckpointError>,
+    },
+    /// A table is dense in the checkpoint and sparse in the job, or the other way.
+    #[error("dense in one, sparse in the other")]
+    Layout,
+    /// A sparse store already holds keys.
+    #[error("a sparse store is restored only when empty")]
+    NotEmpty,
+    /// A sparse table's values or state do not match its keys.
+    #[error("the checkpoint's {keys} keys come with {values} values and {state} state floats")]
+    SparseCounts {
+        /// keys in the checkpoint
+        keys: usize,
+        /// values in it
+        values: usize,
+        /// state floats in it
+        state: usize,
+    },
+    /// A dense table's values or state do not match what this shard owns.
+    #[error(
+        "the checkpoint holds {values} values and {state} state floats; this shard owns {owned} and {owned_state}"
+    )]
+    DenseCounts {
+        /// values in the checkpoint
+        values: usize,
+        /// state floats in it
+        state: usize,
+        /// values this shard owns
+        owned: usize,
+        /// state floats this shard keeps
+        owned_state: usize,
+    },
+    /// A sparse table's keys are not ascending.
+    #[error("{0}")]
+    Keys(crate::PsError),
+    /// A sparse store could not take the checkpoint's keys.
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A live snapshot (a copy's rebuild) ends early.
+    #[error("a live snapshot cut short")]
+    LiveCut,
+    /// A live snapshot's table length does not fit this machine.
+    #[error("a live snapshot's length")]
+    LiveLength,
+    /// A live snapshot's state is not the JSON it should be (the parser's reason).
+    #[error("a live snapshot: {0}")]
+    LiveState(String),
+    /// A live snapshot of a job with another number of workers.
+    #[error("a live snapshot of {snapshot} workers, the job has {job}")]
+    LiveWorkers {
+        /// workers in the snapshot
+        snapshot: usize,
+        /// workers in the job
+        job: usize,
+    },
+}
+
+/// Why the server could not write a checkpoint's bytes (its I/O error, or
+/// any other; a `&str` or `String` converts with `.into()`), handed to
+/// `ShardCore::checkpoint_written` to answer the worker that asked.
+pub type WriteError = Box<dyn std::error::Error + Send + Sync>;
+
 fn pad(out: &mut Vec<u8>) {
     out.resize(out.len().next_multiple_of(8), 0);
 }
@@ -109,25 +233,27 @@ pub fn encode(server: u32, shard: u32, label: u64, tables: &[TableImage]) -> Vec
 }
 
 /// The header alone (what `pslab lr --resume` reads the label from).
-pub fn header(bytes: &[u8]) -> Result<Header, String> {
+pub fn header(bytes: &[u8]) -> Result<Header, CheckpointError> {
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
-        return Err("not a pslab checkpoint (no PSLABCK1 at its start)".into());
+        return Err(CheckpointError::NotACheckpoint);
     }
     let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8")) as usize;
-    let json = bytes.get(16..16usize.checked_add(n).ok_or("header length")?).ok_or("the header is cut short")?;
-    serde_json::from_slice(json).map_err(|e| format!("checkpoint header: {e}"))
+    let end = 16usize.checked_add(n).ok_or(CheckpointError::HeaderLength)?;
+    let json = bytes.get(16..end).ok_or(CheckpointError::HeaderCut)?;
+    serde_json::from_slice(json).map_err(|e| CheckpointError::Header(e.to_string()))
 }
 
 /// The header and tables of a checkpoint; every count is checked against the bytes.
-pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<TableImage>), String> {
+pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<TableImage>), CheckpointError> {
     let header = header(bytes)?;
     let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8")) as usize;
     let mut at = (16 + n).next_multiple_of(8);
     // `size`-byte items, then padding to 8
-    let take = |at: &mut usize, count: u64, size: usize| -> Result<&[u8], String> {
-        let len = usize::try_from(count).ok().and_then(|c| c.checked_mul(size)).ok_or("counts overflow")?;
-        let end = at.checked_add(len).ok_or("counts overflow")?;
-        let s = bytes.get(*at..end).ok_or("the checkpoint is cut short")?;
+    let take = |at: &mut usize, count: u64, size: usize| -> Result<&[u8], CheckpointError> {
+        let len =
+            usize::try_from(count).ok().and_then(|c| c.checked_mul(size)).ok_or(CheckpointError::CountsOverflow)?;
+        let end = at.checked_add(len).ok_or(CheckpointError::CountsOverflow)?;
+        let s = bytes.get(*at..end).ok_or(CheckpointError::Cut)?;
         *at = end.next_multiple_of(8);
         Ok(s)
     };

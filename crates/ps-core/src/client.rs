@@ -31,7 +31,11 @@ pub trait Clock {
 
 /// Connects to the copy that serves `owner` now (failover, `chain`): the
 /// node hands it in, with the manager's latest view behind it.
-pub type Reconnect<T> = Box<dyn FnMut(&mut T, Owner) -> Result<PeerId, String>>;
+pub type Reconnect<T> = Box<dyn FnMut(&mut T, Owner) -> Result<PeerId, ReconnectError>>;
+
+/// Why a [`Reconnect`] found no copy to connect to yet (any error; a `&str`
+/// or `String` converts with `.into()`). The worker tries again shortly.
+pub type ReconnectError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Told of each failover once the new connection answered: the owner, and
 /// the time from noticing the lost connection to that first answer.

@@ -47,12 +47,17 @@ pub enum Consistency {
     Eventual,
 }
 
+/// A consistency model's name that does not parse (the text given).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("consistency {0:?}: expected sequential, bounded:S, essp:S or eventual (S: staleness)")]
+pub struct ParseConsistencyError(pub String);
+
 impl std::str::FromStr for Consistency {
-    type Err = String;
+    type Err = ParseConsistencyError;
 
     /// `sequential`, `bounded:S` (or `ssp:S`), `essp:S`, `eventual`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("consistency {s:?}: expected sequential, bounded:S, essp:S or eventual (S: staleness)");
+    fn from_str(s: &str) -> Result<Self, ParseConsistencyError> {
+        let bad = || ParseConsistencyError(s.to_string());
         let (name, arg) = s.split_once(':').map_or((s, None), |(n, a)| (n, Some(a)));
         let staleness = || arg.and_then(|a| a.parse::<u32>().ok()).ok_or_else(bad);
         match (name, arg) {

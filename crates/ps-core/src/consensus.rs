@@ -24,6 +24,21 @@ pub const TICK_MS: u64 = 50;
 
 const _: () = assert!(HEARTBEAT_TICKS < ELECTION_TICKS, "a leader must beat faster than followers time out");
 
+/// Why a replica could not be set up, or refused a message or a proposal.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// Raft refused the replica's configuration (the ticks above are wrong).
+    #[error("raft config: {0}")]
+    Config(raft::Error),
+    /// Raft refused a step: a message from another replica, or a proposal
+    /// (`ProposalDropped`: this replica does not lead, or leads no more).
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// Bytes from another replica that are not a Raft message (drop that link).
+    #[error("a raft message: {0}")]
+    Message(protobuf::ProtobufError),
+}
+
 /// One manager replica's Raft node.
 pub struct Replica {
     node: RawNode<MemStorage>,
@@ -39,7 +54,7 @@ impl std::fmt::Debug for Replica {
 
 impl Replica {
     /// Replica `id` (1-based) of a group of `replicas`.
-    pub fn new(id: u64, replicas: u64) -> Result<Self, String> {
+    pub fn new(id: u64, replicas: u64) -> Result<Self, ConsensusError> {
         let cfg = Config {
             id,
             election_tick: ELECTION_TICKS,
@@ -50,13 +65,13 @@ impl Replica {
             pre_vote: true,
             ..Default::default()
         };
-        cfg.validate().map_err(|e| format!("raft config: {e}"))?;
+        cfg.validate().map_err(ConsensusError::Config)?;
         let storage = MemStorage::new_with_conf_state(((1..=replicas).collect::<Vec<u64>>(), vec![]));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let mut node = RawNode::new(&cfg, storage, &logger).map_err(|e| format!("raft: {e}"))?;
+        let mut node = RawNode::new(&cfg, storage, &logger)?;
         if replicas == 1 {
             // alone: lead at once
-            node.campaign().map_err(|e| format!("raft: {e}"))?;
+            node.campaign()?;
         }
         let mut r = Self { node, messages: Vec::new(), committed: Vec::new() };
         r.pump();
@@ -76,16 +91,16 @@ impl Replica {
     }
 
     /// A message from another replica (its bytes as `take_messages` gave them there).
-    pub fn step(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let m: Message = protobuf::Message::parse_from_bytes(bytes).map_err(|e| format!("a raft message: {e}"))?;
-        self.node.step(m).map_err(|e| format!("raft: {e}"))?;
+    pub fn step(&mut self, bytes: &[u8]) -> Result<(), ConsensusError> {
+        let m: Message = protobuf::Message::parse_from_bytes(bytes).map_err(ConsensusError::Message)?;
+        self.node.step(m)?;
         self.pump();
         Ok(())
     }
 
     /// Proposes `data` (the leader only; it is committed or lost with the leadership).
-    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), String> {
-        self.node.propose(vec![], data).map_err(|e| format!("raft: {e}"))?;
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ConsensusError> {
+        self.node.propose(vec![], data)?;
         self.pump();
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::SpecError;
 use crate::limits::WireLimits;
 use crate::ring::{Owner, Ring, RingError, RingServer};
 use crate::table::TableSpec;
@@ -72,18 +73,18 @@ fn one() -> u32 {
 impl JobSpec {
     /// Checks every table, that table ids are distinct, `copies` and the
     /// limits; the error says what to fix in the spec.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         let mut ids = std::collections::BTreeSet::new();
         for t in &self.tables {
             t.validate()?;
             if !ids.insert(t.id) {
-                return Err(format!("table id {:?} is defined twice", t.id));
+                return Err(SpecError::DuplicateTable(t.id));
             }
         }
         if self.copies == 0 || self.copies > crate::limits::COPIES_MAX {
-            return Err(format!("copies must be 1..={}, not {}", crate::limits::COPIES_MAX, self.copies));
+            return Err(SpecError::Copies { copies: self.copies, max: crate::limits::COPIES_MAX });
         }
-        self.limits.validate()
+        Ok(self.limits.validate()?)
     }
 }
 

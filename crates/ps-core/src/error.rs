@@ -108,3 +108,92 @@ pub enum PsError {
     /// The servers did not answer within the client's operation timeout (given).
     Timeout(std::time::Duration),
 }
+
+/// Why a job spec (its tables, `copies` or limits) does not hold together;
+/// its text names the table and says what to fix in the job file.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("table {name} ({id:?}): dim must be at least 1")]
+    /// A table with no values per key.
+    ZeroDim {
+        /// the table's name
+        name: String,
+        /// the table's id
+        id: TableId,
+    },
+    #[error("table {name} ({id:?}): key range {begin}..{end} is empty")]
+    /// A table whose key range holds no key.
+    EmptyKeys {
+        /// the table's name
+        name: String,
+        /// the table's id
+        id: TableId,
+        /// the range's first key
+        begin: u64,
+        /// one past its last key
+        end: u64,
+    },
+    #[error(
+        "table {name} ({id:?}): dense {keys} keys x dim {dim} = {floats} floats is above the limit of {max}; make it sparse"
+    )]
+    /// A dense table too large to lay out; it should be sparse.
+    DenseTooLarge {
+        /// the table's name
+        name: String,
+        /// the table's id
+        id: TableId,
+        /// keys in its range
+        keys: u64,
+        /// values per key
+        dim: u32,
+        /// `keys * dim`
+        floats: u128,
+        /// the most floats a dense table may hold
+        max: u64,
+    },
+    #[error("table {name} ({id:?}): {source}")]
+    /// A table's update rule has a parameter out of range.
+    Rule {
+        /// the table's name
+        name: String,
+        /// the table's id
+        id: TableId,
+        /// what is wrong with the rule
+        source: crate::rules::RuleError,
+    },
+    #[error("table {name} ({id:?}): {source}")]
+    /// One of a table's filters has a parameter out of range.
+    Filter {
+        /// the table's name
+        name: String,
+        /// the table's id
+        id: TableId,
+        /// what is wrong with the filter
+        source: crate::filter::FilterError,
+    },
+    #[error(
+        "table {name} ({id:?}): the block_prox rule needs dim 2 ([w, G] per key), a dense layout and a \
+         clock model (bounded:τ or sequential): it settles when every worker has finished a clock"
+    )]
+    /// A `block_prox` table without dim 2, a dense layout and a clock model.
+    BlockProxTable {
+        /// the table's name
+        name: String,
+        /// the table's id
+        id: TableId,
+    },
+    #[error("table id {0:?} is defined twice")]
+    /// Two tables share an id.
+    DuplicateTable(TableId),
+    #[error("copies must be 1..={max}, not {copies}")]
+    /// `copies` is 0 or above what a job may ask for.
+    Copies {
+        /// what the spec asks for
+        copies: u32,
+        /// the most allowed (`limits::COPIES_MAX`)
+        max: u32,
+    },
+    #[error(transparent)]
+    /// The spec's wire limits do not hold together.
+    Limits(#[from] crate::limits::LimitsError),
+}

@@ -81,17 +81,13 @@ pub enum FilterSpec {
 
 impl FilterSpec {
     /// Checks the parameters; the error names the filter and what it needs.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FilterError> {
         match *self {
-            FilterSpec::Quantize { bits } if bits != 8 && bits != 16 => {
-                Err(format!("quantize: bits must be 8 or 16, got {bits}"))
-            }
+            FilterSpec::Quantize { bits } if bits != 8 && bits != 16 => Err(FilterError::QuantizeBits(bits)),
             FilterSpec::SignificantlyModified { threshold } if !(threshold.is_finite() && threshold >= 0.0) => {
-                Err(format!("significantly_modified: threshold must be zero or positive, got {threshold}"))
+                Err(FilterError::Threshold(threshold))
             }
-            FilterSpec::RandomSkip { p, .. } if !(0.0..1.0).contains(&p) => {
-                Err(format!("random_skip: p must be in [0, 1), got {p}"))
-            }
+            FilterSpec::RandomSkip { p, .. } if !(0.0..1.0).contains(&p) => Err(FilterError::SkipChance(p)),
             _ => Ok(()),
         }
     }
@@ -99,6 +95,20 @@ impl FilterSpec {
     fn is_codec(&self) -> bool {
         matches!(self, FilterSpec::KeyCache | FilterSpec::Lz4 | FilterSpec::Quantize { .. })
     }
+}
+
+/// A filter's parameter out of range (see [`FilterSpec::validate`]).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum FilterError {
+    /// `quantize` takes 8 or 16 bits (the bits given).
+    #[error("quantize: bits must be 8 or 16, got {0}")]
+    QuantizeBits(u8),
+    /// `significantly_modified` needs a threshold of zero or above (the one given).
+    #[error("significantly_modified: threshold must be zero or positive, got {0}")]
+    Threshold(f32),
+    /// `random_skip` needs a chance in [0, 1) (the one given).
+    #[error("random_skip: p must be in [0, 1), got {0}")]
+    SkipChance(f32),
 }
 
 /// A filter on the push path, run on the worker before the push is encoded

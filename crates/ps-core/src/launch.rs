@@ -71,6 +71,27 @@ pub enum LaunchError {
         /// what is wrong with it
         why: String,
     },
+    /// The job's ranks cannot hold a manager, the servers asked for and a worker.
+    #[error(
+        "{size} ranks cannot hold a manager, {servers} server(s) and at least one worker: \
+         start at least {need} ranks or ask for fewer servers"
+    )]
+    TooFewRanks {
+        /// the job's ranks
+        size: u32,
+        /// the servers asked for
+        servers: u32,
+        /// the fewest ranks that would do
+        need: u32,
+    },
+    /// Servers per node cannot be placed on this launch's nodes.
+    #[error("{per_node} servers per node: {why}; give --servers (a total) instead")]
+    ServersPerNode {
+        /// the servers asked for on every node
+        per_node: u32,
+        /// what the launch does not say, or how its nodes do not fit
+        why: String,
+    },
 }
 
 /// One launcher's variables.
@@ -258,13 +279,9 @@ pub enum RankRole {
 
 /// Splits a job of `size` ranks into a manager, `servers` servers and the rest
 /// workers; an error if that leaves no worker.
-pub fn role_of(rank: u32, size: u32, servers: u32) -> Result<RankRole, String> {
+pub fn role_of(rank: u32, size: u32, servers: u32) -> Result<RankRole, LaunchError> {
     if servers == 0 || size < servers + 2 {
-        return Err(format!(
-            "{size} ranks cannot hold a manager, {servers} server(s) and at least one worker: \
-             start at least {} ranks or ask for fewer servers",
-            servers.max(1) + 2
-        ));
+        return Err(LaunchError::TooFewRanks { size, servers, need: servers.max(1) + 2 });
     }
     Ok(match rank {
         0 => RankRole::Manager,
@@ -279,8 +296,8 @@ pub fn role_of(rank: u32, size: u32, servers: u32) -> Result<RankRole, String> {
 /// default), the launcher's local rank, and the number of ranks per node
 /// (Slurm's tasks per node, or an MPI launcher's local size, the same on every
 /// node). Returns the role and the job's server count.
-pub fn role_per_node(l: &Launch, k: u32) -> Result<(RankRole, u32), String> {
-    let why = |w: &str| format!("{k} servers per node: {w}; give --servers (a total) instead");
+pub fn role_per_node(l: &Launch, k: u32) -> Result<(RankRole, u32), LaunchError> {
+    let why = |w: &str| LaunchError::ServersPerNode { per_node: k, why: w.to_string() };
     let lr = l.local_rank.ok_or_else(|| why(&format!("{} does not say the local rank", l.source)))?;
     // where each node's block of ranks starts
     let per_node: Vec<u32> = if !l.tasks_per_host.is_empty() {
@@ -457,9 +474,15 @@ mod tests {
         assert_eq!(s.local_size, Some(1));
         assert_eq!(role_per_node(&s, 1).unwrap(), (RankRole::Server(2), 3));
         // too few ranks per node, no local rank, uneven MPI nodes: errors that say so
-        assert!(role_per_node(&launch(0), 4).unwrap_err().contains("cannot hold"));
-        assert!(role_per_node(&Launch { local_rank: None, ..launch(1) }, 1).unwrap_err().contains("local rank"));
-        assert!(role_per_node(&Launch { local_size: Some(5), ..launch(1) }, 1).unwrap_err().contains("evenly"));
+        assert!(role_per_node(&launch(0), 4).unwrap_err().to_string().contains("cannot hold"));
+        assert!(role_per_node(&Launch { local_rank: None, ..launch(1) }, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("local rank"));
+        assert!(role_per_node(&Launch { local_size: Some(5), ..launch(1) }, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("evenly"));
     }
 
     #[test]

@@ -189,22 +189,49 @@ impl WireLimits {
     }
 
     /// The relations the constants above check at compile time, for values a user set.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitsError> {
         if self.chunk_bytes < 4096 || !self.chunk_bytes.is_multiple_of(8) {
-            return Err(format!("chunk_bytes {} must be a multiple of 8 and at least 4096", self.chunk_bytes));
+            return Err(LimitsError::ChunkBytes { chunk_bytes: self.chunk_bytes });
         }
         if self.frame_bytes_max < self.chunk_bytes + 4096 {
-            return Err(format!(
-                "frame_bytes_max {} must be at least chunk_bytes {} + 4096",
-                self.frame_bytes_max, self.chunk_bytes
-            ));
+            return Err(LimitsError::FrameBytes {
+                frame_bytes_max: self.frame_bytes_max,
+                chunk_bytes: self.chunk_bytes,
+            });
         }
         if self.tx_queue_bytes_max < 2 * self.frame_bytes_max {
-            return Err(format!(
-                "tx_queue_bytes_max {} must be at least twice frame_bytes_max {}",
-                self.tx_queue_bytes_max, self.frame_bytes_max
-            ));
+            return Err(LimitsError::TxQueueBytes {
+                tx_queue_bytes_max: self.tx_queue_bytes_max,
+                frame_bytes_max: self.frame_bytes_max,
+            });
         }
         Ok(())
     }
+}
+
+/// Wire limits a user set that do not hold together (see [`WireLimits::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    /// `chunk_bytes` is below 4096 or not a multiple of 8.
+    #[error("chunk_bytes {chunk_bytes} must be a multiple of 8 and at least 4096")]
+    ChunkBytes {
+        /// the value set
+        chunk_bytes: usize,
+    },
+    /// A frame cannot hold a chunk and its header.
+    #[error("frame_bytes_max {frame_bytes_max} must be at least chunk_bytes {chunk_bytes} + 4096")]
+    FrameBytes {
+        /// the value set
+        frame_bytes_max: usize,
+        /// the chunk size it must hold
+        chunk_bytes: usize,
+    },
+    /// The send queue cannot hold two frames.
+    #[error("tx_queue_bytes_max {tx_queue_bytes_max} must be at least twice frame_bytes_max {frame_bytes_max}")]
+    TxQueueBytes {
+        /// the value set
+        tx_queue_bytes_max: usize,
+        /// the largest frame it must hold twice
+        frame_bytes_max: usize,
+    },
 }

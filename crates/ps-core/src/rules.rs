@@ -79,19 +79,19 @@ pub enum RuleSpec {
 impl RuleSpec {
     /// Checks the built-in rules' parameters (a custom rule's factory checks
     /// its own); the error names the parameter and what it must be.
-    pub fn validate(&self) -> Result<(), String> {
-        let pos = |what: &str, v: f32| {
-            if v.is_finite() && v > 0.0 {
+    pub fn validate(&self) -> Result<(), RuleError> {
+        let pos = |param: &'static str, value: f32| {
+            if value.is_finite() && value > 0.0 {
                 Ok(())
             } else {
-                Err(format!("{what} must be a positive number, got {v}"))
+                Err(RuleError::NotPositive { param, value })
             }
         };
-        let nonneg = |what: &str, v: f32| {
-            if v.is_finite() && v >= 0.0 {
+        let nonneg = |param: &'static str, value: f32| {
+            if value.is_finite() && value >= 0.0 {
                 Ok(())
             } else {
-                Err(format!("{what} must be zero or positive, got {v}"))
+                Err(RuleError::Negative { param, value })
             }
         };
         match self {
@@ -116,6 +116,51 @@ impl RuleSpec {
         }
     }
 }
+
+/// Why a rule cannot be built: a parameter out of range, a custom rule not
+/// registered, or a custom rule's factory refusing its parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// A parameter that must be above zero is not (or is not a number).
+    #[error("{param} must be a positive number, got {value}")]
+    NotPositive {
+        /// the rule and parameter, e.g. "sgd lr"
+        param: &'static str,
+        /// what the spec gave
+        value: f32,
+    },
+    /// A parameter that must be zero or above is not (or is not a number).
+    #[error("{param} must be zero or positive, got {value}")]
+    Negative {
+        /// the rule and parameter, e.g. "ftrl l1"
+        param: &'static str,
+        /// what the spec gave
+        value: f32,
+    },
+    /// The spec names a custom rule this server's registry does not hold.
+    #[error(
+        "no update rule named {name:?} is registered in this server (registered: {registered:?}); \
+         register it with RuleRegistry::register before starting the node"
+    )]
+    Unregistered {
+        /// the name the spec gave
+        name: String,
+        /// the names registered
+        registered: Vec<String>,
+    },
+    /// A custom rule's factory refused the spec's `params`.
+    #[error("update rule {name:?}: {source}")]
+    Factory {
+        /// the rule's registered name
+        name: String,
+        /// what the factory said
+        source: FactoryError,
+    },
+}
+
+/// What a custom rule's factory returns when it cannot build the rule from
+/// its `params` (any error; a `&str` or `String` converts with `.into()`).
+pub type FactoryError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One way to merge a pushed vector into stored weights.
 pub trait UpdateRule: Send + Sync + std::fmt::Debug {
@@ -278,7 +323,7 @@ impl UpdateRule for Ftrl {
     }
 }
 
-type Factory = Arc<dyn Fn(&serde_json::Value) -> Result<Arc<dyn UpdateRule>, String> + Send + Sync>;
+type Factory = Arc<dyn Fn(&serde_json::Value) -> Result<Arc<dyn UpdateRule>, FactoryError> + Send + Sync>;
 
 /// Rules a server can build, by name: the built-ins plus any registered.
 #[derive(Clone, Default)]
@@ -297,14 +342,14 @@ impl RuleRegistry {
     pub fn register(
         &mut self,
         name: &str,
-        factory: impl Fn(&serde_json::Value) -> Result<Arc<dyn UpdateRule>, String> + Send + Sync + 'static,
+        factory: impl Fn(&serde_json::Value) -> Result<Arc<dyn UpdateRule>, FactoryError> + Send + Sync + 'static,
     ) {
         self.custom.insert(name.to_string(), Arc::new(factory));
     }
 
     /// The rule `spec` names, its parameters checked; an unregistered custom
     /// name is an error listing what is registered.
-    pub fn build(&self, spec: &RuleSpec) -> Result<Arc<dyn UpdateRule>, String> {
+    pub fn build(&self, spec: &RuleSpec) -> Result<Arc<dyn UpdateRule>, RuleError> {
         spec.validate()?;
         Ok(match spec {
             RuleSpec::Assign => Arc::new(Assign),
@@ -316,13 +361,11 @@ impl RuleRegistry {
             RuleSpec::BlockProx { l1, l2, max_step } => Arc::new(BlockProx { l1: *l1, l2: *l2, max_step: *max_step }),
             RuleSpec::Ftrl { alpha, beta, l1, l2 } => Arc::new(Ftrl { alpha: *alpha, beta: *beta, l1: *l1, l2: *l2 }),
             RuleSpec::Custom { name, params } => {
-                let f = self.custom.get(name).ok_or_else(|| {
-                    format!(
-                        "no update rule named {name:?} is registered in this server (registered: {:?}); register it with RuleRegistry::register before starting the node",
-                        self.custom.keys().collect::<Vec<_>>()
-                    )
+                let f = self.custom.get(name).ok_or_else(|| RuleError::Unregistered {
+                    name: name.clone(),
+                    registered: self.custom.keys().cloned().collect(),
                 })?;
-                f(params)?
+                f(params).map_err(|source| RuleError::Factory { name: name.clone(), source })?
             }
         })
     }
@@ -419,7 +462,7 @@ mod tests {
         let mut w = vec![1.0, 5.0];
         r.apply(&mut w, &mut [], &[3.0, 2.0], Kernels::best());
         assert_eq!(w, [3.0, 5.0]);
-        let e = RuleRegistry::default().build(&spec).unwrap_err();
+        let e = RuleRegistry::default().build(&spec).unwrap_err().to_string();
         assert!(e.contains("register it"), "{e}");
         assert!(RuleRegistry::default().build(&RuleSpec::Sgd { lr: -1.0 }).is_err());
     }

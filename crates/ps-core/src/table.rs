@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::SpecError;
 use crate::keys::{KeyRange, Layout, TableId};
 use crate::rules::RuleSpec;
 
@@ -81,41 +82,36 @@ impl TableSpec {
     }
 
     /// A problem with the spec itself, said so a user can fix the job file.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let name = || self.name.clone();
+        let id = self.id;
         if self.dim == 0 {
-            return Err(format!("table {} ({:?}): dim must be at least 1", self.name, self.id));
+            return Err(SpecError::ZeroDim { name: name(), id });
         }
         let keys = self.keys();
         if keys.is_empty() {
-            return Err(format!(
-                "table {} ({:?}): key range {}..{} is empty",
-                self.name, self.id, keys.begin, keys.end
-            ));
+            return Err(SpecError::EmptyKeys { name: name(), id, begin: keys.begin, end: keys.end });
         }
         if let Layout::Dense { keys } = self.layout {
             let floats = (keys.len() as u128) * self.dim as u128;
             if floats > crate::limits::DENSE_TABLE_FLOATS_MAX as u128 {
-                return Err(format!(
-                    "table {} ({:?}): dense {} keys x dim {} = {floats} floats is above the limit of {}; make it sparse",
-                    self.name,
-                    self.id,
-                    keys.len(),
-                    self.dim,
-                    crate::limits::DENSE_TABLE_FLOATS_MAX
-                ));
+                return Err(SpecError::DenseTooLarge {
+                    name: name(),
+                    id,
+                    keys: keys.len(),
+                    dim: self.dim,
+                    floats,
+                    max: crate::limits::DENSE_TABLE_FLOATS_MAX,
+                });
             }
         }
-        self.rule.validate().map_err(|e| format!("table {} ({:?}): {e}", self.name, self.id))?;
+        self.rule.validate().map_err(|source| SpecError::Rule { name: name(), id, source })?;
         for f in &self.filters {
-            f.validate().map_err(|e| format!("table {} ({:?}): {e}", self.name, self.id))?;
+            f.validate().map_err(|source| SpecError::Filter { name: name(), id, source })?;
         }
         if let crate::rules::RuleSpec::BlockProx { .. } = self.rule {
             if self.dim != 2 || !self.is_dense() || self.consistency.staleness().is_none() {
-                return Err(format!(
-                    "table {} ({:?}): the block_prox rule needs dim 2 ([w, G] per key), a dense layout and a \
-                     clock model (bounded:τ or sequential): it settles when every worker has finished a clock",
-                    self.name, self.id
-                ));
+                return Err(SpecError::BlockProxTable { name: name(), id });
             }
         }
         Ok(())

@@ -60,7 +60,7 @@ pub fn resume(core: &mut ShardCore) -> Result<(), CheckpointError> {
         path: path.clone(),
         source: std::io::Error::new(e.kind(), format!("mmap: {e}")),
     })?;
-    let label = core.restore(&map).map_err(|why| CheckpointError::Mismatch { path: path.clone(), why })?;
+    let label = core.restore(&map).map_err(|e| CheckpointError::Mismatch { path: path.clone(), why: e.to_string() })?;
     tracing::info!("server {} shard {}: resumed from checkpoint {label} ({})", o.server, o.shard, path.display());
     Ok(())
 }

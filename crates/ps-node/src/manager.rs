@@ -89,7 +89,7 @@ impl Manager {
         servers: u32,
         workers: u32,
     ) -> Result<Manager, NodeError> {
-        job.validate().map_err(NodeError::Job)?;
+        job.validate().map_err(|e| NodeError::Job(e.to_string()))?;
         let replicas = if replicas.is_empty() { vec![listen] } else { replicas };
         let me = replicas
             .iter()
@@ -123,7 +123,8 @@ impl Manager {
         let Manager { mut t, me, replicas, job, servers, workers } = self;
         let alone = replicas.len() == 1;
         let clock = StdClock(Instant::now());
-        let mut raft = Replica::new(me as u64 + 1, replicas.len() as u64).map_err(NodeError::Raft)?;
+        let mut raft =
+            Replica::new(me as u64 + 1, replicas.len() as u64).map_err(|e| NodeError::Raft(e.to_string()))?;
         let mut core: Option<ManagerCore> = None;
         let mut committed: Option<ManagerState> = None;
         let (mut seq, mut proposed): (u64, Option<ManagerState>) = (0, None);
@@ -175,12 +176,14 @@ impl Manager {
                 let hello = hellos.get(&peer).copied().unwrap_or(PeerHello { role: 0, node: 0 });
                 let r = if hello.role == Role::Manager as u8 {
                     match decode_control(f.bytes()) {
-                        Ok(Control::Raft { bytes }) => unhex(&bytes).and_then(|b| raft.step(&b)),
+                        Ok(Control::Raft { bytes }) => {
+                            unhex(&bytes).and_then(|b| raft.step(&b).map_err(|e| e.to_string()))
+                        }
                         Ok(other) => Err(format!("a manager replica sent {other:?}")),
                         Err(e) => Err(e.to_string()),
                     }
                 } else if let Some(c) = core.as_mut() {
-                    c.on_frame(peer, hello, f.bytes(), clock.now(), &mut cap)
+                    c.on_frame(peer, hello, f.bytes(), clock.now(), &mut cap).map_err(|e| e.to_string())
                 } else {
                     // not the leader: say who is, and let the node go there
                     // (the node closes; every frame it sends meanwhile gets the same small answer)
@@ -216,7 +219,7 @@ impl Manager {
                 if proposed.as_ref() != Some(&state) {
                     seq += 1;
                     let entry = serde_json::to_vec(&Committed { seq, state: state.clone() }).expect("state serialises");
-                    raft.propose(entry).map_err(NodeError::Raft)?;
+                    raft.propose(entry).map_err(|e| NodeError::Raft(e.to_string()))?;
                     proposed = Some(state);
                     held.push_back((seq, cap));
                 } else if let Some(last) = held.back_mut() {
@@ -277,12 +280,16 @@ impl Manager {
                     let _ = t.rx_burst(&mut rx, Some(Duration::from_millis(20)));
                     for f in rx.drain(..) {
                         if let Ok(Control::Raft { bytes }) = decode_control(f.bytes()) {
-                            let _ = unhex(&bytes).and_then(|b| raft.step(&b));
+                            let _ = unhex(&bytes).and_then(|b| raft.step(&b).map_err(|e| e.to_string()));
                         }
                         t.release(f);
                     }
                 }
-                return st.outcome.clone().unwrap_or(Err("ended without an outcome".into())).map_err(NodeError::Failed);
+                return st
+                    .outcome
+                    .clone()
+                    .unwrap_or(Err("ended without an outcome".into()))
+                    .map_err(|e| NodeError::Failed(e.reason));
             }
         }
     }

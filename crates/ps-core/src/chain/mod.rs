@@ -394,7 +394,7 @@ impl ChainCore {
     }
 
     /// See [`ShardCore::checkpoint_written`]; the answer goes to the client that asked.
-    pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), String>) {
+    pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), crate::checkpoint::WriteError>) {
         self.routed(tx, None, |core, sink| core.checkpoint_written(sink, r));
     }
 

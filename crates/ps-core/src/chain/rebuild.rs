@@ -192,7 +192,7 @@ impl ChainCore {
         let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(|| bad("cut short".into()))?.try_into().expect("8"));
         let end = usize::try_from(n).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len());
         let end = end.ok_or_else(|| bad("cut short".into()))?;
-        self.core.restore_live(&bytes[8..end]).map_err(bad)?;
+        self.core.restore_live(&bytes[8..end]).map_err(|e| bad(e.to_string()))?;
         let applied: Vec<(u32, u64)> = serde_json::from_slice(&bytes[end..]).map_err(|e| bad(e.to_string()))?;
         self.applied = applied.into_iter().collect();
         self.synced = true;

@@ -6,16 +6,21 @@
 
 use std::collections::BTreeSet;
 
-use super::ManagerCore;
+use super::{ManagerCore, ManagerError};
 use crate::control::{Control, Role};
 use crate::transport::{FrameSink, PeerId};
 
 impl ManagerCore {
     /// A worker reached barrier `name`.
-    pub(super) fn on_barrier(&mut self, peer: PeerId, name: String, tx: &mut dyn FrameSink) -> Result<(), String> {
+    pub(super) fn on_barrier(
+        &mut self,
+        peer: PeerId,
+        name: String,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), ManagerError> {
         let node = self.node_of(peer)?;
         if node.role != Role::Worker {
-            return Err("only workers take part in barriers".into());
+            return Err(ManagerError::BarrierNotWorker);
         }
         let rank = node.rank;
         self.barriers.entry(name).or_default().insert(rank);

@@ -151,7 +151,7 @@ mod tests {
 
     use super::super::testkit::*;
     use crate::control::{Control, Role};
-    use crate::manager::{ManagerCore, ManagerTimeouts, Phase};
+    use crate::manager::{JobFailed, ManagerCore, ManagerTimeouts, Phase};
     use crate::ring::Owner;
 
     #[test]
@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(m.phase(), Phase::Running);
         m.on_tick(Duration::from_secs(6), &mut out);
         assert_eq!(m.phase(), Phase::Ended);
-        let Some(Err(reason)) = m.outcome() else { panic!() };
+        let Some(Err(JobFailed { reason })) = m.outcome() else { panic!() };
         assert!(reason.contains("server 0") && reason.contains("presumed dead"), "{reason}");
         assert!(out.msgs().iter().any(|(peer, c)| *peer == p(1) && matches!(c, Control::Abort { .. })));
     }
@@ -178,7 +178,7 @@ mod tests {
         reg(&mut m, &mut out, 0, Role::Server, Duration::ZERO);
         reg(&mut m, &mut out, 1, Role::Worker, Duration::ZERO);
         m.on_closed(p(0), "connection reset", Duration::ZERO, &mut out);
-        let Some(Err(reason)) = m.outcome() else { panic!() };
+        let Some(Err(JobFailed { reason })) = m.outcome() else { panic!() };
         assert!(reason.contains("server 0") && reason.contains("connection reset"), "{reason}");
     }
 
@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(v.last().unwrap().head(Owner { server: 1, shard: 0 }), Some(2));
         // server 2 dies too: shard (1, 0) had its copies on 1 and 2 only
         m.on_closed(p(2), "reset", Duration::ZERO, &mut out);
-        let Some(Err(reason)) = m.outcome() else { panic!("{:?}", m.outcome()) };
+        let Some(Err(JobFailed { reason })) = m.outcome() else { panic!("{:?}", m.outcome()) };
         assert!(reason.contains("last copy of server 1 shard 0"), "{reason}");
     }
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use super::{ManagerCore, Node, Phase};
+use super::{ManagerCore, ManagerError, Node, Phase};
 use crate::control::{ClusterView, Control, Role, ServerInfo};
 use crate::transport::{FrameSink, PeerHello, PeerId};
 
@@ -22,16 +22,12 @@ impl ManagerCore {
         pid: u32,
         now: Duration,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), ManagerError> {
         let Some(i) = self.nodes.iter().position(|n| n.role == role && n.rank == rank && n.pid == pid) else {
-            let reason = format!("no {} {rank} (pid {pid}) is in this job", role.name());
-            self.send(tx, peer, &Control::Abort { reason: reason.clone() });
-            return Err(reason);
+            return Err(self.refuse(tx, peer, ManagerError::UnknownNode { role: role.name(), rank, pid }));
         };
         if self.dead(role, rank) {
-            let reason = format!("{} was found dead meanwhile and left out of the job", self.nodes[i].describe());
-            self.send(tx, peer, &Control::Abort { reason: reason.clone() });
-            return Err(reason);
+            return Err(self.refuse(tx, peer, ManagerError::FoundDead(self.nodes[i].describe())));
         }
         let n = &mut self.nodes[i];
         if n.connected {
@@ -52,6 +48,12 @@ impl ManagerCore {
         Ok(())
     }
 
+    /// Tells `peer` why it is turned away (an `Abort`), and gives that back.
+    fn refuse(&mut self, tx: &mut dyn FrameSink, peer: PeerId, e: ManagerError) -> ManagerError {
+        self.send(tx, peer, &Control::Abort { reason: e.to_string() });
+        e
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn register(
         &mut self,
@@ -64,32 +66,28 @@ impl ManagerCore {
         asked: Option<u32>,
         now: Duration,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), ManagerError> {
         if Role::from_u8(hello.role) != Some(role) {
-            return Err(format!("registered as {} but authenticated as role {}", role.name(), hello.role));
+            return Err(ManagerError::WrongRole { action: "registered", role: role.name(), authenticated: hello.role });
         }
         if self.by_peer.contains_key(&peer) {
-            return Err("registered twice".into());
+            return Err(ManagerError::RegisteredTwice);
         }
         let (have, want) = match role {
             Role::Server => (self.count(Role::Server), self.expect_servers),
             Role::Worker => (self.count(Role::Worker), self.expect_workers),
-            Role::Manager => return Err("a manager cannot register with a manager".into()),
+            Role::Manager => return Err(ManagerError::ManagerRegistered),
         };
         if self.phase != Phase::Registering || have >= want {
-            let reason = format!("this job already has its {want} {}s", role.name());
-            self.send(tx, peer, &Control::Abort { reason: reason.clone() });
-            return Err(reason);
+            return Err(self.refuse(tx, peer, ManagerError::JobFull { role: role.name(), want }));
         }
         if role == Role::Server && (ports.is_empty() || ports.len() > 1024) {
-            return Err(format!("a server must listen on 1..1024 shard ports, not {}", ports.len()));
+            return Err(ManagerError::ShardPorts(ports.len()));
         }
         let taken = |r: u32| self.nodes.iter().any(|n| n.role == role && n.rank == r);
         let rank = match asked {
             Some(r) if r >= want || taken(r) => {
-                let reason = format!("{} rank {r} is taken or not below {want}", role.name());
-                self.send(tx, peer, &Control::Abort { reason: reason.clone() });
-                return Err(reason);
+                return Err(self.refuse(tx, peer, ManagerError::RankTaken { role: role.name(), rank: r, want }));
             }
             Some(r) => r,
             None => (0..want).find(|&r| !taken(r)).expect("fewer than `want` registered"),
@@ -157,8 +155,8 @@ mod tests {
             )
         };
         reg_as(&mut m, &mut out, 0, Some(1)).unwrap();
-        assert!(reg_as(&mut m, &mut out, 1, Some(1)).unwrap_err().contains("taken"));
-        assert!(reg_as(&mut m, &mut out, 2, Some(2)).unwrap_err().contains("not below 2"));
+        assert!(reg_as(&mut m, &mut out, 1, Some(1)).unwrap_err().to_string().contains("taken"));
+        assert!(reg_as(&mut m, &mut out, 2, Some(2)).unwrap_err().to_string().contains("not below 2"));
         reg_as(&mut m, &mut out, 3, None).unwrap();
         reg(&mut m, &mut out, 4, Role::Worker, Duration::ZERO);
         let ranks: Vec<(PeerId, u32)> = out
@@ -184,6 +182,6 @@ mod tests {
             Control::Register { role: Role::Server, host: "h".into(), ports: vec![1], pid: 1, rank: None },
             Duration::ZERO,
         );
-        assert!(r.unwrap_err().contains("authenticated as role 3"));
+        assert!(r.unwrap_err().to_string().contains("authenticated as role 3"));
     }
 }

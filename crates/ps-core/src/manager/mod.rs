@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use crate::control::{send_control, ClusterView, Control, JobSpec, Role};
 use crate::transport::{FrameSink, PeerHello, PeerId};
-use crate::wire::{self, Frame};
+use crate::wire::{self, Frame, WireError};
 
 mod barriers;
 mod failover;
@@ -44,6 +44,130 @@ mod state;
 mod testkit;
 
 pub use state::ManagerState;
+
+/// Why the manager drops a node's connection: a frame it cannot read, a
+/// message the node may not send, or a registration it refuses (the text
+/// says which; a refused node is also sent an `Abort` with it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerError {
+    /// The frame does not decode, or its JSON is no control message.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// A data frame where a control frame belongs (its kind and header).
+    #[error("expected a control frame, got {0}")]
+    NotControl(String),
+    /// A control message a node may not send (the message).
+    #[error("a node may not send {0}")]
+    NotAllowed(String),
+    /// A message that needs a registered node, before `Register`.
+    #[error("message before Register")]
+    NotRegistered,
+    /// `Done` before `Register`.
+    #[error("Done before Register")]
+    DoneBeforeRegister,
+    /// A node registers or rejoins as another role than it authenticated as.
+    #[error("{action} as {role} but authenticated as role {authenticated}")]
+    WrongRole {
+        /// "registered" or "rejoined"
+        action: &'static str,
+        /// the role it claims
+        role: &'static str,
+        /// the role byte of its handshake
+        authenticated: u8,
+    },
+    /// A connection registers a second time.
+    #[error("registered twice")]
+    RegisteredTwice,
+    /// A manager replica registers as a node.
+    #[error("a manager cannot register with a manager")]
+    ManagerRegistered,
+    /// Every node of the role is in already, or the job has started.
+    #[error("this job already has its {want} {role}s")]
+    JobFull {
+        /// the role
+        role: &'static str,
+        /// how many of it the job has
+        want: u32,
+    },
+    /// A server registers with no shard port or too many.
+    #[error("a server must listen on 1..1024 shard ports, not {0}")]
+    ShardPorts(usize),
+    /// The rank a node asked for is taken or beyond the job's.
+    #[error("{role} rank {rank} is taken or not below {want}")]
+    RankTaken {
+        /// the role
+        role: &'static str,
+        /// the rank asked for
+        rank: u32,
+        /// how many of the role the job has
+        want: u32,
+    },
+    /// A node rejoins that the job does not know.
+    #[error("no {role} {rank} (pid {pid}) is in this job")]
+    UnknownNode {
+        /// its role
+        role: &'static str,
+        /// its rank
+        rank: u32,
+        /// its process id
+        pid: u32,
+    },
+    /// A node rejoins that was found dead and left out (the node).
+    #[error("{0} was found dead meanwhile and left out of the job")]
+    FoundDead(String),
+    /// A node that is not a worker reached a barrier.
+    #[error("only workers take part in barriers")]
+    BarrierNotWorker,
+    /// A node that is not a server reported copy ports.
+    #[error("only servers hold copies")]
+    CopiesNotServer,
+    /// A report about copies before the job started (what was reported).
+    #[error("{0} before the job started")]
+    NotStarted(&'static str),
+    /// A server reported another number of copy ports than the job needs.
+    #[error("server {rank} reported {got} copy ports, the job needs {want}")]
+    CopyPorts {
+        /// the server
+        rank: u32,
+        /// ports reported
+        got: usize,
+        /// ports the job needs
+        want: usize,
+    },
+    /// A server says a copy is ready that it does not hold.
+    #[error("server {rank} holds no copy of shard ({server}, {shard})")]
+    NoCopy {
+        /// the reporting server
+        rank: u32,
+        /// the shard's server
+        server: u32,
+        /// the shard, on that server
+        shard: u32,
+    },
+}
+
+/// Why a job failed, as the manager decided (a node failed, went silent,
+/// left early, or took a chain's last copy with it): the text names the node
+/// and why. Replicated as a plain string.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+#[error("{reason}")]
+pub struct JobFailed {
+    /// what failed, and why
+    pub reason: String,
+}
+
+impl From<String> for JobFailed {
+    fn from(reason: String) -> Self {
+        Self { reason }
+    }
+}
+
+impl From<&str> for JobFailed {
+    fn from(reason: &str) -> Self {
+        Self { reason: reason.to_string() }
+    }
+}
 
 /// Where the job is in its life; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -115,7 +239,7 @@ pub struct ManagerCore {
     phase: Phase,
     phase_since: Duration,
     barriers: BTreeMap<String, BTreeSet<u32>>,
-    outcome: Option<Result<String, String>>,
+    outcome: Option<Result<String, JobFailed>>,
     log: Vec<String>,
     /// the view handed out, kept up to date once the job runs
     view: Option<ClusterView>,
@@ -174,7 +298,7 @@ impl ManagerCore {
     }
 
     /// `Ok(summary)` once the job ended well, `Err(reason)` once it failed.
-    pub fn outcome(&self) -> Option<&Result<String, String>> {
+    pub fn outcome(&self) -> Option<&Result<String, JobFailed>> {
         self.outcome.as_ref()
     }
 
@@ -208,7 +332,7 @@ impl ManagerCore {
         self.log.push(format!("job failed: {reason}"));
         self.broadcast(tx, &[Role::Server, Role::Worker], &Control::Abort { reason: reason.clone() });
         self.phase = Phase::Ended;
-        self.outcome = Some(Err(reason));
+        self.outcome = Some(Err(JobFailed { reason }));
     }
 
     /// A peer passed the handshake. Nothing happens until it registers.
@@ -222,12 +346,12 @@ impl ManagerCore {
         frame: &[u8],
         now: Duration,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
-        let json = match wire::decode(frame, crate::limits::CONTROL_BYTES_MAX + 64).map_err(|e| e.to_string())? {
+    ) -> Result<(), ManagerError> {
+        let json = match wire::decode(frame, crate::limits::CONTROL_BYTES_MAX + 64)? {
             Frame::Control(j) => j,
-            other => return Err(format!("expected a control frame, got {other:?}")),
+            other => return Err(ManagerError::NotControl(format!("{other:?}"))),
         };
-        let msg = Control::from_json(json).map_err(|e| e.to_string())?;
+        let msg = Control::from_json(json)?;
         if let Some(&i) = self.by_peer.get(&peer) {
             self.nodes[i].last_seen = now;
         }
@@ -246,7 +370,11 @@ impl ManagerCore {
             }
             Control::Rejoin { role, rank, pid } => {
                 if Role::from_u8(hello.role) != Some(role) {
-                    return Err(format!("rejoined as {} but authenticated as role {}", role.name(), hello.role));
+                    return Err(ManagerError::WrongRole {
+                        action: "rejoined",
+                        role: role.name(),
+                        authenticated: hello.role,
+                    });
                 }
                 self.rejoin(peer, role, rank, pid, now, tx)
             }
@@ -257,12 +385,12 @@ impl ManagerCore {
             Control::CopySynced { owner, id } => self.on_copy_synced(peer, owner, id, tx),
             Control::CopyReady { owner, id } => self.on_copy_ready(peer, owner, id, tx),
             Control::Done { ok, message } => self.on_done(peer, ok, message, now, tx),
-            other => Err(format!("a node may not send {other:?}")),
+            other => Err(ManagerError::NotAllowed(format!("{other:?}"))),
         }
     }
 
-    fn node_of(&self, peer: PeerId) -> Result<&Node, String> {
-        self.by_peer.get(&peer).map(|&i| &self.nodes[i]).ok_or_else(|| "message before Register".to_string())
+    fn node_of(&self, peer: PeerId) -> Result<&Node, ManagerError> {
+        self.by_peer.get(&peer).map(|&i| &self.nodes[i]).ok_or(ManagerError::NotRegistered)
     }
 }
 

@@ -5,23 +5,28 @@
 //! Reports only: this file must never place a copy (failover does), and never
 //! count a copy in its chain before the chain's tail says it is ready.
 
-use super::ManagerCore;
+use super::{ManagerCore, ManagerError};
 use crate::control::Role;
 use crate::ring::Owner;
 use crate::transport::{FrameSink, PeerId};
 
 impl ManagerCore {
     /// A server's ports for the copies it holds of other servers' shards.
-    pub(super) fn on_copies(&mut self, peer: PeerId, ports: Vec<u16>, tx: &mut dyn FrameSink) -> Result<(), String> {
+    pub(super) fn on_copies(
+        &mut self,
+        peer: PeerId,
+        ports: Vec<u16>,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), ManagerError> {
         let node = self.node_of(peer)?;
         if node.role != Role::Server {
-            return Err("only servers hold copies".into());
+            return Err(ManagerError::CopiesNotServer);
         }
         let rank = node.rank;
-        let Some(v) = self.view.as_mut() else { return Err("copies before the job started".into()) };
+        let Some(v) = self.view.as_mut() else { return Err(ManagerError::NotStarted("copies")) };
         let want = (v.copies() as usize - 1) * v.servers[rank as usize].ports.len();
         if ports.len() != want {
-            return Err(format!("server {rank} reported {} copy ports, the job needs {want}", ports.len()));
+            return Err(ManagerError::CopyPorts { rank, got: ports.len(), want });
         }
         if v.servers[rank as usize].copy_ports == ports {
             // told again after it rejoined a new leader: nothing changed
@@ -43,9 +48,9 @@ impl ManagerCore {
         id: u64,
         port: u16,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), ManagerError> {
         let rank = self.node_of(peer)?.rank;
-        let Some(v) = self.view.as_mut() else { return Err("a copy before the job started".into()) };
+        let Some(v) = self.view.as_mut() else { return Err(ManagerError::NotStarted("a copy")) };
         let Some(p) = v.placed.iter_mut().find(|p| p.id == id && p.owner == owner && p.server == rank && p.port == 0)
         else {
             return Ok(()); // told again after a new leader: known already
@@ -62,9 +67,9 @@ impl ManagerCore {
         owner: Owner,
         id: u64,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), ManagerError> {
         let rank = self.node_of(peer)?.rank;
-        let Some(v) = self.view.as_mut() else { return Err("a copy before the job started".into()) };
+        let Some(v) = self.view.as_mut() else { return Err(ManagerError::NotStarted("a copy")) };
         let Some(p) = v.placed.iter_mut().find(|p| p.id == id && p.owner == owner && p.server == rank && !p.synced)
         else {
             return Ok(());
@@ -81,12 +86,12 @@ impl ManagerCore {
         owner: Owner,
         id: u64,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), ManagerError> {
         let rank = self.node_of(peer)?.rank;
-        let Some(v) = self.view.as_mut() else { return Err("a copy before the job started".into()) };
+        let Some(v) = self.view.as_mut() else { return Err(ManagerError::NotStarted("a copy")) };
         // from the chain's tail, which saw the copy acknowledge what it answered before
         if !v.chain(owner).contains(&rank) {
-            return Err(format!("server {rank} holds no copy of shard ({}, {})", owner.server, owner.shard));
+            return Err(ManagerError::NoCopy { rank, server: owner.server, shard: owner.shard });
         }
         let Some(p) = v.placed.iter_mut().find(|p| p.id == id && p.owner == owner && p.synced && !p.ready) else {
             return Ok(());

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use super::{ManagerCore, Phase};
+use super::{ManagerCore, ManagerError, Phase};
 use crate::control::{Control, Role};
 use crate::transport::{FrameSink, PeerId};
 
@@ -19,8 +19,8 @@ impl ManagerCore {
         message: String,
         now: Duration,
         tx: &mut dyn FrameSink,
-    ) -> Result<(), String> {
-        let i = *self.by_peer.get(&peer).ok_or("Done before Register")?;
+    ) -> Result<(), ManagerError> {
+        let i = *self.by_peer.get(&peer).ok_or(ManagerError::DoneBeforeRegister)?;
         self.nodes[i].done = true;
         let who = self.nodes[i].describe();
         if !ok {

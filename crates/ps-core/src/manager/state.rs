@@ -36,7 +36,7 @@ pub struct ManagerState {
     pub phase: Phase,
     pub(crate) barriers: BTreeMap<String, BTreeSet<u32>>,
     /// `Ok(summary)` once the job ended well, `Err(reason)` once it failed.
-    pub outcome: Option<Result<String, String>>,
+    pub outcome: Option<Result<String, super::JobFailed>>,
     pub(crate) view: Option<ClusterView>,
     pub(crate) losses: Vec<String>,
 }

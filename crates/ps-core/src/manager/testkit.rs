@@ -63,7 +63,7 @@ pub(super) fn ctl(
     role: Role,
     msg: Control,
     now: Duration,
-) -> Result<(), String> {
+) -> Result<(), super::ManagerError> {
     let json = msg.to_json();
     let mut f = vec![0u8; wire::control_len(json.len())];
     wire::write_control(&mut f, &json);

@@ -56,8 +56,8 @@ use crate::clock::{ClockBoard, Consistency};
 use crate::control::ClusterView;
 use crate::kernels::Kernels;
 use crate::keys::{Key, Layout, TableId};
-use crate::ring::Owner;
-use crate::rules::RuleRegistry;
+use crate::ring::{Owner, RingError};
+use crate::rules::{RuleError, RuleRegistry};
 use crate::store::{DenseStore, SparseStore};
 use crate::transport::{FrameSink, PeerId, TxError};
 use crate::wire::{self, DataHeader, Frame, Kind, WireError};
@@ -109,6 +109,36 @@ pub enum ShardError {
     Tx(#[from] TxError),
 }
 
+/// Why a shard's stores cannot be built for a view (the text names the table).
+#[derive(Debug, thiserror::Error)]
+pub enum ShardSetupError {
+    /// The view's ring cannot be built (fix the job's `partitions` or servers).
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    /// A table's update rule cannot be built.
+    #[error("table {table}: {source}")]
+    Rule {
+        /// the table's name
+        table: String,
+        /// why its rule cannot be built
+        source: RuleError,
+    },
+    /// A table with a settling rule that is not dense or has no clock model.
+    #[error("table {table}: a settling rule needs a dense table under a clock model (bounded:τ or sequential)")]
+    SettlingTable {
+        /// the table's name
+        table: String,
+    },
+    /// A table's slab (its memory) could not be mapped.
+    #[error("table {table}: slab: {source}")]
+    Slab {
+        /// the table's name
+        table: String,
+        /// the mapping's error
+        source: std::io::Error,
+    },
+}
+
 /// One shard's state machine: the tables of the key ranges it owns, the merges
 /// of pushes, the answers to pulls and the clocks of staleness-bounded tables.
 #[derive(Debug)]
@@ -158,13 +188,14 @@ impl ShardCore {
         owner: Owner,
         rules: &RuleRegistry,
         kernels: &'static Kernels,
-    ) -> Result<Self, String> {
-        let ring = view.ring().map_err(|e| e.to_string())?;
+    ) -> Result<Self, ShardSetupError> {
+        let ring = view.ring()?;
         let mut tables = BTreeMap::new();
         let mut boards = BTreeMap::new();
         let mut eager = BTreeMap::new();
         let mut settling = HashSet::new();
         let workers = view.workers as usize;
+        let slab = |t: &crate::table::TableSpec, source| ShardSetupError::Slab { table: t.name.clone(), source };
         for t in &view.job.tables {
             if t.consistency.staleness().is_some() {
                 boards.insert(t.id, (t.consistency, ClockBoard::new(t.keys(), workers)));
@@ -181,24 +212,22 @@ impl ShardCore {
                     },
                 );
             }
-            let rule = rules.build(&t.rule).map_err(|e| format!("table {}: {e}", t.name))?;
+            let rule =
+                rules.build(&t.rule).map_err(|source| ShardSetupError::Rule { table: t.name.clone(), source })?;
             if rule.settles() {
                 if !t.is_dense() || t.consistency.staleness().is_none() {
-                    return Err(format!(
-                        "table {}: a settling rule needs a dense table under a clock model (bounded:τ or sequential)",
-                        t.name
-                    ));
+                    return Err(ShardSetupError::SettlingTable { table: t.name.clone() });
                 }
                 settling.insert(t.id);
             }
             let owned = ring.owned_ranges(t.keys(), owner);
             let store = match t.layout {
-                Layout::Dense { keys } => TableStore::Dense(
-                    DenseStore::new(keys, t.dim, &owned, rule).map_err(|e| format!("table {}: slab: {e}", t.name))?,
-                ),
+                Layout::Dense { keys } => {
+                    TableStore::Dense(DenseStore::new(keys, t.dim, &owned, rule).map_err(|source| slab(t, source))?)
+                }
                 Layout::Sparse { .. } => TableStore::Sparse(
                     SparseStore::new(t.dim, owned, rule, crate::limits::SPARSE_SLAB_BLOCKS)
-                        .map_err(|e| format!("table {}: slab: {e}", t.name))?,
+                        .map_err(|source| slab(t, source))?,
                 ),
             };
             tables.insert(t.id, (t.dim, store));

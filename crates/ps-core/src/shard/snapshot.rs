@@ -7,6 +7,7 @@
 //! refused with what differs), or answer a checkpoint request before the
 //! server said its bytes are written.
 
+use crate::checkpoint::{CheckpointError, WriteError};
 use crate::transport::{FrameSink, PeerId};
 use crate::wire::{DataHeader, Kind};
 
@@ -72,15 +73,15 @@ impl ShardCore {
 
     /// Takes the state of [`ShardCore::live_snapshot`] (this shard is new:
     /// nothing merged yet). Refused, with why, if it does not fit.
-    pub fn restore_live(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let n =
-            bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8"))).ok_or("a live snapshot cut short")?;
-        let n = usize::try_from(n).map_err(|_| "a live snapshot's length")?;
-        let end = n.checked_add(8).filter(|&e| e <= bytes.len()).ok_or("a live snapshot cut short")?;
+    pub fn restore_live(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8"))).ok_or(CheckpointError::LiveCut)?;
+        let n = usize::try_from(n).map_err(|_| CheckpointError::LiveLength)?;
+        let end = n.checked_add(8).filter(|&e| e <= bytes.len()).ok_or(CheckpointError::LiveCut)?;
         self.restore(&bytes[8..end])?;
-        let live: LiveState = serde_json::from_slice(&bytes[end..]).map_err(|e| format!("a live snapshot: {e}"))?;
+        let live: LiveState =
+            serde_json::from_slice(&bytes[end..]).map_err(|e| CheckpointError::LiveState(e.to_string()))?;
         if live.clocks.len() != self.clocks.len() {
-            return Err(format!("a live snapshot of {} workers, the job has {}", live.clocks.len(), self.clocks.len()));
+            return Err(CheckpointError::LiveWorkers { snapshot: live.clocks.len(), job: self.clocks.len() });
         }
         for (rank, &c) in live.clocks.iter().enumerate() {
             self.finish_clock(rank, c);
@@ -99,7 +100,7 @@ impl ShardCore {
     }
 
     /// Answers the checkpoint request: an `Ack` once written, or an `Error` with why not.
-    pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), String>) {
+    pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), WriteError>) {
         let Some((peer, h)) = self.checkpoint.take() else { return };
         match r {
             Ok(()) => {
@@ -117,30 +118,32 @@ impl ShardCore {
     /// Puts back a checkpoint this shard wrote (before any worker connects);
     /// returns its label. Refused, with what differs, if the checkpoint is of
     /// another server or shard, or of other tables.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<u64, String> {
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<u64, CheckpointError> {
         let (h, images) = crate::checkpoint::decode(bytes)?;
         if (h.server, h.shard) != (self.owner.server, self.owner.shard) {
-            return Err(format!(
-                "the checkpoint is of server {} shard {}, this is server {} shard {}",
-                h.server, h.shard, self.owner.server, self.owner.shard
-            ));
+            return Err(CheckpointError::OtherShard {
+                server: h.server,
+                shard: h.shard,
+                this_server: self.owner.server,
+                this_shard: self.owner.shard,
+            });
         }
         if images.len() != self.tables.len() {
-            return Err(format!("the checkpoint has {} tables, the job {}", images.len(), self.tables.len()));
+            return Err(CheckpointError::TableCount { checkpoint: images.len(), job: self.tables.len() });
         }
         for img in images {
             let Some((dim, store)) = self.tables.get_mut(&img.id) else {
-                return Err(format!("the checkpoint has table {}, the job does not", img.id.0));
+                return Err(CheckpointError::UnknownTable(img.id.0));
             };
             if *dim != img.dim {
-                return Err(format!("table {}: dim {} in the checkpoint, {dim} in the job", img.id.0, img.dim));
+                return Err(CheckpointError::Dim { table: img.id.0, checkpoint: img.dim, job: *dim });
             }
             match store {
                 TableStore::Dense(d) if !img.sparse => d.restore(&img.vals, &img.state),
                 TableStore::Sparse(s) if img.sparse => s.restore(&img.keys, &img.vals, &img.state),
-                _ => Err("dense in one, sparse in the other".into()),
+                _ => Err(CheckpointError::Layout),
             }
-            .map_err(|e| format!("table {}: {e}", img.id.0))?;
+            .map_err(|e| CheckpointError::Table { table: img.id.0, source: Box::new(e) })?;
         }
         Ok(h.label)
     }
@@ -209,12 +212,12 @@ mod tests {
         assert_eq!(values(&mut sink), want);
         // another shard's, or another job's tables: refused with the reason
         let mut other = shard_of(vec![TableSpec::dense(0, "d", KeyRange::new(0, 1000), 2, RuleSpec::Sum)]);
-        assert!(other.restore(&bytes).unwrap_err().contains("tables"));
+        assert!(other.restore(&bytes).unwrap_err().to_string().contains("tables"));
         let mut wrong_dim = shard_of(vec![
             TableSpec::dense(0, "d", KeyRange::new(0, 1000), 2, RuleSpec::Sum),
             TableSpec::sparse(1, "s", KeyRange::FULL, 2, RuleSpec::Sum),
         ]);
-        assert!(wrong_dim.restore(&bytes).unwrap_err().contains("dim"));
+        assert!(wrong_dim.restore(&bytes).unwrap_err().to_string().contains("dim"));
         assert!(shard_of(tables()).restore(&bytes[..bytes.len() / 2]).is_err());
         // a failed write is an error frame to the asker
         s.handle(B, &ask, &mut sink).unwrap();

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::{BlockStore, DenseLayout, StoreError};
+use crate::checkpoint::CheckpointError;
 use crate::kernels::Kernels;
 use crate::keys::{Key, KeyRange};
 use crate::rules::UpdateRule;
@@ -122,15 +123,15 @@ impl DenseStore {
 
     /// Puts back what [`DenseStore::snapshot`] took, through the same versioned
     /// block writes as a push (the slabs stay where they are, registered or not).
-    pub fn restore(&mut self, vals: &[f32], state: &[f32]) -> Result<(), String> {
+    pub fn restore(&mut self, vals: &[f32], state: &[f32]) -> Result<(), CheckpointError> {
         let floats = self.layout.floats() as usize;
         if vals.len() != floats || state.len() != self.state.len() {
-            return Err(format!(
-                "the checkpoint holds {} values and {} state floats; this shard owns {floats} and {}",
-                vals.len(),
-                state.len(),
-                self.state.len()
-            ));
+            return Err(CheckpointError::DenseCounts {
+                values: vals.len(),
+                state: state.len(),
+                owned: floats,
+                owned_state: self.state.len(),
+            });
         }
         self.values.update_span(0, floats, |w, off| w.copy_from_slice(&vals[off..off + w.len()]));
         self.state.copy_from_slice(state);

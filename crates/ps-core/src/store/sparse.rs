@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use super::{BlockStore, StoreError};
+use crate::checkpoint::CheckpointError;
 use crate::kernels::Kernels;
 use crate::keys::{Key, KeyRange};
 use crate::rules::UpdateRule;
@@ -195,23 +196,18 @@ impl SparseStore {
     }
 
     /// Puts back what [`SparseStore::snapshot`] took into an empty store.
-    pub fn restore(&mut self, keys: &[Key], vals: &[f32], state: &[f32]) -> Result<(), String> {
+    pub fn restore(&mut self, keys: &[Key], vals: &[f32], state: &[f32]) -> Result<(), CheckpointError> {
         let (dim, spv) = (self.dim, self.rule.state_per_value());
         if !self.index.is_empty() {
-            return Err("a sparse store is restored only when empty".into());
+            return Err(CheckpointError::NotEmpty);
         }
         if vals.len() != keys.len() * dim || state.len() != keys.len() * dim * spv {
-            return Err(format!(
-                "the checkpoint's {} keys come with {} values and {} state floats",
-                keys.len(),
-                vals.len(),
-                state.len()
-            ));
+            return Err(CheckpointError::SparseCounts { keys: keys.len(), values: vals.len(), state: state.len() });
         }
-        crate::keys::check_sorted(keys).map_err(|e| e.to_string())?;
-        self.prepare_pull(keys).map_err(|e| e.to_string())?;
-        self.insert_missing(keys).map_err(|e| e.to_string())?;
-        self.prepare_pull(keys).map_err(|e| e.to_string())?;
+        crate::keys::check_sorted(keys).map_err(CheckpointError::Keys)?;
+        self.prepare_pull(keys)?;
+        self.insert_missing(keys)?;
+        self.prepare_pull(keys)?;
         let slots = std::mem::take(&mut self.batch_slots);
         for (i, &s) in slots.iter().enumerate() {
             let base = self.slot_base(s);

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::responses::PullOut;
+use super::responses::{PullOut, Violation};
 use super::{key_iter, Keys, OwnedKeys, Timestamp, WorkerCore};
 use crate::cache::{Cache, CacheStats, Lookup};
 use crate::clock::Consistency;
@@ -166,26 +166,26 @@ impl WorkerCore {
         h: &DataHeader,
         keys_b: &[u8],
         vals_b: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), Violation> {
         let table = TableId(h.table);
         if !self.watch_out.remove(&(peer, table)) {
-            return Err(format!("a refresh of table {} nobody watched for", h.table));
+            return Err(Violation::UnwatchedRefresh(h.table));
         }
         // watch for the next one (sent by `pump`) while the table is cached
         if self.caches.contains_key(&table) {
             self.watch_due.push((peer, table));
         }
         let Some(t) = self.tables.get(&TableId(h.table)) else {
-            return Err(format!("a refresh of unknown table {}", h.table));
+            return Err(Violation::RefreshUnknownTable(h.table));
         };
         let Some(c) = self.caches.get_mut(&TableId(h.table)) else { return Ok(()) };
         if h.b != h.a.saturating_mul(t.dim as u64) {
-            return Err(format!("a refresh of {} keys with {} values (dim {})", h.a, h.b, t.dim));
+            return Err(Violation::RefreshValues { keys: h.a, values: h.b, dim: t.dim });
         }
         let keys: Vec<Key> = keys_b.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8"))).collect();
         let range = t.keys();
         if keys.iter().any(|&k| !range.contains(k)) {
-            return Err(format!("a refresh of keys outside table {}", h.table));
+            return Err(Violation::RefreshOutside(h.table));
         }
         let mut vals = vec![0.0f32; h.b as usize];
         wire::copy_vals(&mut vals, vals_b);

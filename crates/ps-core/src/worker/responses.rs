@@ -15,6 +15,48 @@ use crate::ring::Owner;
 use crate::transport::PeerId;
 use crate::wire::{self, DataHeader, Frame, Kind};
 
+/// How a shard's frame broke the protocol: the worker drops the connection
+/// it came on (the text follows "protocol violation from PEER: ").
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Violation {
+    /// A dense answer starts before the request's first value.
+    #[error("response before the request")]
+    BeforeRequest,
+    /// A dense answer ends after the request's last value.
+    #[error("response beyond the request")]
+    BeyondRequest,
+    /// A sparse answer to a chunk never sent.
+    #[error("unknown sub {0}")]
+    UnknownSub(u32),
+    /// A sparse answer with values that do not fit its chunk's keys.
+    #[error("sub {sub} carries {values} values for {keys} keys")]
+    SubValues { sub: u32, values: u64, keys: usize },
+    /// An answer to a timestamp not pending.
+    #[error("response for unknown timestamp {0}")]
+    UnknownResponse(u64),
+    /// A refusal of a timestamp not pending.
+    #[error("error for unknown timestamp {0}")]
+    UnknownError(u64),
+    /// More answers than the operation sent frames.
+    #[error("too many responses for timestamp {0}")]
+    TooManyResponses(u64),
+    /// Values in answer to a push.
+    #[error("values for push {0}")]
+    ValuesForPush(u64),
+    /// A refresh of a table no `Watch` asked for.
+    #[error("a refresh of table {0} nobody watched for")]
+    UnwatchedRefresh(u32),
+    /// A refresh of a table the job does not have.
+    #[error("a refresh of unknown table {0}")]
+    RefreshUnknownTable(u32),
+    /// A refresh whose values do not fit its keys.
+    #[error("a refresh of {keys} keys with {values} values (dim {dim})")]
+    RefreshValues { keys: u64, values: u64, dim: u32 },
+    /// A refresh of keys outside the table's range.
+    #[error("a refresh of keys outside table {0}")]
+    RefreshOutside(u32),
+}
+
 /// Where a pull's answers land.
 #[derive(Debug)]
 pub(super) struct PullOut {
@@ -49,22 +91,22 @@ impl PullOut {
     }
 
     /// A dense answer: `h.b` floats from flat float `h.a`.
-    fn land_dense(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
-        let off = h.a.checked_sub(self.base).ok_or_else(|| "response before the request".to_string())? as usize;
+    fn land_dense(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), Violation> {
+        let off = h.a.checked_sub(self.base).ok_or(Violation::BeforeRequest)? as usize;
         let dst = off
             .checked_add(h.b as usize)
             .and_then(|end| self.vals.get_mut(off..end))
-            .ok_or_else(|| "response beyond the request".to_string())?;
+            .ok_or(Violation::BeyondRequest)?;
         wire::copy_vals(dst, vals);
         Ok(())
     }
 
     /// A sparse answer: the values of the keys of chunk `h.sub`, in order.
-    fn land_sparse(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
-        let sub = self.subs.get(h.sub as usize).cloned().ok_or_else(|| format!("unknown sub {}", h.sub))?;
+    fn land_sparse(&mut self, h: &DataHeader, vals: &[u8]) -> Result<(), Violation> {
+        let sub = self.subs.get(h.sub as usize).cloned().ok_or(Violation::UnknownSub(h.sub))?;
         let keys: usize = self.ranges[sub.clone()].iter().map(|r| r.len()).sum();
         if keys * self.dim != h.b as usize {
-            return Err(format!("sub {} carries {} values for {keys} keys", h.sub, h.b));
+            return Err(Violation::SubValues { sub: h.sub, values: h.b, keys });
         }
         let mut at = 0;
         for r in &self.ranges[sub] {
@@ -101,27 +143,27 @@ impl WorkerCore {
         let bad = |what: String| PsError::Transport(format!("protocol violation from {peer:?}: {what}"));
         match wire::decode(frame, self.body_max).map_err(|e| bad(e.to_string()))? {
             Frame::Data { h, keys, vals } if h.kind == Kind::Refresh => {
-                self.on_refresh(peer, &h, keys, vals).map_err(bad)
+                self.on_refresh(peer, &h, keys, vals).map_err(|e| bad(e.to_string()))
             }
             // a Bind's answer (failover)
             Frame::Data { h, .. } if h.kind == Kind::Ack && h.ts == 0 && self.failover.is_some() => Ok(()),
             Frame::Data { h, vals, .. } if matches!(h.kind, Kind::Ack | Kind::PullResp) => {
-                self.on_answer(peer, &h, vals).map_err(bad)
+                self.on_answer(peer, &h, vals).map_err(|e| bad(e.to_string()))
             }
-            Frame::Error { h, message } => self.on_error(peer, &h, message).map_err(bad),
+            Frame::Error { h, message } => self.on_error(peer, &h, message).map_err(|e| bad(e.to_string())),
             other => Err(bad(format!("unexpected frame {other:?}"))),
         }
     }
 
     /// An `Ack` or a `PullResp`: one frame of `h.ts` answered.
-    fn on_answer(&mut self, peer: PeerId, h: &DataHeader, vals: &[u8]) -> Result<(), String> {
+    fn on_answer(&mut self, peer: PeerId, h: &DataHeader, vals: &[u8]) -> Result<(), Violation> {
         self.answered(peer, h);
-        let p = self.pending.get_mut(&h.ts).ok_or_else(|| format!("response for unknown timestamp {}", h.ts))?;
+        let p = self.pending.get_mut(&h.ts).ok_or(Violation::UnknownResponse(h.ts))?;
         if p.frames_left == 0 {
-            return Err(format!("too many responses for timestamp {}", h.ts));
+            return Err(Violation::TooManyResponses(h.ts));
         }
         if h.kind == Kind::PullResp {
-            let Some(out) = p.pull.as_mut() else { return Err(format!("values for push {}", h.ts)) };
+            let Some(out) = p.pull.as_mut() else { return Err(Violation::ValuesForPush(h.ts)) };
             if h.dense {
                 out.land_dense(h, vals)?;
             } else {
@@ -140,12 +182,12 @@ impl WorkerCore {
 
     /// A shard refused one frame of `h.ts`: the operation fails with the
     /// first such reason once all its frames are answered.
-    fn on_error(&mut self, peer: PeerId, h: &DataHeader, message: &str) -> Result<(), String> {
+    fn on_error(&mut self, peer: PeerId, h: &DataHeader, message: &str) -> Result<(), Violation> {
         let owner = self.peer_owner.get(&peer).copied().unwrap_or(Owner { server: u32::MAX, shard: u32::MAX });
         self.answered(peer, h);
-        let p = self.pending.get_mut(&h.ts).ok_or_else(|| format!("error for unknown timestamp {}", h.ts))?;
+        let p = self.pending.get_mut(&h.ts).ok_or(Violation::UnknownError(h.ts))?;
         if p.frames_left == 0 {
-            return Err(format!("too many responses for timestamp {}", h.ts));
+            return Err(Violation::TooManyResponses(h.ts));
         }
         p.frames_left -= 1;
         p.error.get_or_insert(PsError::Rejected {

@@ -150,7 +150,8 @@ pub fn run_server(
     let board = link.board().clone();
     let mut threads = Units::new(&link);
     for ((owner, h, name), mut t) in units.into_iter().zip(all) {
-        let mut core = ShardCore::new(&view, owner, &RuleRegistry::default(), kernels).map_err(NodeError::Shard)?;
+        let mut core = ShardCore::new(&view, owner, &RuleRegistry::default(), kernels)
+            .map_err(|e| NodeError::Shard(e.to_string()))?;
         resume(&mut core)?;
         net::export_slabs(&mut t, &core)?;
         let chain = ChainCore::new(core, rank, view.chain(owner));
@@ -179,7 +180,8 @@ pub fn run_server(
             let tcp = listen(None, &format!("rebuilt copy of shard ({}, {h})", p.owner.server))?;
             let port = tcp.local_addr().expect("listening").port();
             let mut t = net::server_transports(vec![tcp], netopts)?.pop().expect("one transport");
-            let core = ShardCore::new(&v, p.owner, &RuleRegistry::default(), kernels).map_err(NodeError::Shard)?;
+            let core = ShardCore::new(&v, p.owner, &RuleRegistry::default(), kernels)
+                .map_err(|e| NodeError::Shard(e.to_string()))?;
             net::export_slabs(&mut t, &core)?;
             let chain = ChainCore::new_joining(core, rank, p.id);
             let name = format!("rebuilt-{}.{h}", p.owner.server);

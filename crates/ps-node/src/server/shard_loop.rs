@@ -227,7 +227,7 @@ fn shard_loop(
             if let Err(e) = &r {
                 tracing::error!("{me}: checkpoint {label}: {e}");
             }
-            chain.checkpoint_written(&mut t, r);
+            chain.checkpoint_written(&mut t, r.map_err(Into::into));
         }
         let _ = t.flush();
         t.events(&mut events);

@@ -137,7 +137,9 @@ pub fn enable_failover(
     let reconnect = Box::new(move |t: &mut NodeTransport, owner: Owner| {
         let view = reconnect_board.get();
         let addr = head_addr(&view, owner).map_err(|e| e.to_string())?;
-        net::connect_shard(t, addr, &net).map(|(peer, _)| peer).map_err(|e| e.to_string())
+        net::connect_shard(t, addr, &net)
+            .map(|(peer, _)| peer)
+            .map_err(|e| ps_core::client::ReconnectError::from(e.to_string()))
     });
     let on_failover = Box::new(move |owner: Owner, took: Duration| {
         let view = board.get();
