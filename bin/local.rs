@@ -176,7 +176,7 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
             return Err(format!("--kill {}: this job has no such process", k.name));
         }
     }
-    let secret = ps_tcp_fallback::generate_secret()?.to_hex();
+    let secret = ps_tcp_fallback::generate_secret().map_err(|e| e.to_string())?.to_hex();
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();

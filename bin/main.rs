@@ -352,7 +352,9 @@ fn main() {
                 })
         }
         Cmd::Prepare { dataset: _, dir } => ps_apps::data::clothing::run(&dir),
-        Cmd::Secret => ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())),
+        Cmd::Secret => {
+            ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())).map_err(|e| e.to_string())
+        }
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),
         Cmd::Hammer { view } => job_secret().and_then(|s| ps_apps::torn::hammer(s, &view, &netopts)),

@@ -45,6 +45,29 @@ pub enum ConnectError {
     },
 }
 
+/// Why an incoming connection's handshake was refused; the connection is
+/// dropped with this as the reason.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HelloError {
+    /// A second `Hello` on a connection that already passed the handshake.
+    #[error("handshake twice (a second Hello on an open connection: a broken or hostile peer)")]
+    Twice,
+    /// The first frame was not a `Hello`: not a pslab client, or another version.
+    #[error("handshake failed: expected Hello, got {0:?}")]
+    NotHello(Kind),
+    /// The first frame does not decode (the wire format's reason).
+    #[error("handshake failed: {0}")]
+    Decode(String),
+    /// The client's MAC does not verify: it does not hold this job's secret.
+    #[error("handshake failed: bad MAC (a process without this job's secret)")]
+    BadMac,
+}
+
+/// The OS could not give random bytes (for a job secret or a handshake nonce).
+#[derive(Debug, thiserror::Error)]
+#[error("the OS gave no random bytes: {0} (is /dev/urandom readable, or getrandom(2) allowed?)")]
+pub struct RandomError(getrandom::Error);
+
 impl TcpTransport {
     /// A transport listening on `addr` (port 0: any free port; see `local_addr`).
     pub fn listen(cfg: TcpConfig, addr: SocketAddr) -> io::Result<Self> {
@@ -69,7 +92,7 @@ impl TcpTransport {
             Ok(other) => return Err(hs(format!("expected a challenge, got {other:?}"))),
             Err(e) => return Err(hs(e.to_string())),
         };
-        let nc = random_nonce().map_err(hs)?;
+        let nc = random_nonce().map_err(|e| hs(e.to_string()))?;
         let id = self.cfg.identity;
         let mac = self.cfg.secret.client_mac(&ns, &nc, id.role, id.node);
         s.write_all(&wire::encode_hello(id.role, id.node, &nc, &mac)).map_err(|e| hs(e.to_string()))?;
@@ -150,16 +173,16 @@ impl TcpTransport {
     }
 
     /// A `Hello` on a challenged connection: admit it or drop it.
-    pub(crate) fn on_hello(&mut self, i: usize, frame: &[u8]) -> Result<(), String> {
+    pub(crate) fn on_hello(&mut self, i: usize, frame: &[u8]) -> Result<(), HelloError> {
         let conn = self.conns[i].as_mut().expect("live conn");
-        let State::Challenged { nonce: ns, .. } = conn.state else { return Err("handshake twice".into()) };
+        let State::Challenged { nonce: ns, .. } = conn.state else { return Err(HelloError::Twice) };
         let (role, node, nc, mac) = match wire::decode(frame, wire::HANDSHAKE_BODY_MAX) {
             Ok(Frame::Hello { role, node, nonce, mac }) => (role, node, *nonce, *mac),
-            Ok(other) => return Err(format!("handshake failed: expected Hello, got {:?}", kind_of(&other))),
-            Err(e) => return Err(format!("handshake failed: {e}")),
+            Ok(other) => return Err(HelloError::NotHello(kind_of(&other))),
+            Err(e) => return Err(HelloError::Decode(e.to_string())),
         };
         if !self.cfg.secret.verify_client(&ns, &nc, role, node, &mac) {
-            return Err("handshake failed: bad MAC (a process without this job's secret)".into());
+            return Err(HelloError::BadMac);
         }
         let hello = PeerHello { role, node };
         conn.state = State::Open { hello };
@@ -255,9 +278,9 @@ fn kind_of(f: &Frame<'_>) -> Kind {
     }
 }
 
-fn random_nonce() -> Result<[u8; NONCE_BYTES], String> {
+fn random_nonce() -> Result<[u8; NONCE_BYTES], RandomError> {
     let mut n = [0u8; NONCE_BYTES];
-    getrandom::fill(&mut n).map_err(|e| format!("the OS gave no random bytes: {e}"))?;
+    getrandom::fill(&mut n).map_err(RandomError)?;
     Ok(n)
 }
 
@@ -274,8 +297,8 @@ fn read_frame_blocking(s: &mut std::net::TcpStream, body_max: usize) -> io::Resu
 }
 
 /// Fresh random bytes for a job secret.
-pub fn generate_secret() -> Result<JobSecret, String> {
+pub fn generate_secret() -> Result<JobSecret, RandomError> {
     let mut b = [0u8; ps_core::auth::SECRET_BYTES];
-    getrandom::fill(&mut b).map_err(|e| format!("the OS gave no random bytes: {e}"))?;
+    getrandom::fill(&mut b).map_err(RandomError)?;
     Ok(JobSecret::from_bytes(b))
 }

@@ -104,7 +104,7 @@ impl TcpTransport {
             let frame = conn.rbuf.bytes()[conn.rstart..conn.rstart + len].to_vec();
             conn.rstart += len;
             if let Err(why) = self.on_hello(i, &frame) {
-                self.drop_conn(i, &why, true);
+                self.drop_conn(i, &why.to_string(), true);
             }
             return;
         }

@@ -46,5 +46,5 @@ mod transport;
 
 pub use config::TcpConfig;
 pub use conn::TcpRx;
-pub use control::{generate_secret, ConnectError};
+pub use control::{generate_secret, ConnectError, RandomError};
 pub use transport::{TcpStats, TcpTransport};
