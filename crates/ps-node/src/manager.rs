@@ -35,11 +35,27 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Result<Vec<u8>, String> {
+/// A Raft message from another replica whose hex does not decode: a replica
+/// of another version, or not a pslab manager.
+#[derive(Debug, thiserror::Error)]
+enum UnhexError {
+    /// The text has an odd number of digits.
+    #[error("a raft message's hex has an odd length {0} (is every manager replica the same pslab build?)")]
+    Odd(usize),
+    /// A character is not a hex digit.
+    #[error("a raft message's hex has {0:?} at byte {1} (is every manager replica the same pslab build?)")]
+    Digit(char, usize),
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, UnhexError> {
     if !s.len().is_multiple_of(2) {
-        return Err("odd hex".into());
+        return Err(UnhexError::Odd(s.len()));
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string())).collect()
+    let digit = |i: usize| {
+        let c = s.as_bytes()[i] as char;
+        c.to_digit(16).map(|d| d as u8).ok_or(UnhexError::Digit(c, i))
+    };
+    (0..s.len()).step_by(2).map(|i| Ok(digit(i)? << 4 | digit(i + 1)?)).collect()
 }
 
 /// A committed entry of the managers' log: the state after change `seq`.
@@ -177,7 +193,7 @@ impl Manager {
                 let r = if hello.role == Role::Manager as u8 {
                     match decode_control(f.bytes()) {
                         Ok(Control::Raft { bytes }) => {
-                            unhex(&bytes).and_then(|b| raft.step(&b).map_err(|e| e.to_string()))
+                            unhex(&bytes).map_err(|e| e.to_string()).and_then(|b| raft.step(&b).map_err(|e| e.to_string()))
                         }
                         Ok(other) => Err(format!("a manager replica sent {other:?}")),
                         Err(e) => Err(e.to_string()),
@@ -280,7 +296,7 @@ impl Manager {
                     let _ = t.rx_burst(&mut rx, Some(Duration::from_millis(20)));
                     for f in rx.drain(..) {
                         if let Ok(Control::Raft { bytes }) = decode_control(f.bytes()) {
-                            let _ = unhex(&bytes).and_then(|b| raft.step(&b).map_err(|e| e.to_string()));
+                            let _ = unhex(&bytes).map(|b| raft.step(&b));
                         }
                         t.release(f);
                     }

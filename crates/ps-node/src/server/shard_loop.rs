@@ -150,17 +150,18 @@ fn shard_loop(
                 t.close(p, "that copy is gone from the chain");
             }
         }
-        let copy_addr = |server: u32| -> Result<SocketAddr, String> {
+        let copy_addr = |server: u32| -> Result<SocketAddr, NodeError> {
             let v = board.get();
-            let port = v.copy_port(o, server).ok_or("its port is not known yet")?;
-            Ok(resolve(&format!("{}:{port}", v.servers[server as usize].host))?)
+            let port =
+                v.copy_port(o, server).ok_or(NodeError::NoPort { head: server, server: o.server, shard: o.shard })?;
+            resolve(&format!("{}:{port}", v.servers[server as usize].host))
         };
         if let (Some(server), true) = (chain.link_wanted(), Instant::now() >= link_at) {
             let r = copy_addr(server).and_then(|a| {
-                let peer = net::connect_copy(&mut t, a).map_err(|e| e.to_string())?;
+                let peer = net::connect_copy(&mut t, a)?;
                 chain.linked(peer, server, &mut t).map_err(|e| {
                     t.close(peer, "the view moved on");
-                    e.to_string()
+                    NodeError::Transport(e.to_string())
                 })
             });
             if let Err(e) = r {
@@ -170,7 +171,7 @@ fn shard_loop(
         }
         // a copy being rebuilt elsewhere: this tail sends it its state, then its frames
         if let (Some(server), true) = (chain.shadow_wanted(), Instant::now() >= link_at) {
-            match copy_addr(server).and_then(|a| net::connect_copy(&mut t, a).map_err(|e| e.to_string())) {
+            match copy_addr(server).and_then(|a| Ok(net::connect_copy(&mut t, a)?)) {
                 Ok(peer) => chain.shadow_linked(peer, server),
                 Err(e) => {
                     tracing::debug!("{me}: no link to the copy being rebuilt on server {server} yet: {e}");
