@@ -109,25 +109,26 @@ pub type NodeTransport = TcpTransport;
 pub const BUILT_WITH_RDMA: bool = cfg!(feature = "rdma");
 
 #[cfg(feature = "rdma")]
-fn open_device(net: &NetOpts) -> Result<ps_rdma::transport::Device, String> {
+fn open_device(net: &NetOpts) -> Result<ps_rdma::transport::Device, ps_rdma::RdmaError> {
     let choice = ps_rdma::transport::DeviceChoice { name: net.rdma_device.clone(), gid_index: net.rdma_gid_index };
-    ps_rdma::transport::Device::open(&choice).map_err(|e| e.to_string())
+    ps_rdma::transport::Device::open(&choice)
 }
 
 /// The device this node uses, as `net` says: `Ok(Ok(device))`; `Ok(Err(why))`
 /// for TCP (what a shard tells workers that ask for RDMA); `Err` when a forced
 /// `--transport rdma` cannot work.
 #[cfg(feature = "rdma")]
-fn node_device(net: &NetOpts) -> Result<Result<ps_rdma::transport::Device, String>, NetError> {
+fn node_device(net: &NetOpts) -> Result<Result<ps_rdma::transport::Device, ps_rdma::NoRdma>, NetError> {
     if net.transport == TransportMode::Tcp {
-        return Ok(Err("the node runs --transport tcp".into()));
+        return Ok(Err(ps_rdma::NoRdma::TcpOnly));
     }
     match open_device(net) {
         Ok(d) => Ok(Ok(d)),
-        Err(e) if net.transport == TransportMode::Rdma => Err(NetError::RdmaUnusable(e)),
+        Err(e) if net.transport == TransportMode::Rdma => Err(NetError::RdmaUnusable(e.to_string())),
         Err(e) => {
-            tracing::info!("transport: TCP (no usable RDMA device: {e})");
-            Ok(Err(format!("no usable RDMA device: {e}")))
+            let why = ps_rdma::NoRdma::NoDevice(e.to_string());
+            tracing::info!("transport: TCP ({why})");
+            Ok(Err(why))
         }
     }
 }

@@ -37,5 +37,5 @@ mod error;
 pub mod transport;
 mod verbs;
 
-pub use error::{RdmaError, Result};
+pub use error::{NoRdma, RdmaError, Refused, Result};
 pub use verbs::{Context, Cq, Endpoint, Mr, Pd, Qp, QpCaps};

@@ -47,7 +47,7 @@ pub use tunables::{
 };
 
 use crate::datapath::Completion;
-use crate::{Cq, Mr, Qp, RdmaError};
+use crate::{Cq, Mr, NoRdma, Qp, RdmaError};
 use read_land::ReadBatch;
 use read_plan::{read_blocks_max, RemoteTable};
 use ring::Queued;
@@ -169,7 +169,7 @@ struct Verbs {
 pub struct RdmaTransport {
     tcp: TcpTransport,
     /// the device, or why there is none (the answer to clients asking for RDMA)
-    verbs: Result<Verbs, String>,
+    verbs: Result<Verbs, NoRdma>,
     limits: WireLimits,
     conns: Vec<Option<Conn>>,
     gens: Vec<u16>,
@@ -201,7 +201,7 @@ fn io(e: impl std::fmt::Display) -> TransportError {
 impl RdmaTransport {
     /// Wraps `tcp`. With a device, peers may be moved to RDMA; with `Err(why)`,
     /// this is TCP and set-up requests are refused with `why`.
-    pub fn new(mut tcp: TcpTransport, dev: Result<Device, String>) -> Result<Self, RdmaError> {
+    pub fn new(mut tcp: TcpTransport, dev: Result<Device, NoRdma>) -> Result<Self, RdmaError> {
         let limits = WireLimits::default();
         let verbs = match dev {
             Ok(dev) => {

@@ -18,7 +18,7 @@ use ps_core::wire::{self, DataHeader, Kind};
 use super::read_plan::{read_blocks_max, read_ops, ReadPlan};
 use super::{wr_id, RdmaRx, RdmaTransport, TAG_READ, TAG_REREAD, TORN_RETRIES_MAX, TX_STALL};
 use crate::datapath::{self, Completion, Op, Wr};
-use crate::Cq;
+use crate::{Cq, RdmaError};
 
 /// One chained READ post: pull chunks landing in `read_mr` slots.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ pub(super) struct ReadBatch {
 impl RdmaTransport {
     /// Posts one chain of READs of whole slab blocks for `plans` (each into its
     /// landing slot), the last one signalled; `finish_reads` takes it from there.
-    pub(super) fn post_reads(&mut self, idx: usize, plans: Vec<ReadPlan>) -> Result<(), String> {
+    pub(super) fn post_reads(&mut self, idx: usize, plans: Vec<ReadPlan>) -> Result<(), RdmaError> {
         let conn = self.conns[idx].as_mut().expect("caller checked");
         let mr = self.read_mr.as_ref().expect("made at connect");
         self.read_seq = self.read_seq.wrapping_add(1);
@@ -66,7 +66,7 @@ impl RdmaTransport {
         conn.reads += 1;
         self.stats.read_posts += 1;
         self.reads.push(ReadBatch { conn: idx, gen: conn.gen, seq: self.read_seq, plans, done: false });
-        r.map_err(|e| e.to_string())
+        r
     }
 
     /// Handles every READ batch that has landed: re-reads its torn blocks, queues
@@ -95,7 +95,7 @@ impl RdmaTransport {
                     let peer = self.conns[b.conn].as_ref().map(|c| c.peer);
                     self.reads.push(ReadBatch { done: false, ..b });
                     if let Some(peer) = peer {
-                        self.fail(peer, e);
+                        self.fail(peer, e.to_string());
                     }
                 }
             }
@@ -104,8 +104,8 @@ impl RdmaTransport {
 
     /// Checks every block of a landed batch, re-reading each torn one until it is
     /// whole, and builds the batch's `PullResp` frames from the landing slots.
-    fn land(&mut self, b: &ReadBatch, stash: &mut Vec<Completion>) -> Result<(), String> {
-        let conn = self.conns[b.conn].as_ref().filter(|c| c.gen == b.gen).ok_or("connection gone")?;
+    fn land(&mut self, b: &ReadBatch, stash: &mut Vec<Completion>) -> Result<(), RdmaError> {
+        let conn = self.conns[b.conn].as_ref().filter(|c| c.gen == b.gen).ok_or(RdmaError::ConnGone)?;
         let mr = self.read_mr.as_ref().expect("made at connect");
         let cq = &self.verbs.as_ref().expect("rdma").send_cq;
         let id = wr_id(b.conn, conn.gen, TAG_REREAD, 0);
@@ -118,11 +118,7 @@ impl RdmaTransport {
                 while check_block(&mr.bytes()[at..at + BLOCK_BYTES]).is_err() {
                     tries += 1;
                     if tries > TORN_RETRIES_MAX {
-                        return Err(format!(
-                            "block {} of table {} stayed torn over {tries} READs",
-                            p.first_block + k,
-                            p.h.table
-                        ));
+                        return Err(RdmaError::Torn { block: p.first_block + k, table: p.h.table, tries });
                     }
                     torn += 1;
                     let wr = Wr {
@@ -137,7 +133,7 @@ impl RdmaTransport {
                     };
                     // SAFETY: as in `post_reads`, for this one block of the
                     // batch's own slot; its completion is polled in `wait_wr`.
-                    unsafe { datapath::post_batch(&conn.qp, &[wr]) }.map_err(|e| e.to_string())?;
+                    unsafe { datapath::post_batch(&conn.qp, &[wr]) }?;
                     wait_wr(cq, id, stash)?;
                 }
             }
@@ -145,7 +141,7 @@ impl RdmaTransport {
         let peer = conn.peer;
         for p in &b.plans {
             let resp = DataHeader { kind: Kind::PullResp, ..p.h };
-            let len = resp.frame_len().ok_or("pull too large")?;
+            let len = resp.frame_len().ok_or(RdmaError::PullTooLarge)?;
             // every byte is written below (header, values, the padding to 8), so
             // a pooled buffer is cut or grown to length, not cleared
             let mut buf = self.pool.pop().unwrap_or_default();
@@ -179,12 +175,12 @@ impl RdmaTransport {
 /// Spins on the send CQ until work request `id` completes (a torn block's
 /// re-read: rare, and the caller needs it before it can go on); other completions
 /// polled meanwhile go to `stash` for the caller to handle.
-fn wait_wr(cq: &Cq, id: u64, stash: &mut Vec<Completion>) -> Result<(), String> {
+fn wait_wr(cq: &Cq, id: u64, stash: &mut Vec<Completion>) -> Result<(), RdmaError> {
     let start = Instant::now();
     let mut wc = Vec::new();
     loop {
         wc.clear();
-        datapath::poll(cq, &mut wc, 16).map_err(|e| e.to_string())?;
+        datapath::poll(cq, &mut wc, 16)?;
         let mut mine = None;
         for c in wc.drain(..) {
             if c.wr_id == id && mine.is_none() {
@@ -194,10 +190,10 @@ fn wait_wr(cq: &Cq, id: u64, stash: &mut Vec<Completion>) -> Result<(), String> 
             }
         }
         if let Some(c) = mine {
-            return if c.ok { Ok(()) } else { Err(format!("RDMA READ failed: {}", c.status_str())) };
+            return if c.ok { Ok(()) } else { Err(RdmaError::ReadFailed(c.status_str())) };
         }
         if start.elapsed() > TX_STALL {
-            return Err("RDMA READ did not complete".into());
+            return Err(RdmaError::ReadStalled(TX_STALL));
         }
         std::hint::spin_loop();
     }

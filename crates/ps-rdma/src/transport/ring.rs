@@ -124,7 +124,7 @@ impl RdmaTransport {
                 }
                 let peer = conn.peer;
                 if let Err(e) = self.post_reads(idx, plans) {
-                    self.fail(peer, e);
+                    self.fail(peer, e.to_string());
                     return Ok(());
                 }
                 continue;

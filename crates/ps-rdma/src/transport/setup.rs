@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::read_plan::{read_blocks_max, RemoteTable};
 use super::{Conn, RdmaTransport, INLINE_BYTES, RDMA_CONNECTIONS_MAX, READ_SLOTS, SEND_WR};
 use crate::datapath;
-use crate::{Endpoint, Mr, Qp, QpCaps, RdmaError};
+use crate::{Endpoint, Mr, Qp, QpCaps, RdmaError, Refused};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub(super) struct EndpointMsg {
@@ -86,7 +86,7 @@ impl RdmaTransport {
         }
         self.psn_seed = self.psn_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345) & 0xff_ffff;
         let psn = self.psn_seed;
-        let v = self.verbs.as_ref().map_err(|why| RdmaError::Setup(why.clone()))?;
+        let v = self.verbs.as_ref().map_err(|why| RdmaError::NoRdma(why.clone()))?;
         let sb = self.limits.rdma_slot_bytes();
         let caps = QpCaps { send_wr: SEND_WR, recv_wr: RING_SLOTS as u32, inline_bytes: INLINE_BYTES };
         let qp = Qp::new(&v.dev.pd, &v.send_cq, &v.recv_cq, caps)?;
@@ -148,7 +148,7 @@ impl RdmaTransport {
 
     /// Client: moves `peer` (a connected, authenticated TCP peer) to RDMA.
     /// `Ok(Err(reason))` when the server refused (it has no device, or runs TCP).
-    pub fn connect_rdma(&mut self, peer: PeerId, timeout: Duration) -> Result<Result<(), String>, RdmaError> {
+    pub fn connect_rdma(&mut self, peer: PeerId, timeout: Duration) -> Result<Result<(), Refused>, RdmaError> {
         let (idx, mut conn, ep, ring) = self.new_conn(peer, true)?;
         SetupMsg::Connect { ep, ring }
             .frame_to(&mut self.tcp, peer)
@@ -200,7 +200,7 @@ impl RdmaTransport {
                 self.install(idx, conn);
                 Ok(Ok(()))
             }
-            SetupMsg::Refuse { reason } => Ok(Err(reason)),
+            SetupMsg::Refuse { reason } => Ok(Err(Refused(reason))),
             SetupMsg::Connect { .. } => Err(RdmaError::Setup("the server sent a connect request".into())),
         }
     }
@@ -221,7 +221,7 @@ impl RdmaTransport {
 
     fn try_accept(&mut self, peer: PeerId, remote: &EndpointMsg, remote_ring: RingMsg) -> Result<SetupMsg, RdmaError> {
         if let Err(why) = &self.verbs {
-            return Ok(SetupMsg::Refuse { reason: why.clone() });
+            return Ok(SetupMsg::Refuse { reason: why.to_string() });
         }
         if self.by_peer.contains_key(&peer) {
             return Err(RdmaError::Setup("RDMA is already set up for this connection".into()));
