@@ -171,8 +171,8 @@ fn run_once(o: &BenchOpts) -> Result<Vec<Row>, String> {
         })
         .collect();
     if o.baseline {
-        let seconds = ps_apps::param(&o.params, "seconds", 2.0f64)?;
-        let warmup = ps_apps::param(&o.params, "warmup_seconds", 0.5f64)?;
+        let seconds = ps_apps::param(&o.params, "seconds", 2.0f64).map_err(|e| e.to_string())?;
+        let warmup = ps_apps::param(&o.params, "warmup_seconds", 0.5f64).map_err(|e| e.to_string())?;
         let mut sizes: Vec<u64> = rows.iter().map(|r| r.size).collect();
         sizes.sort_unstable();
         sizes.dedup();

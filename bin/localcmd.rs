@@ -7,7 +7,7 @@ use crate::{local, plot};
 
 pub(crate) fn run_local(spec: local::ClusterSpec, verbose: bool, png: Option<String>) -> Result<(), String> {
     let (servers, shards, workers, app) = (spec.servers, spec.shards, spec.workers, spec.app.clone());
-    ps_apps::job_spec(&app, &spec.params, servers, spec.copies)?; // fail fast on bad parameters
+    ps_apps::job_spec(&app, &spec.params, servers, spec.copies).map_err(|e| e.to_string())?; // fail fast on bad parameters
     let copies = spec.copies.min(servers);
     eprintln!(
         "pslab local: manager + {servers} server(s) x {shards} shard(s) + {workers} worker(s) on 127.0.0.1, app {app}{}",

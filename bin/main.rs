@@ -146,7 +146,7 @@ fn run_node(cmd: Cmd, netopts: &NetOpts) -> Result<String, String> {
         RoleArg::Manager => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| format!("--params is not JSON: {e}"))?;
-            let job = ps_apps::job_spec(&app, &params, servers, copies)?;
+            let job = ps_apps::job_spec(&app, &params, servers, copies).map_err(|e| e.to_string())?;
             let replicas = replicas.iter().map(|a| ps_node::resolve(a)).collect::<Result<Vec<_>, _>>()?;
             Ok(ps_node::run_manager(secret, ps_node::resolve(&listen)?, replicas, job, servers, workers)?)
         }
@@ -351,13 +351,15 @@ fn main() {
                     run_local(spec, verbose, png)
                 })
         }
-        Cmd::Prepare { dataset: _, dir } => ps_apps::data::clothing::run(&dir),
+        Cmd::Prepare { dataset: _, dir } => ps_apps::data::clothing::run(&dir).map_err(|e| e.to_string()),
         Cmd::Secret => {
             ps_tcp_fallback::generate_secret().map(|s| println!("{}", s.to_hex())).map_err(|e| e.to_string())
         }
         Cmd::Doctor { slab_bytes } => doctor::run(&netopts, slab_bytes),
         Cmd::TcpBaselineServer => baseline::serve(),
-        Cmd::Hammer { view } => job_secret().and_then(|s| ps_apps::torn::hammer(s, &view, &netopts)),
+        Cmd::Hammer { view } => {
+            job_secret().and_then(|s| ps_apps::torn::hammer(s, &view, &netopts).map_err(|e| e.to_string()))
+        }
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

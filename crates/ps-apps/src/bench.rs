@@ -26,6 +26,8 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+use crate::error::AppError;
+
 /// The operations a run measures one at a time, in the order reports list them.
 pub const OPS: [&str; 4] = ["push", "pull", "push_pull", "fused"];
 /// With `window` > 1: dense pushes (or pulls) kept `window` in flight, a new one
@@ -45,7 +47,7 @@ struct Params {
     window_only: bool,
 }
 
-fn params(p: &serde_json::Value) -> Result<Params, String> {
+fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     let kib = |k: u64| k * 1024;
     let r = Params {
         dense_sizes: param(
@@ -61,7 +63,10 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
     };
     for &s in r.dense_sizes.iter().chain(&r.sparse_sizes) {
         if s < 4 || s % 4 != 0 {
-            return Err(format!("bench size {s} must be a positive multiple of 4 bytes"));
+            return Err(AppError::params(
+                "bench",
+                format!("size {s} must be a positive multiple of 4 bytes (dense_sizes, sparse_sizes)"),
+            ));
         }
     }
     Ok(r)
@@ -69,9 +74,8 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
 
 /// Smallest dense key count n such that keys 0..n of a table with range 0..n
 /// include one key on every server; returns n and the chosen key per server.
-fn keys_per_server(servers: u32, partitions: u32) -> Result<(u64, Vec<u64>), String> {
-    let ring = Ring::new(&(0..servers).map(|id| RingServer { id, nr_shards: 1 }).collect::<Vec<_>>(), partitions)
-        .map_err(|e| e.to_string())?;
+fn keys_per_server(servers: u32, partitions: u32) -> Result<(u64, Vec<u64>), AppError> {
+    let ring = Ring::new(&(0..servers).map(|id| RingServer { id, nr_shards: 1 }).collect::<Vec<_>>(), partitions)?;
     for n in servers as u64..(64 * servers as u64).max(64) {
         let t = TableSpec::dense(0, "probe", KeyRange::new(0, n), 1, RuleSpec::Sum);
         let mut pick = vec![None; servers as usize];
@@ -83,14 +87,14 @@ fn keys_per_server(servers: u32, partitions: u32) -> Result<(u64, Vec<u64>), Str
             return Ok((n, pick.into_iter().map(|p| p.expect("all some")).collect()));
         }
     }
-    Err("no small dense table spreads one key to every server".into())
+    Err(AppError::Shape { app: "bench", why: "no small dense table spreads one key to every server".into() })
 }
 
 pub(crate) fn tables(
     p: &serde_json::Value,
     servers: u32,
     partitions: u32,
-) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let r = params(p)?;
     let (n, _) = keys_per_server(servers, partitions)?;
     let mut tables = Vec::new();
@@ -117,45 +121,45 @@ fn dense_op(
     keys: &[u64],
     vals: &[f32],
     bufs: &mut [Vec<f32>],
-) -> Result<(), String> {
+) -> Result<(), AppError> {
     let per = vals.len() / keys.len();
-    let e = |e: ps_core::PsError| e.to_string();
     let mut ts = Vec::with_capacity(keys.len());
     match op {
         "push" | "push_pull" => {
             for (i, &k) in keys.iter().enumerate() {
-                ts.push(ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per]).map_err(e)?);
+                ts.push(ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per])?);
             }
             for t in ts.drain(..) {
-                ctx.ps.wait(t).map_err(e)?;
+                ctx.ps.wait(t)?;
             }
             if op == "push_pull" {
                 for (i, &k) in keys.iter().enumerate() {
-                    ts.push(ctx.ps.pull_range(table, k, 1, std::mem::take(&mut bufs[i])).map_err(e)?);
+                    ts.push(ctx.ps.pull_range(table, k, 1, std::mem::take(&mut bufs[i]))?);
                 }
                 for (i, t) in ts.drain(..).enumerate() {
-                    bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
+                    bufs[i] = ctx.ps.wait_pull(t)?;
                 }
             }
         }
         "pull" => {
             for (i, &k) in keys.iter().enumerate() {
-                ts.push(ctx.ps.pull_range(table, k, 1, std::mem::take(&mut bufs[i])).map_err(e)?);
+                ts.push(ctx.ps.pull_range(table, k, 1, std::mem::take(&mut bufs[i]))?);
             }
             for (i, t) in ts.drain(..).enumerate() {
-                bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
+                bufs[i] = ctx.ps.wait_pull(t)?;
             }
         }
         "fused" => {
             for (i, &k) in keys.iter().enumerate() {
-                ts.push(
-                    ctx.ps
-                        .push_pull_range(table, k, &vals[i * per..(i + 1) * per], std::mem::take(&mut bufs[i]))
-                        .map_err(e)?,
-                );
+                ts.push(ctx.ps.push_pull_range(
+                    table,
+                    k,
+                    &vals[i * per..(i + 1) * per],
+                    std::mem::take(&mut bufs[i]),
+                )?);
             }
             for (i, t) in ts.drain(..).enumerate() {
-                bufs[i] = ctx.ps.wait_pull(t).map_err(e)?;
+                bufs[i] = ctx.ps.wait_pull(t)?;
             }
         }
         _ => unreachable!("op names are fixed"),
@@ -163,23 +167,22 @@ fn dense_op(
     Ok(())
 }
 
-fn sparse_op(ctx: &mut WorkerCtx, op: &str, keys: &[u64], vals: &[f32], buf: &mut Vec<f32>) -> Result<(), String> {
-    let e = |e: ps_core::PsError| e.to_string();
+fn sparse_op(ctx: &mut WorkerCtx, op: &str, keys: &[u64], vals: &[f32], buf: &mut Vec<f32>) -> Result<(), AppError> {
     let t = TableId(SPARSE_TABLE);
     match op {
         "push" => {
-            let ts = ctx.ps.push(t, keys, vals).map_err(e)?;
-            ctx.ps.wait(ts).map_err(e)
+            let ts = ctx.ps.push(t, keys, vals)?;
+            Ok(ctx.ps.wait(ts)?)
         }
-        "pull" => ctx.ps.pull_into(t, keys, buf).map_err(e),
+        "pull" => Ok(ctx.ps.pull_into(t, keys, buf)?),
         "push_pull" => {
-            let ts = ctx.ps.push(t, keys, vals).map_err(e)?;
-            ctx.ps.wait(ts).map_err(e)?;
-            ctx.ps.pull_into(t, keys, buf).map_err(e)
+            let ts = ctx.ps.push(t, keys, vals)?;
+            ctx.ps.wait(ts)?;
+            Ok(ctx.ps.pull_into(t, keys, buf)?)
         }
         "fused" => {
-            let ts = ctx.ps.push_pull(t, keys, vals, std::mem::take(buf)).map_err(e)?;
-            *buf = ctx.ps.wait_pull(ts).map_err(e)?;
+            let ts = ctx.ps.push_pull(t, keys, vals, std::mem::take(buf))?;
+            *buf = ctx.ps.wait_pull(ts)?;
             Ok(())
         }
         _ => unreachable!("op names are fixed"),
@@ -214,7 +217,7 @@ impl Pipe {
         table: TableId,
         keys: &[u64],
         vals: &[f32],
-    ) -> Result<(), String> {
+    ) -> Result<(), AppError> {
         let per = vals.len() / keys.len();
         for _ in 0..self.window {
             for (i, &k) in keys.iter().enumerate() {
@@ -222,11 +225,11 @@ impl Pipe {
                     self.retire(ctx)?;
                 }
                 let entry = if push {
-                    (ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per]).map_err(|e| e.to_string())?, None)
+                    (ctx.ps.push_range(table, k, &vals[i * per..(i + 1) * per])?, None)
                 } else {
                     let b = self.free.pop().expect("one buffer per request in flight");
                     let out = std::mem::take(&mut self.bufs[b]);
-                    (ctx.ps.pull_range(table, k, 1, out).map_err(|e| e.to_string())?, Some(b))
+                    (ctx.ps.pull_range(table, k, 1, out)?, Some(b))
                 };
                 self.inflight.push_back(entry);
             }
@@ -234,12 +237,12 @@ impl Pipe {
         Ok(())
     }
 
-    fn retire(&mut self, ctx: &mut WorkerCtx) -> Result<(), String> {
+    fn retire(&mut self, ctx: &mut WorkerCtx) -> Result<(), AppError> {
         let Some((ts, buf)) = self.inflight.pop_front() else { return Ok(()) };
         match buf {
-            None => ctx.ps.wait(ts).map_err(|e| e.to_string()),
+            None => Ok(ctx.ps.wait(ts)?),
             Some(b) => {
-                self.bufs[b] = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
+                self.bufs[b] = ctx.ps.wait_pull(ts)?;
                 self.free.push(b);
                 Ok(())
             }
@@ -247,7 +250,7 @@ impl Pipe {
     }
 
     /// Waits for everything in flight (outside the timed part).
-    fn drain(&mut self, ctx: &mut WorkerCtx) -> Result<(), String> {
+    fn drain(&mut self, ctx: &mut WorkerCtx) -> Result<(), AppError> {
         while !self.inflight.is_empty() {
             self.retire(ctx)?;
         }
@@ -256,7 +259,7 @@ impl Pipe {
 }
 
 /// Runs `f` for the warm-up, then for at least `seconds` and 5 ops; returns latencies.
-fn timed(p: &Params, mut f: impl FnMut() -> Result<(), String>) -> Result<(Vec<Duration>, Duration), String> {
+fn timed(p: &Params, mut f: impl FnMut() -> Result<(), AppError>) -> Result<(Vec<Duration>, Duration), AppError> {
     let w = Instant::now();
     let mut n = 0;
     while w.elapsed().as_secs_f64() < p.warmup_seconds || n < 2 {
@@ -298,7 +301,7 @@ fn report(
     );
 }
 
-pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
     let servers = ctx.view.servers.len() as u32;
     let (_, keys) = keys_per_server(servers, ctx.view.job.partitions)?;

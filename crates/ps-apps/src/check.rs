@@ -23,6 +23,8 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+use crate::error::AppError;
+
 #[derive(Clone, Debug)]
 struct Params {
     rounds: u32,
@@ -43,7 +45,7 @@ struct Params {
     tolerance: f32,
 }
 
-fn params(p: &serde_json::Value) -> Result<Params, String> {
+fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     Ok(Params {
         rounds: param(p, "rounds", 30)?,
         keys: param(p, "keys", 2000)?,
@@ -68,7 +70,7 @@ const UNIVERSE: u64 = 20_000;
 const PRIVATE_BASE: u64 = 50_000;
 const PRIVATE_KEYS: u64 = 1000;
 
-pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let r = params(p)?;
     let tables = TABLES
         .iter()
@@ -122,11 +124,11 @@ fn update(p: &Params, w: u64, i: u32, t: usize) -> (Keys, Vec<f32>) {
     (keys, vals)
 }
 
-pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);
     if workers > p.workers_max {
-        return Err(format!("check supports at most {} workers", p.workers_max));
+        return Err(AppError::Shape { app: "check", why: format!("supports at most {} workers", p.workers_max) });
     }
     let total = p.rounds as u64 * TABLES.len() as u64;
     ctx.emit("progress", json!({"rank": rank, "done": 0, "total": total, "unit": "pushes"}));
@@ -142,11 +144,11 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
                 Keys::List(k) => ctx.ps.push(table, k, &vals),
                 Keys::Range(first, _) => ctx.ps.push_range(table, *first, &vals),
             }
-            .map_err(|e| format!("push round {i} table {t}: {e}"))?;
+            .map_err(|source| AppError::PsAt { what: format!("push round {i} table {t}").into(), source })?;
             issued += 1;
             window.push_back(ts);
             if window.len() > p.window {
-                ctx.ps.wait(window.pop_front().expect("non-empty")).map_err(|e| format!("wait: {e}"))?;
+                ctx.ps.wait(window.pop_front().expect("non-empty")).map_err(AppError::ps_at("wait"))?;
                 acked += 1;
             }
         }
@@ -156,21 +158,21 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         let count = 1 + r.below(PRIVATE_KEYS / 2);
         let vals: Vec<f32> = (0..count).map(|_| r.below(9) as f32 - 4.0).collect();
         let base = PRIVATE_BASE + rank * PRIVATE_KEYS;
-        let ts = ctx.ps.push_range(TableId(2), base + first, &vals).map_err(|e| e.to_string())?;
-        ctx.ps.wait(ts).map_err(|e| e.to_string())?;
+        let ts = ctx.ps.push_range(TableId(2), base + first, &vals)?;
+        ctx.ps.wait(ts)?;
         for (j, v) in vals.iter().enumerate() {
             private_sum[first as usize + j] += v;
         }
-        let ts = ctx.ps.pull_range(TableId(2), base, PRIVATE_KEYS, Vec::new()).map_err(|e| e.to_string())?;
-        let got = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
+        let ts = ctx.ps.pull_range(TableId(2), base, PRIVATE_KEYS, Vec::new())?;
+        let got = ctx.ps.wait_pull(ts)?;
         if got != private_sum {
             let j = got.iter().zip(&private_sum).position(|(a, b)| a != b).unwrap_or(0);
-            return Err(format!(
+            return Err(AppError::check(format!(
                 "read-your-writes broken: after my acknowledged push, key {} reads {} but I pushed {} in total",
                 base + j as u64,
                 got[j],
                 private_sum[j]
-            ));
+            )));
         }
         ryw_checks += 1;
         ctx.emit(
@@ -179,27 +181,27 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         );
     }
     while let Some(ts) = window.pop_front() {
-        ctx.ps.wait(ts).map_err(|e| format!("wait: {e}"))?;
+        ctx.ps.wait(ts).map_err(AppError::ps_at("wait"))?;
         acked += 1;
     }
     if p.inject_stray_push && rank == 0 {
-        let ts = ctx.ps.push(TableId(0), &[sparse_key(3)], &[1.0]).map_err(|e| e.to_string())?;
-        ctx.ps.wait(ts).map_err(|e| e.to_string())?;
+        let ts = ctx.ps.push(TableId(0), &[sparse_key(3)], &[1.0])?;
+        ctx.ps.wait(ts)?;
     }
     if acked != issued {
-        return Err(format!("{issued} pushes issued but {acked} acknowledged"));
+        return Err(AppError::check(format!("{issued} pushes issued but {acked} acknowledged")));
     }
     for t in [TableId(0), TableId(1)] {
-        ctx.ps.flush_filters(t).map_err(|e| format!("flush filters: {e}"))?;
+        ctx.ps.flush_filters(t).map_err(AppError::ps_at("flush filters"))?;
     }
     ctx.barrier("pushed")?;
     // the expected sums assume every worker pushed every round: with a worker
     // left behind that is unknown, and a mismatch would be a false alarm
     let lost = ctx.dead_workers();
     if !lost.is_empty() {
-        return Err(format!(
+        return Err(AppError::check(format!(
             "cannot check invariant 1: worker(s) {lost:?} were lost mid-job, so which of their pushes were acknowledged is unknown"
-        ));
+        )));
     }
 
     // expected values: everyone's updates, from the seed
@@ -226,15 +228,14 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             }
         }
         let (keys, got) = if dense > 0 {
-            let ts =
-                ctx.ps.pull_range(TableId(id), 0, PRIVATE_BASE.min(dense), Vec::new()).map_err(|e| e.to_string())?;
-            ((0..PRIVATE_BASE.min(dense)).collect::<Vec<u64>>(), ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?)
+            let ts = ctx.ps.pull_range(TableId(id), 0, PRIVATE_BASE.min(dense), Vec::new())?;
+            ((0..PRIVATE_BASE.min(dense)).collect::<Vec<u64>>(), ctx.ps.wait_pull(ts)?)
         } else {
             let mut all: Vec<u64> = (0..UNIVERSE).map(sparse_key).collect();
             all.sort_unstable();
             all.dedup();
-            let ts = ctx.ps.pull(TableId(id), &all, Vec::new()).map_err(|e| e.to_string())?;
-            let got = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
+            let ts = ctx.ps.pull(TableId(id), &all, Vec::new())?;
+            let got = ctx.ps.wait_pull(ts)?;
             (all, got)
         };
         for (j, k) in keys.iter().enumerate() {
@@ -253,10 +254,10 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     }
     ctx.emit("check", json!({"rank": rank, "values_checked": checked, "mismatches": mismatches, "pushes_acked": acked, "ryw_checks": ryw_checks}));
     if mismatches > 0 {
-        return Err(format!(
+        return Err(AppError::check(format!(
             "invariant 1 broken: {mismatches} of {checked} values differ from the sum of acknowledged pushes: {}",
             first_bad.join("; ")
-        ));
+        )));
     }
     Ok(format!("invariant 1 holds: {checked} values equal the sum of {} acknowledged pushes from {workers} workers; {ryw_checks} read-your-writes checks", acked * workers))
 }

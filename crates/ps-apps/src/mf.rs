@@ -32,6 +32,9 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+use crate::data::parquet_error;
+use crate::error::{AppError, DataError};
+
 const USERS: TableId = TableId(0);
 const ITEMS: TableId = TableId(1);
 const METRICS: TableId = TableId(2);
@@ -56,7 +59,7 @@ struct Params {
     slow_ms: u64,
 }
 
-fn params(p: &serde_json::Value) -> Result<Params, String> {
+fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     let r = Params {
         data: param(p, "data", DEFAULT_DATA.to_string())?,
         rank: param(p, "rank", 10)?,
@@ -66,28 +69,30 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         clocks: param(p, "clocks", 400)?,
         init: param(p, "init", 0.1)?,
         seed: param(p, "seed", 42)?,
-        model: param::<String>(p, "model", "bounded:1".into())?.parse::<Consistency>().map_err(|e| e.to_string())?,
+        model: param::<String>(p, "model", "bounded:1".into())?
+            .parse()
+            .map_err(|e| AppError::consistency("model", e))?,
         cache: param(p, "cache", true)?,
         slow_ms: param(p, "slow_ms", 0)?,
     };
     if r.rank == 0 || r.clocks == 0 || r.lr <= 0.0 || r.decay <= 0.0 || r.lambda < 0.0 {
-        return Err("mf: rank, clocks, lr and decay must be positive, lambda not negative".into());
+        return Err(AppError::params("mf", "rank, clocks, lr and decay must be positive, lambda not negative"));
     }
     Ok(r)
 }
 
-pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let mut r = params(p)?;
     // resolved here, on the manager, so every worker gets the same absolute path
     let path = std::path::Path::new(&r.data);
     if !path.is_file() {
-        return Err(format!(
-            "mf: no ratings file at {}: run scripts/fetch-movielens.sh (it puts MovieLens 100k at {DEFAULT_DATA}), \
-             or pass {{\"data\": PATH}}",
-            r.data
-        ));
+        return Err(AppError::NoRatings { path: r.data, default: DEFAULT_DATA });
     }
-    r.data = path.canonicalize().map_err(|e| format!("mf: {}: {e}", r.data))?.display().to_string();
+    r.data = path
+        .canonicalize()
+        .map_err(|source| AppError::Path { app: "mf", path: r.data.clone(), source })?
+        .display()
+        .to_string();
     let tables = vec![
         TableSpec::dense(USERS.0, "users", KeyRange::new(0, USER_KEYS), r.rank, RuleSpec::Sum)
             .with_consistency(r.model),
@@ -106,18 +111,17 @@ pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_jso
 type Rating = (u32, u32, f32);
 
 /// Reads the ratings and splits them as the datasets note says: (train, test).
-pub fn load(path: &str) -> Result<(Vec<Rating>, Vec<Rating>), String> {
-    let e = |x: &dyn std::fmt::Display| format!("mf: {path}: {x}");
-    let (reader, [cu, cm, cr]) =
-        crate::data::parquet_columns(std::path::Path::new(path), ["user_id", "movie_id", "rating"])
-            .map_err(|x| format!("mf: {x}"))?;
+pub fn load(path: &str) -> Result<(Vec<Rating>, Vec<Rating>), DataError> {
+    let path = std::path::Path::new(path);
+    let (reader, [cu, cm, cr]) = crate::data::parquet_columns(path, ["user_id", "movie_id", "rating"])?;
     let mut all = Vec::with_capacity(100_000);
-    for row in reader.get_row_iter(None).map_err(|x| e(&x))? {
-        let row = row.map_err(|x| e(&x))?;
-        let get = |i| row.get_long(i).map_err(|x| e(&x));
+    for row in reader.get_row_iter(None).map_err(parquet_error(path))? {
+        let row = row.map_err(parquet_error(path))?;
+        let get = |i| row.get_long(i).map_err(parquet_error(path));
         let (u, m, r) = (get(cu)?, get(cm)?, get(cr)?);
         if !(1..USER_KEYS as i64).contains(&u) || !(1..ITEM_KEYS as i64).contains(&m) || !(1..=5).contains(&r) {
-            return Err(e(&format!("rating ({u}, {m}, {r}) is outside MovieLens 100k's ranges")));
+            let why = format!("rating ({u}, {m}, {r}) is outside MovieLens 100k's ranges");
+            return Err(DataError::BadValue { path: path.into(), why });
         }
         all.push((u as u32, m as u32, r as f32));
     }
@@ -169,17 +173,16 @@ fn init_row(seed: u64, table: TableId, key: u64, scale: f32, out: &mut [f32]) {
     }
 }
 
-pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
-    let e = |e: ps_core::PsError| e.to_string();
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);
     let k = p.rank as usize;
-    let (train, test) = load(&p.data)?;
+    let (train, test) = load(&p.data).map_err(AppError::Ratings)?;
     let mu = (train.iter().map(|r| r.2 as f64).sum::<f64>() / train.len() as f64) as f32;
     let mut mine: Vec<Rating> = train.iter().copied().filter(|r| r.0 as u64 % workers == rank).collect();
     if !p.cache {
         for t in [USERS, ITEMS] {
-            ctx.ps.core_mut().set_cache(t, false).map_err(e)?;
+            ctx.ps.core_mut().set_cache(t, false)?;
         }
     }
 
@@ -194,10 +197,10 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             init_row(p.seed, ITEMS, item, p.init, &mut v[item as usize * k..][..k]);
         }
     }
-    let a = ctx.ps.push_range(USERS, 0, &u).map_err(e)?;
-    let b = ctx.ps.push_range(ITEMS, 0, &v).map_err(e)?;
-    ctx.ps.wait(a).map_err(e)?;
-    ctx.ps.wait(b).map_err(e)?;
+    let a = ctx.ps.push_range(USERS, 0, &u)?;
+    let b = ctx.ps.push_range(ITEMS, 0, &v)?;
+    ctx.ps.wait(a)?;
+    ctx.ps.wait(b)?;
     ctx.barrier("mf-init")?;
 
     ctx.emit("progress", json!({"rank": rank, "done": 0, "total": p.clocks, "unit": "clocks"}));
@@ -211,13 +214,13 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             std::thread::sleep(Duration::from_millis(p.slow_ms));
         }
         let t = Instant::now();
-        let a = ctx.ps.pull_range(USERS, 0, USER_KEYS, std::mem::take(&mut u)).map_err(e)?;
-        let b = ctx.ps.pull_range(ITEMS, 0, ITEM_KEYS, std::mem::take(&mut v)).map_err(e)?;
-        u = ctx.ps.wait_pull(a).map_err(e)?;
-        v = ctx.ps.wait_pull(b).map_err(e)?;
+        let a = ctx.ps.pull_range(USERS, 0, USER_KEYS, std::mem::take(&mut u))?;
+        let b = ctx.ps.pull_range(ITEMS, 0, ITEM_KEYS, std::mem::take(&mut v))?;
+        u = ctx.ps.wait_pull(a)?;
+        v = ctx.ps.wait_pull(b)?;
         waited += t.elapsed();
         let obj = objective(&mine, mu, k, p.lambda, &u, &v);
-        let m = ctx.ps.push_range(METRICS, c, &[obj as f32]).map_err(e)?;
+        let m = ctx.ps.push_range(METRICS, c, &[obj as f32])?;
 
         // one SGD pass over my ratings, in a new order each clock
         for i in (1..mine.len()).rev() {
@@ -241,13 +244,13 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         for (n, o) in v_new.iter_mut().zip(&v) {
             *n -= o;
         }
-        let a = ctx.ps.push_range(USERS, 0, &u_new).map_err(e)?;
-        let b = ctx.ps.push_range(ITEMS, 0, &v_new).map_err(e)?;
+        let a = ctx.ps.push_range(USERS, 0, &u_new)?;
+        let b = ctx.ps.push_range(ITEMS, 0, &v_new)?;
         for ts in [a, b, m] {
-            ctx.ps.wait(ts).map_err(e)?;
+            ctx.ps.wait(ts)?;
         }
-        let ts = ctx.ps.clock().map_err(e)?;
-        ctx.ps.wait(ts).map_err(e)?;
+        let ts = ctx.ps.clock()?;
+        ctx.ps.wait(ts)?;
         times.push(started.elapsed().as_secs_f64());
         if (c + 1) % 10 == 0 || c + 1 == p.clocks {
             ctx.emit("progress", json!({"rank": rank, "done": c + 1, "total": p.clocks, "unit": "clocks"}));
@@ -273,10 +276,10 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     for t in [USERS, ITEMS] {
         let _ = ctx.ps.core_mut().set_cache(t, false);
     }
-    ctx.ps.pull_into_range(USERS, 0, USER_KEYS, &mut u).map_err(e)?;
-    ctx.ps.pull_into_range(ITEMS, 0, ITEM_KEYS, &mut v).map_err(e)?;
+    ctx.ps.pull_into_range(USERS, 0, USER_KEYS, &mut u)?;
+    ctx.ps.pull_into_range(ITEMS, 0, ITEM_KEYS, &mut v)?;
     let mut per_clock = Vec::new();
-    ctx.ps.pull_into_range(METRICS, 0, p.clocks, &mut per_clock).map_err(e)?;
+    ctx.ps.pull_into_range(METRICS, 0, p.clocks, &mut per_clock)?;
     let final_obj = objective(&train, mu, k, p.lambda, &u, &v);
     let (train_rmse, test_rmse) = (rmse(&train, mu, k, &u, &v), rmse(&test, mu, k, &u, &v));
     ctx.emit(

@@ -28,6 +28,8 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+use crate::error::AppError;
+
 #[derive(Clone, Debug)]
 struct Params {
     clocks: u64,
@@ -37,11 +39,11 @@ struct Params {
     slow_ms: u64,
 }
 
-fn params(p: &serde_json::Value) -> Result<Params, String> {
+fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     let model: Consistency =
-        param::<String>(p, "model", "bounded:1".into())?.parse::<Consistency>().map_err(|e| e.to_string())?;
+        param::<String>(p, "model", "bounded:1".into())?.parse().map_err(|e| AppError::consistency("model", e))?;
     let check = match param::<Option<String>>(p, "check", None)? {
-        Some(c) => c.parse::<Consistency>().map_err(|e| e.to_string())?,
+        Some(c) => c.parse().map_err(|e| AppError::consistency("check", e))?,
         None => model,
     };
     Ok(Params {
@@ -58,13 +60,13 @@ const SPARSE: u32 = 1;
 /// witness keys after the bulk keys of the dense table, one per worker rank
 const WITNESSES: u64 = 256;
 
-pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let r = params(p)?;
     if r.keys == 0 || r.clocks == 0 {
-        return Err("ssp: keys and clocks must be at least 1".into());
+        return Err(AppError::params("ssp", "keys and clocks must be at least 1"));
     }
     if r.check.staleness().is_none() {
-        return Err("ssp: \"check\" must be a bounded model (sequential, bounded or essp)".into());
+        return Err(AppError::params("ssp", "\"check\" must be a bounded model (sequential, bounded or essp)"));
     }
     let tables = vec![
         TableSpec::dense(DENSE, "dense-ssp", KeyRange::new(0, r.keys + WITNESSES), 1, RuleSpec::Sum)
@@ -78,12 +80,11 @@ pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_jso
     ))
 }
 
-pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
-    let e = |e: ps_core::PsError| e.to_string();
     let w = ctx.workers() as u64;
     if w > WITNESSES {
-        return Err(format!("ssp: at most {WITNESSES} workers"));
+        return Err(AppError::Shape { app: "ssp", why: format!("at most {WITNESSES} workers") });
     }
     let n = p.keys as usize;
     let mut sparse: Vec<u64> = (0..p.keys).map(|i| mix64(i ^ 0x55AA) % (u64::MAX - 1)).collect();
@@ -99,18 +100,18 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         if ctx.rank == 0 && p.slow_ms > 0 {
             std::thread::sleep(Duration::from_millis(p.slow_ms));
         }
-        let a = ctx.ps.push_range(TableId(DENSE), 0, &ones).map_err(e)?;
-        let b = ctx.ps.push(TableId(SPARSE), &sparse, &ones_s).map_err(e)?;
-        let d = ctx.ps.push_range(TableId(DENSE), p.keys + ctx.rank as u64, &[1.0]).map_err(e)?;
+        let a = ctx.ps.push_range(TableId(DENSE), 0, &ones)?;
+        let b = ctx.ps.push(TableId(SPARSE), &sparse, &ones_s)?;
+        let d = ctx.ps.push_range(TableId(DENSE), p.keys + ctx.rank as u64, &[1.0])?;
         for t in [a, b, d] {
-            ctx.ps.wait(t).map_err(e)?;
+            ctx.ps.wait(t)?;
         }
         let t = Instant::now();
-        let ts = ctx.ps.pull_range(TableId(DENSE), 0, p.keys, std::mem::take(&mut dense_buf)).map_err(e)?;
-        dense_buf = ctx.ps.wait_pull(ts).map_err(e)?;
-        ctx.ps.pull_into(TableId(SPARSE), &sparse, &mut sparse_buf).map_err(e)?;
-        let ts = ctx.ps.pull_range(TableId(DENSE), p.keys, w, std::mem::take(&mut wit_buf)).map_err(e)?;
-        wit_buf = ctx.ps.wait_pull(ts).map_err(e)?;
+        let ts = ctx.ps.pull_range(TableId(DENSE), 0, p.keys, std::mem::take(&mut dense_buf))?;
+        dense_buf = ctx.ps.wait_pull(ts)?;
+        ctx.ps.pull_into(TableId(SPARSE), &sparse, &mut sparse_buf)?;
+        let ts = ctx.ps.pull_range(TableId(DENSE), p.keys, w, std::mem::take(&mut wit_buf))?;
+        wit_buf = ctx.ps.wait_pull(ts)?;
         waited += t.elapsed();
         let needed = p.check.needed(c).unwrap_or(0);
         // a sequential table shows my own pushes of this clock from the next one
@@ -118,40 +119,43 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         let floor = (w * needed).max(mine) as f32;
         let least = dense_buf.iter().chain(&sparse_buf).copied().fold(f32::INFINITY, f32::min);
         if least < floor {
-            return Err(format!(
+            return Err(AppError::check(format!(
                 "worker {} at clock {c} read {least} < {floor}: the pushes of clocks < {needed} from all {w} workers \
                  are not all there, which breaks {}",
                 ctx.rank, p.check
-            ));
+            )));
         }
         // the witnesses: how many clocks of each worker this read saw
         let fewest = wit_buf.iter().copied().fold(f32::INFINITY, f32::min) as u64;
         if fewest < needed || wit_buf[ctx.rank as usize] as u64 != mine {
-            return Err(format!(
+            return Err(AppError::check(format!(
                 "worker {} at clock {c} saw clocks {wit_buf:?} of the workers: {} needs {needed} of each and \
                  {mine} of mine",
                 ctx.rank, p.check,
-            ));
+            )));
         }
         let seen = c.saturating_sub(fewest) as usize;
         let last = staleness_seen.len() - 1;
         staleness_seen[seen.min(last)] += 1;
-        let t = ctx.ps.clock().map_err(e)?;
-        ctx.ps.wait(t).map_err(e)?;
+        let t = ctx.ps.clock()?;
+        ctx.ps.wait(t)?;
     }
     // reads the process cache answered (before it is turned off below)
     let hits: u64 = [DENSE, SPARSE].iter().filter_map(|&t| ctx.ps.core().cache_stats(TableId(t))).map(|c| c.hits).sum();
     ctx.barrier("ssp-done")?;
     // the exact check wants every push: read the shards, not the process cache
     for t in [TableId(DENSE), TableId(SPARSE)] {
-        ctx.ps.core_mut().set_cache(t, false).map_err(e)?;
+        ctx.ps.core_mut().set_cache(t, false)?;
     }
     let want = (w * p.clocks) as f32;
-    let ts = ctx.ps.pull_range(TableId(DENSE), 0, p.keys, dense_buf).map_err(e)?;
-    let dense_buf = ctx.ps.wait_pull(ts).map_err(e)?;
-    ctx.ps.pull_into(TableId(SPARSE), &sparse, &mut sparse_buf).map_err(e)?;
+    let ts = ctx.ps.pull_range(TableId(DENSE), 0, p.keys, dense_buf)?;
+    let dense_buf = ctx.ps.wait_pull(ts)?;
+    ctx.ps.pull_into(TableId(SPARSE), &sparse, &mut sparse_buf)?;
     if let Some(v) = dense_buf.iter().chain(&sparse_buf).find(|&&v| v != want) {
-        return Err(format!("after the job a value is {v}, want {want} (= {w} workers x {} clocks)", p.clocks));
+        return Err(AppError::check(format!(
+            "after the job a value is {v}, want {want} (= {w} workers x {} clocks)",
+            p.clocks
+        )));
     }
     let report = json!({"rank": ctx.rank, "clocks": p.clocks, "model": p.model.to_string(), "check": p.check.to_string(),
         "cache_hits": hits,

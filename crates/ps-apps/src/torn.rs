@@ -33,6 +33,8 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+use crate::error::AppError;
+
 const TABLE: u32 = 0;
 
 #[derive(Clone, Debug)]
@@ -46,7 +48,7 @@ struct Params {
     hammer: u32,
 }
 
-fn params(p: &serde_json::Value) -> Result<Params, String> {
+fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     let r = Params {
         keys: param(p, "keys", 32_768)?,
         rounds: param(p, "rounds", 2_000)?,
@@ -56,12 +58,12 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         hammer: param(p, "hammer", 0)?,
     };
     if r.keys == 0 || r.keys > 60_000 {
-        return Err("torn: keys must be in 1..=60000 (one chunk per owned range)".into());
+        return Err(AppError::params("torn", "keys must be in 1..=60000 (one chunk per owned range)"));
     }
     Ok(r)
 }
 
-pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let r = params(p)?;
     let t = TableSpec::dense(TABLE, "torn", KeyRange::new(0, r.keys), 1, RuleSpec::Sum);
     Ok((
@@ -73,8 +75,8 @@ pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_jso
 
 /// For every key, the id of its (shard, owned range, block) segment, from the
 /// layout the shards give their dense slabs (`DenseLayout`).
-fn segments(ctx: &WorkerCtx, keys: u64) -> Result<Vec<u64>, String> {
-    let ring = ctx.view.ring().map_err(|e| e.to_string())?;
+fn segments(ctx: &WorkerCtx, keys: u64) -> Result<Vec<u64>, AppError> {
+    let ring = ctx.view.ring()?;
     let table = KeyRange::new(0, keys);
     let mut seg = vec![u64::MAX; keys as usize];
     let mut next = 0u64;
@@ -96,16 +98,16 @@ fn segments(ctx: &WorkerCtx, keys: u64) -> Result<Vec<u64>, String> {
         }
     }
     if seg.contains(&u64::MAX) {
-        return Err("torn: some key has no owner in the ring".into());
+        return Err(AppError::check("torn: some key has no owner in the ring"));
     }
     Ok(seg)
 }
 
-pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
     let workers = ctx.workers();
     if workers < 2 {
-        return Err("torn needs at least 2 workers (one reader, writers)".into());
+        return Err(AppError::Shape { app: "torn", why: "needs at least 2 workers (one reader, writers)".into() });
     }
     let writers = workers as u64 - 1;
     let seg = segments(ctx, p.keys)?;
@@ -122,7 +124,9 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     if ctx.rank == 0 {
         let mut out = Vec::new();
         while reads < p.reads as u64 && Instant::now() < deadline {
-            ctx.ps.pull_into_range(table, 0, p.keys, &mut out).map_err(|e| format!("pull {reads}: {e}"))?;
+            ctx.ps
+                .pull_into_range(table, 0, p.keys, &mut out)
+                .map_err(|source| AppError::PsAt { what: format!("pull {reads}").into(), source })?;
             reads += 1;
             let mut bad = 0u64;
             for k in 1..p.keys as usize {
@@ -142,7 +146,7 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
                     hammer_issued = hammer_issued.max(n);
                 }
                 if hammer_issued >= p.hammer as u64 {
-                    child.kill().map_err(|e| format!("kill -9 of the hammer: {e}"))?;
+                    child.kill().map_err(|source| AppError::Hammer { what: "kill -9 of the hammer", source })?;
                     let _ = child.wait();
                     while let Ok(n) = lines.recv() {
                         hammer_issued = hammer_issued.max(n);
@@ -161,25 +165,35 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         let mut window = std::collections::VecDeque::new();
         for i in 0..p.rounds {
             if Instant::now() > deadline {
-                return Err(format!("torn: writer {} did {i} of {} rounds in {} s", ctx.rank, p.rounds, p.seconds_max));
+                return Err(AppError::check(format!(
+                    "torn: writer {} did {i} of {} rounds in {} s (raise seconds_max, or lower rounds)",
+                    ctx.rank, p.rounds, p.seconds_max
+                )));
             }
-            window.push_back(ctx.ps.push_range(table, 0, &ones).map_err(|e| format!("push {i}: {e}"))?);
+            window.push_back(
+                ctx.ps
+                    .push_range(table, 0, &ones)
+                    .map_err(|source| AppError::PsAt { what: format!("push {i}").into(), source })?,
+            );
             if window.len() > p.window {
-                ctx.ps.wait(window.pop_front().expect("non-empty")).map_err(|e| format!("wait: {e}"))?;
+                ctx.ps.wait(window.pop_front().expect("non-empty")).map_err(AppError::ps_at("wait"))?;
             }
         }
         for ts in window {
-            ctx.ps.wait(ts).map_err(|e| format!("wait: {e}"))?;
+            ctx.ps.wait(ts).map_err(AppError::ps_at("wait"))?;
         }
     }
     if let Some((mut child, _)) = hammer_child {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(format!("the hammer started only {hammer_issued} of {} pushes before the reads ended", p.hammer));
+        return Err(AppError::check(format!(
+            "the hammer started only {hammer_issued} of {} pushes before the reads ended (raise reads, or lower hammer)",
+            p.hammer
+        )));
     }
     ctx.barrier("pushed")?;
     let mut out = Vec::new();
-    ctx.ps.pull_into_range(table, 0, p.keys, &mut out).map_err(|e| format!("final pull: {e}"))?;
+    ctx.ps.pull_into_range(table, 0, p.keys, &mut out).map_err(AppError::ps_at("final pull"))?;
     let want = (p.rounds as u64 * writers) as f32;
     // every key: want + the hammer's merged pushes (none without it), whole frames only
     // (worker 0 checks the exact bound below: what the killed client had started)
@@ -211,9 +225,9 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         json!({"rank": ctx.rank, "reads": reads, "torn_seen": torn_seen, "final_wrong": wrong, "transport": stats}),
     );
     if torn_seen > 0 || wrong > 0 {
-        return Err(format!(
+        return Err(AppError::check(format!(
             "torn: {torn_seen} of {reads} pulls showed a torn block; {wrong} final values are wrong (want {want}, plus whole hammer pushes if any)"
-        ));
+        )));
     }
     Ok(format!(
         "torn: {reads} whole-table pulls, no torn block reached the caller; all {} values = {want}; transport {stats}",
@@ -223,16 +237,17 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
 
 /// Starts `pslab hammer` on this job's view; its stdout lines `@pushed N` come
 /// back on the channel.
-fn spawn_hammer(ctx: &WorkerCtx) -> Result<(std::process::Child, std::sync::mpsc::Receiver<u64>), String> {
+fn spawn_hammer(ctx: &WorkerCtx) -> Result<(std::process::Child, std::sync::mpsc::Receiver<u64>), AppError> {
     use std::io::BufRead;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let view = serde_json::to_string(&ctx.view).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe()
+        .map_err(|source| AppError::Hammer { what: "cannot find this pslab executable to start the hammer", source })?;
+    let view = serde_json::to_string(&ctx.view).map_err(AppError::HammerView)?;
     let mut child = std::process::Command::new(exe)
         .arg("hammer")
         .arg(view)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start the hammer: {e}"))?;
+        .map_err(|source| AppError::Hammer { what: "cannot start the hammer", source })?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -250,19 +265,21 @@ fn spawn_hammer(ctx: &WorkerCtx) -> Result<(std::process::Child, std::sync::mpsc
 /// The hammer: a client outside the manager's books that pushes +1 to every key
 /// of the torn table, many frames in flight, until it is killed. It says
 /// `@pushed N` before starting push N.
-pub fn hammer(secret: ps_core::auth::JobSecret, view_json: &str, net: &ps_node::NetOpts) -> Result<(), String> {
-    let view: ps_core::control::ClusterView =
-        serde_json::from_str(view_json).map_err(|e| format!("hammer: bad view: {e}"))?;
+pub fn hammer(secret: ps_core::auth::JobSecret, view_json: &str, net: &ps_node::NetOpts) -> Result<(), AppError> {
+    let view: ps_core::control::ClusterView = serde_json::from_str(view_json).map_err(AppError::HammerView)?;
     let p = params(&view.job.params)?;
     let mut ps = ps_node::worker::connect_client(secret, &view, None, 9999, net)?;
     let ones = vec![1f32; p.keys as usize];
     let mut window = std::collections::VecDeque::new();
     for i in 1..=10 * p.hammer.max(1) as u64 {
         println!("@pushed {i}");
-        window.push_back(ps.push_range(TableId(TABLE), 0, &ones).map_err(|e| format!("hammer push {i}: {e}"))?);
+        window.push_back(
+            ps.push_range(TableId(TABLE), 0, &ones)
+                .map_err(|source| AppError::PsAt { what: format!("hammer push {i}").into(), source })?,
+        );
         if window.len() > 4 {
-            ps.wait(window.pop_front().expect("non-empty")).map_err(|e| format!("hammer wait: {e}"))?;
+            ps.wait(window.pop_front().expect("non-empty")).map_err(AppError::ps_at("hammer wait"))?;
         }
     }
-    Err("hammer: was not killed in time".into())
+    Err(AppError::check("hammer: was not killed in time"))
 }

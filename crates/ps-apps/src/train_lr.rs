@@ -31,6 +31,8 @@ use serde_json::json;
 use super::param;
 use ps_node::WorkerCtx;
 
+use crate::error::AppError;
+
 const WEIGHTS: TableId = TableId(0);
 const METRICS: TableId = TableId(1);
 
@@ -49,7 +51,7 @@ struct Params {
     on_worker_loss: String,
 }
 
-fn params(p: &serde_json::Value) -> Result<Params, String> {
+fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     let r = Params {
         examples: param(p, "examples", 400_000)?,
         test: param(p, "test", 20_000)?,
@@ -63,15 +65,18 @@ fn params(p: &serde_json::Value) -> Result<Params, String> {
         on_worker_loss: param(p, "on_worker_loss", "reassign".to_string())?,
     };
     if !["reassign", "skip"].contains(&r.on_worker_loss.as_str()) {
-        return Err(format!("train-lr: on_worker_loss is reassign or skip, not {:?}", r.on_worker_loss));
+        return Err(AppError::params(
+            "train-lr",
+            format!("on_worker_loss is reassign or skip, not {:?}", r.on_worker_loss),
+        ));
     }
     if r.examples == 0 || r.features == 0 || r.nnz == 0 || r.batch == 0 || r.epochs == 0 {
-        return Err("train-lr: examples, features, nnz, batch and epochs must be positive".into());
+        return Err(AppError::params("train-lr", "examples, features, nnz, batch and epochs must be positive"));
     }
     Ok(r)
 }
 
-pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub(crate) fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let r = params(p)?;
     let tables = vec![
         TableSpec::sparse(
@@ -151,7 +156,7 @@ fn share(p: &Params, rank: u64, workers: u64, dead: &std::collections::BTreeSet<
         .collect()
 }
 
-pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
     let (rank, workers) = (ctx.rank as u64, ctx.workers() as u64);
     let mut dead = ctx.dead_workers();
@@ -204,7 +209,7 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             }
             keys.sort_unstable();
             keys.dedup();
-            ctx.ps.pull_into(WEIGHTS, &keys, &mut w).map_err(|e| e.to_string())?;
+            ctx.ps.pull_into(WEIGHTS, &keys, &mut w)?;
             grad.clear();
             grad.resize(keys.len(), 0.0);
             for (ks, y) in &batch {
@@ -218,27 +223,24 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
                 }
             }
             if let Some(ts) = in_flight.take() {
-                ctx.ps.wait(ts).map_err(|e| e.to_string())?;
+                ctx.ps.wait(ts)?;
             }
-            in_flight = Some(ctx.ps.push(WEIGHTS, &keys, &grad).map_err(|e| e.to_string())?);
+            in_flight = Some(ctx.ps.push(WEIGHTS, &keys, &grad)?);
             done += 1;
             if done.is_multiple_of(20) || done == total {
                 ctx.emit("progress", json!({"rank": rank, "done": done, "total": total, "unit": "batches"}));
             }
         }
         if let Some(ts) = in_flight.take() {
-            ctx.ps.wait(ts).map_err(|e| e.to_string())?;
+            ctx.ps.wait(ts)?;
         }
-        let ts = ctx
-            .ps
-            .push_range(METRICS, 2 * epoch as u64, &[loss_sum as f32, count as f32])
-            .map_err(|e| e.to_string())?;
-        ctx.ps.wait(ts).map_err(|e| e.to_string())?;
+        let ts = ctx.ps.push_range(METRICS, 2 * epoch as u64, &[loss_sum as f32, count as f32])?;
+        ctx.ps.wait(ts)?;
         ctx.barrier(&format!("epoch-{epoch}"))?;
         let reporter = (0..workers).find(|w| !ctx.dead_workers().contains(&(*w as u32))).unwrap_or(0);
         if rank == reporter {
-            let ts = ctx.ps.pull_range(METRICS, 2 * epoch as u64, 2, Vec::new()).map_err(|e| e.to_string())?;
-            let m = ctx.ps.wait_pull(ts).map_err(|e| e.to_string())?;
+            let ts = ctx.ps.pull_range(METRICS, 2 * epoch as u64, 2, Vec::new())?;
+            let m = ctx.ps.wait_pull(ts)?;
             ctx.emit(
                 "epoch",
                 json!({"epoch": epoch + 1, "epochs": p.epochs, "loss": m[0] as f64 / m[1].max(1.0) as f64,
@@ -274,7 +276,7 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         }
         keys.sort_unstable();
         keys.dedup();
-        ctx.ps.pull_into(WEIGHTS, &keys, &mut w).map_err(|e| e.to_string())?;
+        ctx.ps.pull_into(WEIGHTS, &keys, &mut w)?;
         for (ks, y, pm) in &ex {
             let z: f64 = ks.iter().map(|k| w[keys.binary_search(k).expect("key")] as f64).sum();
             let pos = *y > 0.0;
@@ -296,9 +298,9 @@ pub(crate) fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
     let acc = correct as f64 / n;
     let planted_acc = planted_correct as f64 / n;
     if acc < planted_acc - 0.08 {
-        return Err(format!(
+        return Err(AppError::check(format!(
             "test accuracy {acc:.4} is far below the planted model's {planted_acc:.4}: training did not converge"
-        ));
+        )));
     }
     let lost = if losses.is_empty() {
         String::new()

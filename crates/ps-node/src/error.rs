@@ -109,7 +109,7 @@ pub enum ControlError {
     Transport(String),
 }
 
-/// Apps still speak `String` errors: `?` on a barrier carries the message over.
+/// Code that speaks `String` errors (the binary, tests' apps): `?` on a barrier carries the message over.
 impl From<ControlError> for String {
     fn from(e: ControlError) -> String {
         e.to_string()
@@ -202,9 +202,12 @@ pub enum NodeError {
     /// A manager state read back from the Raft log does not decode.
     #[error("a committed manager state: {0}")]
     Committed(serde_json::Error),
-    /// The job ended in failure: the manager's verdict, or a worker's app error.
+    /// The job ended in failure: the manager's verdict.
     #[error("{0}")]
     Failed(String),
+    /// This worker's program failed (the app's error).
+    #[error("{0}")]
+    App(crate::worker::AppFailure),
     /// The job names an app this binary does not have.
     #[error("unknown app {0:?}")]
     UnknownApp(String),
@@ -275,7 +278,7 @@ pub enum NodeError {
     Transport(String),
 }
 
-/// Apps and the binary still speak `String` errors: `?` carries the message over.
+/// The binary still speaks `String` errors: `?` carries the message over.
 impl From<NodeError> for String {
     fn from(e: NodeError) -> String {
         e.to_string()

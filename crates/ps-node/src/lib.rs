@@ -51,7 +51,7 @@ pub use error::NodeError;
 pub use manager::{run_manager, Manager};
 pub use net::{NetOpts, NodeTransport, TransportMode};
 pub use server::{run_server, ServerOpts};
-pub use worker::{run_worker, AppMain, PsWorker, WorkerCtx, WorkerOpts};
+pub use worker::{run_worker, AppFailure, AppMain, PsWorker, WorkerCtx, WorkerOpts};
 
 /// Wall-clock time since the node started (ps-core takes time as an input).
 #[derive(Clone, Copy, Debug)]

@@ -74,7 +74,8 @@ fn sum_app(ctx: &mut WorkerCtx) -> Result<String, String> {
 }
 
 fn apps(name: &str) -> Option<AppMain> {
-    (name == "sum").then_some(sum_app as AppMain)
+    // the app speaks String errors; the runtime takes any error type, boxed
+    (name == "sum").then_some((|ctx: &mut WorkerCtx| sum_app(ctx).map_err(Into::into)) as AppMain)
 }
 
 /// How each node of a job ended.

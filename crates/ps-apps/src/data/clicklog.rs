@@ -9,11 +9,12 @@ use std::path::Path;
 use ps_core::rng::mix64;
 
 use super::{lines, read_part, Rows};
+use crate::error::{BadLine, DataError};
 
 /// Reads part `rank` of `parts` of a click log, hashing into `key_space` keys.
-pub fn read(path: &Path, key_space: u64, rank: usize, parts: usize, threads: usize) -> Result<Rows, String> {
+pub fn read(path: &Path, key_space: u64, rank: usize, parts: usize, threads: usize) -> Result<Rows, DataError> {
     if key_space == 0 {
-        return Err("click log: the key space must hold at least one key".into());
+        return Err(DataError::NoKeySpace);
     }
     read_part(path, rank, parts, threads, |text, first| parse(text, first, key_space))
 }
@@ -25,7 +26,7 @@ pub fn key_of(field: usize, text: &[u8], key_space: u64) -> u64 {
     1 + mix64(h ^ mix64(field as u64 + 1)) % key_space
 }
 
-pub(crate) fn parse(text: &[u8], first: usize, key_space: u64) -> Result<Rows, String> {
+pub(crate) fn parse(text: &[u8], first: usize, key_space: u64) -> Result<Rows, BadLine> {
     let mut rows = Rows::new();
     for (no, line) in lines(text, first) {
         let mut fields = line.split(|&b| b == b'\t');
@@ -34,7 +35,8 @@ pub(crate) fn parse(text: &[u8], first: usize, key_space: u64) -> Result<Rows, S
             b"1" | b"+1" => 1.0,
             b"0" | b"-1" => -1.0,
             other => {
-                return Err(format!("line {no}: label {:?} is not 0, 1 or ±1", String::from_utf8_lossy(other)));
+                let label = String::from_utf8_lossy(other);
+                return Err(BadLine::new(no, format!("label {label:?} is not 0, 1 or ±1")));
             }
         };
         for (j, f) in fields.enumerate() {
@@ -63,6 +65,6 @@ mod tests {
         assert_eq!(rows.keys[1], rows.keys[4]);
         assert_ne!(key_of(0, b"a", 1 << 20), key_of(1, b"a", 1 << 20));
         assert!(rows.keys.iter().all(|&k| (1..=1 << 20).contains(&k)));
-        assert!(parse(b"2\ta\n", 7, 10).unwrap_err().starts_with("line 7"));
+        assert!(parse(b"2\ta\n", 7, 10).unwrap_err().to_string().starts_with("line 7"));
     }
 }

@@ -17,23 +17,24 @@ use std::path::Path;
 use parquet::file::reader::FileReader;
 use parquet::record::Field;
 
-use super::{libsvm, Rows};
+use super::{libsvm, parquet_error, Rows};
+use crate::error::DataError;
 
 pub(crate) const FILE: &str = "WomensClothingE-CommerceReviews.parquet.brotli";
 
 /// The reviews as (label, text), in file order, filtered as the note says.
-pub fn load(path: &Path) -> Result<Vec<(f32, String)>, String> {
-    let e = |x: &dyn std::fmt::Display| format!("{}: {x}", path.display());
+pub fn load(path: &Path) -> Result<Vec<(f32, String)>, DataError> {
+    let bad = |why: String| DataError::BadValue { path: path.into(), why };
     let (reader, [ct, cr, cl]) = super::parquet_columns(path, ["Title", "Review Text", "Recommended IND"])?;
     let mut out = Vec::with_capacity(23_486);
-    for row in reader.get_row_iter(None).map_err(|x| e(&x))? {
-        let row = row.map_err(|x| e(&x))?;
+    for row in reader.get_row_iter(None).map_err(parquet_error(path))? {
+        let row = row.map_err(parquet_error(path))?;
         let fields: Vec<&Field> = row.get_column_iter().map(|(_, f)| f).collect();
-        let text = |i: usize| -> Result<Option<&str>, String> {
+        let text = |i: usize| -> Result<Option<&str>, DataError> {
             match fields.get(i) {
                 Some(Field::Str(s)) => Ok(Some(s.as_str())),
                 Some(Field::Null) => Ok(None),
-                other => Err(e(&format!("column {i} holds {other:?}, not text"))),
+                other => Err(bad(format!("column {i} holds {other:?}, not text"))),
             }
         };
         let Some(review) = text(cr)? else { continue };
@@ -41,7 +42,7 @@ pub fn load(path: &Path) -> Result<Vec<(f32, String)>, String> {
         let label = match fields.get(cl) {
             Some(Field::Long(v)) => *v,
             Some(Field::Int(v)) => *v as i64,
-            other => return Err(e(&format!("Recommended IND holds {other:?}, not 0/1"))),
+            other => return Err(bad(format!("Recommended IND holds {other:?}, not 0/1"))),
         };
         out.push((if label == 1 { 1.0 } else { -1.0 }, format!("{title} {review}")));
     }
@@ -78,22 +79,22 @@ pub fn prepare(reviews: &[(f32, String)]) -> (Rows, Rows, Vec<String>) {
 }
 
 /// `pslab prepare clothing`: DIR/FILE -> DIR/{train,test}.libsvm, DIR/vocab.txt.
-pub fn run(dir: &Path) -> Result<(), String> {
+pub fn run(dir: &Path) -> Result<(), DataError> {
     let src = dir.join(FILE);
     if !src.exists() {
-        return Err(format!("{} is missing: run scripts/fetch-clothing.sh", src.display()));
+        return Err(DataError::Missing { path: src, script: "scripts/fetch-clothing.sh" });
     }
     let reviews = load(&src)?;
     let (train, test, vocab) = prepare(&reviews);
     let write = |name: &str, f: &dyn Fn(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>| {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
-        let mut w =
-            std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?);
-        f(&mut w).and_then(|_| w.flush()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let io = |path: &Path, source| DataError::Io { path: path.into(), source };
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?);
+        f(&mut w).and_then(|_| w.flush()).map_err(|e| io(&tmp, e))?;
         drop(w);
         // whole files or none: a reader never sees a half-written one
-        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))
     };
     write("train.libsvm", &|w| libsvm::write(&train, w))?;
     write("test.libsvm", &|w| libsvm::write(&test, w))?;

@@ -6,30 +6,32 @@
 use std::path::Path;
 
 use super::{lines, read_part, Rows};
+use crate::error::{BadLine, DataError};
 
 /// Reads part `rank` of `parts` of a LIBSVM file (see [`super::part_of`]),
 /// parsing on `threads` threads.
-pub fn read(path: &Path, rank: usize, parts: usize, threads: usize) -> Result<Rows, String> {
+pub fn read(path: &Path, rank: usize, parts: usize, threads: usize) -> Result<Rows, DataError> {
     read_part(path, rank, parts, threads, parse)
 }
 
 /// Parses whole LIBSVM lines; `first` is the line number of the first.
-pub fn parse(text: &[u8], first: usize) -> Result<Rows, String> {
+pub fn parse(text: &[u8], first: usize) -> Result<Rows, BadLine> {
     let mut rows = Rows::new();
     for (no, line) in lines(text, first) {
-        let line = std::str::from_utf8(line).map_err(|_| format!("line {no}: not UTF-8"))?;
+        let bad = |why: String| BadLine::new(no, why);
+        let line = std::str::from_utf8(line).map_err(|_| bad("not UTF-8".into()))?;
         let mut it = line.split_ascii_whitespace();
-        let label = it.next().ok_or_else(|| format!("line {no}: no label"))?;
-        let label: f32 = label.parse().map_err(|_| format!("line {no}: label {label:?} is not a number"))?;
+        let label = it.next().ok_or_else(|| bad("no label".into()))?;
+        let label: f32 = label.parse().map_err(|_| bad(format!("label {label:?} is not a number")))?;
         if !label.is_finite() {
-            return Err(format!("line {no}: label {label} is not finite"));
+            return Err(bad(format!("label {label} is not finite")));
         }
         for pair in it {
-            let (k, v) = pair.split_once(':').ok_or_else(|| format!("line {no}: {pair:?} is not index:value"))?;
-            let k: u64 = k.parse().map_err(|_| format!("line {no}: index {k:?} is not a whole number"))?;
-            let v: f32 = v.parse().map_err(|_| format!("line {no}: value {v:?} is not a number"))?;
+            let (k, v) = pair.split_once(':').ok_or_else(|| bad(format!("{pair:?} is not index:value")))?;
+            let k: u64 = k.parse().map_err(|_| bad(format!("index {k:?} is not a whole number")))?;
+            let v: f32 = v.parse().map_err(|_| bad(format!("value {v:?} is not a number")))?;
             if !v.is_finite() {
-                return Err(format!("line {no}: value {v} of index {k} is not finite"));
+                return Err(bad(format!("value {v} of index {k} is not finite")));
             }
             rows.keys.push(k);
             rows.vals.push(v);
@@ -79,7 +81,7 @@ mod tests {
             (b"1 1:nan\n", "line 1: value NaN"),
             (b"1 1:zz\n", "line 1: value \"zz\""),
         ] {
-            let e = parse(text, 1).unwrap_err();
+            let e = parse(text, 1).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
     }

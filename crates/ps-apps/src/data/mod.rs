@@ -13,23 +13,32 @@ pub mod libsvm;
 
 use std::path::Path;
 
+use crate::error::{BadLine, DataError};
+
 /// A parquet file's row reader and the positions of `columns` in its rows;
 /// errors name the file.
 pub fn parquet_columns<const N: usize>(
     path: &Path,
     columns: [&str; N],
-) -> Result<(parquet::file::reader::SerializedFileReader<std::fs::File>, [usize; N]), String> {
+) -> Result<(parquet::file::reader::SerializedFileReader<std::fs::File>, [usize; N]), DataError> {
     use parquet::file::reader::FileReader;
-    let e = |x: &dyn std::fmt::Display| format!("{}: {x}", path.display());
-    let f = std::fs::File::open(path).map_err(|x| e(&x))?;
-    let reader = parquet::file::reader::SerializedFileReader::new(f).map_err(|x| e(&x))?;
+    let f = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.into(), source })?;
+    let reader = parquet::file::reader::SerializedFileReader::new(f).map_err(parquet_error(path))?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     let mut at = [0; N];
     for (slot, name) in at.iter_mut().zip(columns) {
-        *slot =
-            schema.columns().iter().position(|c| c.name() == name).ok_or_else(|| e(&format!("no column {name:?}")))?;
+        *slot = schema
+            .columns()
+            .iter()
+            .position(|c| c.name() == name)
+            .ok_or_else(|| DataError::NoColumn { path: path.into(), column: name.into() })?;
     }
     Ok((reader, at))
+}
+
+/// A parquet reader's error on the file at `path`.
+pub(crate) fn parquet_error(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> DataError + '_ {
+    move |source| DataError::Parquet { path: path.into(), source }
 }
 
 /// Rows of a sparse matrix with a label each, in CSR form.
@@ -123,10 +132,11 @@ pub fn read_part(
     rank: usize,
     parts: usize,
     threads: usize,
-    parse: impl Fn(&[u8], usize) -> Result<Rows, String> + Sync,
-) -> Result<Rows, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let len = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+    parse: impl Fn(&[u8], usize) -> Result<Rows, BadLine> + Sync,
+) -> Result<Rows, DataError> {
+    let io = |source| DataError::Io { path: path.into(), source };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
     if len == 0 {
         return Ok(Rows::new());
     }
@@ -134,14 +144,15 @@ pub fn read_part(
     // are written once by `prepare` (or by the user) before a job reads them.
     // A file truncated under us would raise SIGBUS, as for any reader of a
     // mapped file; nothing here writes through the map.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: mmap: {e}", path.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| DataError::Mmap { path: path.into(), source })?;
     let text = &map[..];
     let mine = part_of(text, rank, parts);
     let body = &text[mine.clone()];
     let first_line = 1 + text[..mine.start].iter().filter(|&&b| b == b'\n').count();
     let threads = threads.clamp(1, 64);
     let pieces: Vec<std::ops::Range<usize>> = (0..threads).map(|t| part_of(body, t, threads)).collect();
-    let results: Vec<Result<(Rows, usize), String>> = std::thread::scope(|s| {
+    // a thread's parse, or None when it panicked
+    let results: Vec<Option<Result<Rows, BadLine>>> = std::thread::scope(|s| {
         let handles: Vec<_> = pieces
             .iter()
             .map(|r| {
@@ -149,15 +160,16 @@ pub fn read_part(
                 let parse = &parse;
                 s.spawn(move || {
                     let lines_before = body[..r.start].iter().filter(|&&b| b == b'\n').count();
-                    parse(piece, first_line + lines_before).map(|rows| (rows, lines_before))
+                    parse(piece, first_line + lines_before)
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a parser thread panicked".into()))).collect()
+        handles.into_iter().map(|h| h.join().ok()).collect()
     });
     let mut all = Rows::new();
     for r in results {
-        all.append(r.map_err(|e| format!("{}: {e}", path.display()))?.0);
+        let r = r.ok_or_else(|| DataError::ParserPanicked { path: path.into() })?;
+        all.append(r.map_err(|source| DataError::Line { path: path.into(), source })?);
     }
     Ok(all)
 }

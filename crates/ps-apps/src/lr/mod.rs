@@ -41,6 +41,7 @@ use serde_json::json;
 
 use super::param;
 use crate::data::{libsvm, Rows};
+use crate::error::{AppError, DataError};
 
 mod local;
 #[cfg(test)]
@@ -120,16 +121,16 @@ pub struct Params {
 
 /// The job spec's `params` read into [`Params`], defaults filled in; a bad
 /// value is refused with the reason.
-pub fn params(p: &serde_json::Value) -> Result<Params, String> {
+pub fn params(p: &serde_json::Value) -> Result<Params, AppError> {
     let reg: String = param(p, "reg", "l1".to_string())?;
     let c: f32 = param(p, "c", 1.0)?;
     if !(c.is_finite() && c > 0.0) {
-        return Err(format!("lr: c must be a positive number, got {c}"));
+        return Err(AppError::params("lr", format!("c must be a positive number, got {c}")));
     }
     let (l1, l2) = match reg.as_str() {
         "l1" => (1.0 / c, 0.0),
         "l2" => (0.0, 1.0 / c),
-        other => return Err(format!("lr: reg must be l1 or l2, got {other:?}")),
+        other => return Err(AppError::params("lr", format!("reg must be l1 or l2, got {other:?}"))),
     };
     let solver: String = param(p, "solver", "dbpg".to_string())?;
     let r = Params {
@@ -160,30 +161,39 @@ pub fn params(p: &serde_json::Value) -> Result<Params, String> {
         batch: param(p, "batch", 64)?,
     };
     if r.solver != "dbpg" && r.solver != "ftrl" {
-        return Err(format!("lr: solver must be dbpg or ftrl, got {:?}", r.solver));
+        return Err(AppError::params("lr", format!("solver must be dbpg or ftrl, got {:?}", r.solver)));
     }
     if r.batch == 0 {
-        return Err("lr: batch must be positive".into());
+        return Err(AppError::params("lr", "batch must be positive"));
     }
     if r.resume_sweep >= r.sweeps {
-        return Err(format!("lr: resume_sweep {} must be below sweeps {}", r.resume_sweep, r.sweeps));
+        return Err(AppError::params(
+            "lr",
+            format!("resume_sweep {} must be below sweeps {}", r.resume_sweep, r.sweeps),
+        ));
     }
     if r.solver == "ftrl" && (r.checkpoint_every > 0 || r.resume_sweep > 0) {
-        return Err("lr: checkpoints are for the dbpg solver".into());
+        return Err(AppError::params("lr", "checkpoints are for the dbpg solver"));
     }
     if r.format != "libsvm" && r.format != "clicklog" {
-        return Err(format!("lr: format must be libsvm or clicklog, got {:?}", r.format));
+        return Err(AppError::params("lr", format!("format must be libsvm or clicklog, got {:?}", r.format)));
     }
     if r.format == "clicklog" && r.features == 0 {
-        return Err("lr: a click log needs params.features, the key space its fields are hashed into".into());
+        return Err(AppError::params(
+            "lr",
+            "a click log needs params.features, the key space its fields are hashed into",
+        ));
     }
     if r.blocks == 0 || r.sweeps == 0 {
-        return Err("lr: blocks and sweeps must be positive".into());
+        return Err(AppError::params("lr", "blocks and sweeps must be positive"));
     }
     if r.tau as u64 >= r.blocks {
-        return Err(format!(
-            "lr: tau {} must be below blocks {}: a block's next step must not start before every worker has read its last",
-            r.tau, r.blocks
+        return Err(AppError::params(
+            "lr",
+            format!(
+                "tau {} must be below blocks {}: a block's next step must not start before every worker has read its last",
+                r.tau, r.blocks
+            ),
         ));
     }
     Ok(r)
@@ -198,7 +208,7 @@ fn test_path(p: &Params) -> PathBuf {
 }
 
 /// Part `rank` of `parts` of a data file in the job's format.
-fn read_rows(p: &Params, path: &Path, rank: usize, parts: usize) -> Result<Rows, String> {
+fn read_rows(p: &Params, path: &Path, rank: usize, parts: usize) -> Result<Rows, DataError> {
     match p.format.as_str() {
         "clicklog" => crate::data::clicklog::read(path, p.features, rank, parts, p.threads),
         _ => libsvm::read(path, rank, parts, p.threads),
@@ -207,12 +217,11 @@ fn read_rows(p: &Params, path: &Path, rank: usize, parts: usize) -> Result<Rows,
 
 /// The tables: the weights (`[w, G]` per key, the block_prox rule, bounded:τ)
 /// and the per-sweep metrics.
-pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), String> {
+pub fn tables(p: &serde_json::Value) -> Result<(Vec<TableSpec>, serde_json::Value), AppError> {
     let mut r = params(p)?;
     if r.features == 0 {
         // the manager reads the file once for its largest index
-        let rows = read_rows(&r, &train_path(&r), 0, 1)
-            .map_err(|e| format!("lr: {e} (run scripts/fetch-clothing.sh, or give params.features)"))?;
+        let rows = read_rows(&r, &train_path(&r), 0, 1).map_err(AppError::Features)?;
         r.features = rows.key_bound().saturating_sub(1).max(1);
     }
     // the delay τ is the worker's: it reads each block after its step (bounded:0

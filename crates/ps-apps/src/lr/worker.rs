@@ -11,13 +11,14 @@ use super::{
     Params, METRICS, SLOTS, WEIGHTS,
 };
 use crate::data::Rows;
+use crate::error::AppError;
 use crate::param;
 use ps_node::WorkerCtx;
 
 /// Writes the model: `#` header lines, then `key weight` per non-zero weight.
-fn save(path: &str, p: &Params, wg: &[f32], objective: f64) -> Result<(), String> {
+fn save(path: &str, p: &Params, wg: &[f32], objective: f64) -> Result<(), AppError> {
     use std::io::Write;
-    let e = |x: std::io::Error| format!("lr: model {path}: {x}");
+    let e = |source| AppError::Model { path: path.to_string(), source };
     let tmp = format!("{path}.tmp");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(e)?);
     writeln!(f, "# pslab lr model: logistic regression, score = sum of weight(key) * value(key)").map_err(e)?;
@@ -49,10 +50,9 @@ enum Read {
 
 /// One lr worker: its part of the data, then sweeps of delayed block
 /// proximal steps (or FTRL minibatches) until `sweeps`; worker 0 reports.
-pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
+pub fn run(ctx: &mut WorkerCtx) -> Result<String, AppError> {
     let p = params(&ctx.view.job.params)?;
     let p = Params { features: param(&ctx.view.job.params, "features", 0)?, ..p };
-    let e = |e: ps_core::PsError| e.to_string();
     let (rank, workers) = (ctx.rank as usize, ctx.workers() as usize);
     let started = Instant::now();
     let rows = read_rows(&p, &train_path(&p), rank, workers)?;
@@ -60,9 +60,15 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         tracing::warn!("lr: worker {rank} has no rows of {} (more workers than lines?)", train_path(&p).display());
     }
     if rows.keys.iter().any(|&k| k == 0 || k > p.features) {
-        return Err(format!("lr: the train file has keys outside 1..={}", p.features));
+        return Err(AppError::params(
+            "lr",
+            format!(
+                "the train file has keys outside 1..={} (raise features, or leave it out to take it from the file)",
+                p.features
+            ),
+        ));
     }
-    ctx.ps.core_mut().set_cache(METRICS, false).map_err(e)?;
+    ctx.ps.core_mut().set_cache(METRICS, false)?;
     if p.solver == "ftrl" {
         return run_ftrl(ctx, &p, &rows, started);
     }
@@ -81,7 +87,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         // are rebuilt from every block of them
         for b in 0..p.blocks as usize {
             let mut fresh = Vec::new();
-            ctx.ps.pull_into(WEIGHTS, &local.blocks[b].keys, &mut fresh).map_err(e)?;
+            ctx.ps.pull_into(WEIGHTS, &local.blocks[b].keys, &mut fresh)?;
             local.take(b, &fresh);
         }
         ctx.emit("resumed", json!({"rank": rank, "sweep": p.resume_sweep}));
@@ -106,7 +112,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
         pushed += keys.len() as u64;
         filtered += (local.blocks[b].keys.len() - keys.len()) as u64;
         if !keys.is_empty() {
-            reads.push_back((t, Read::Ack(ctx.ps.push(WEIGHTS, &keys, &vals).map_err(e)?)));
+            reads.push_back((t, Read::Ack(ctx.ps.push(WEIGHTS, &keys, &vals)?)));
         }
         let sweep_ends = b as u64 + 1 == p.blocks;
         if sweep_ends {
@@ -120,16 +126,16 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             ];
             bytes_before = bytes;
             (pushed, filtered) = (0, 0);
-            reads.push_back((t, Read::Ack(ctx.ps.push_range(METRICS, sweep * SLOTS, &m).map_err(e)?)));
+            reads.push_back((t, Read::Ack(ctx.ps.push_range(METRICS, sweep * SLOTS, &m)?)));
         }
-        reads.push_back((t, Read::Ack(ctx.ps.clock().map_err(e)?)));
+        reads.push_back((t, Read::Ack(ctx.ps.clock()?)));
         // read at clock t + 1: the shard answers once every worker has
         // finished clock t, after the step on their pushes
-        let ts = ctx.ps.pull(WEIGHTS, &local.blocks[b].keys, Vec::new()).map_err(e)?;
+        let ts = ctx.ps.pull(WEIGHTS, &local.blocks[b].keys, Vec::new())?;
         reads.push_back((t, Read::Block { block: b, ts }));
         if rank == 0 && sweep_ends {
-            let metrics = ctx.ps.pull_range(METRICS, sweep * SLOTS, SLOTS, Vec::new()).map_err(e)?;
-            let model = ctx.ps.pull_range(WEIGHTS, 1, p.features, Vec::new()).map_err(e)?;
+            let metrics = ctx.ps.pull_range(METRICS, sweep * SLOTS, SLOTS, Vec::new())?;
+            let model = ctx.ps.pull_range(WEIGHTS, 1, p.features, Vec::new())?;
             reads.push_back((t, Read::Report { sweep, metrics, model }));
         }
         if (t + 1) % 16 == 0 || t + 1 == total {
@@ -145,21 +151,21 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
             }
             ctx.barrier(&format!("lr-checkpoint-{done}"))?;
             if rank == 0 {
-                ctx.ps.checkpoint(done).map_err(e)?;
+                ctx.ps.checkpoint(done)?;
                 ctx.emit("checkpoint", json!({"sweep": done}));
             }
             ctx.barrier(&format!("lr-checkpointed-{done}"))?;
         }
     }
     // what the filters held back goes now, and one more clock settles it
-    ctx.ps.flush_filters(WEIGHTS).map_err(e)?;
-    ctx.ps.clock().map_err(e)?;
+    ctx.ps.flush_filters(WEIGHTS)?;
+    ctx.ps.clock()?;
     if rank != 0 {
         return Ok(format!("trained on {} rows", rows.len()));
     }
     // a read at clock T sees every step
     let mut wg = Vec::new();
-    ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut wg).map_err(e)?;
+    ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut wg)?;
     finish(ctx, &p, &wg, started)
 }
 
@@ -168,8 +174,7 @@ pub fn run(ctx: &mut WorkerCtx) -> Result<String, String> {
 /// weights of the batch's keys, pushes the summed log-loss gradient, which the
 /// servers' `ftrl` rule turns into new weights; one push in flight while the
 /// next batch is read (no clocks, eventual consistency).
-fn run_ftrl(ctx: &mut WorkerCtx, p: &Params, rows: &Rows, started: Instant) -> Result<String, String> {
-    let e = |e: ps_core::PsError| e.to_string();
+fn run_ftrl(ctx: &mut WorkerCtx, p: &Params, rows: &Rows, started: Instant) -> Result<String, AppError> {
     let rank = ctx.rank as u64;
     let batches = rows.len().div_ceil(p.batch) as u64;
     let total = batches * p.sweeps;
@@ -188,7 +193,7 @@ fn run_ftrl(ctx: &mut WorkerCtx, p: &Params, rows: &Rows, started: Instant) -> R
             batch.iter().for_each(|&i| keys.extend_from_slice(rows.row(i).0));
             keys.sort_unstable();
             keys.dedup();
-            ctx.ps.pull_into(WEIGHTS, &keys, &mut w).map_err(e)?;
+            ctx.ps.pull_into(WEIGHTS, &keys, &mut w)?;
             grad.clear();
             grad.resize(keys.len(), 0f32);
             for &i in batch {
@@ -200,9 +205,9 @@ fn run_ftrl(ctx: &mut WorkerCtx, p: &Params, rows: &Rows, started: Instant) -> R
                 at.iter().zip(xs).for_each(|(&j, &x)| grad[j] += (g * x as f64) as f32);
             }
             if let Some(ts) = in_flight.take() {
-                ctx.ps.wait(ts).map_err(e)?;
+                ctx.ps.wait(ts)?;
             }
-            in_flight = Some(ctx.ps.push(WEIGHTS, &keys, &grad).map_err(e)?);
+            in_flight = Some(ctx.ps.push(WEIGHTS, &keys, &grad)?);
             done += 1;
             if done.is_multiple_of(32) || done == total {
                 ctx.emit("progress", json!({"rank": rank, "done": done, "total": total, "unit": "minibatches"}));
@@ -210,22 +215,22 @@ fn run_ftrl(ctx: &mut WorkerCtx, p: &Params, rows: &Rows, started: Instant) -> R
         }
     }
     if let Some(ts) = in_flight.take() {
-        ctx.ps.wait(ts).map_err(e)?;
+        ctx.ps.wait(ts)?;
     }
-    ctx.ps.flush_filters(WEIGHTS).map_err(e)?;
+    ctx.ps.flush_filters(WEIGHTS)?;
     ctx.barrier("lr-ftrl-trained")?;
     if rank != 0 {
         return Ok(format!("trained on {} rows", rows.len()));
     }
     let mut w = Vec::new();
-    ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut w).map_err(e)?;
+    ctx.ps.pull_into_range(WEIGHTS, 1, p.features, &mut w)?;
     let wg: Vec<f32> = w.iter().flat_map(|&x| [x, 0.0]).collect();
     finish(ctx, p, &wg, started)
 }
 
 /// Worker 0's end: the exact objective over the whole train file (f64), the
 /// test metrics, the model file and the `@result` line.
-fn finish(ctx: &WorkerCtx, p: &Params, wg: &[f32], started: Instant) -> Result<String, String> {
+fn finish(ctx: &WorkerCtx, p: &Params, wg: &[f32], started: Instant) -> Result<String, AppError> {
     let all = read_rows(p, &train_path(p), 0, 1)?;
     let loss: f64 = scores(&all, wg).iter().zip(&all.labels).map(|(&z, &y)| logloss(z, y)).sum();
     let objective = loss + regulariser(wg, p.l1, p.l2);
@@ -241,24 +246,26 @@ fn finish(ctx: &WorkerCtx, p: &Params, wg: &[f32], started: Instant) -> Result<S
                "train_secs": started.elapsed().as_secs_f64(), "model": p.model}),
     );
     if objective > p.objective_max {
-        return Err(format!("lr: objective {objective:.4} is above objective_max {}", p.objective_max));
+        return Err(AppError::check(format!(
+            "lr: objective {objective:.4} is above objective_max {}",
+            p.objective_max
+        )));
     }
     Ok(format!("objective {objective:.4}, {nnz} non-zeros, test accuracy {acc:.5}, AUC {auc:.5}"))
 }
 
 /// Waits for a read in flight and takes it: an acknowledgement, a block's
 /// fresh values into the margins, or a report line.
-fn take_read(ctx: &mut WorkerCtx, p: &Params, local: &mut Local, r: Read, started: Instant) -> Result<(), String> {
-    let e = |e: ps_core::PsError| e.to_string();
+fn take_read(ctx: &mut WorkerCtx, p: &Params, local: &mut Local, r: Read, started: Instant) -> Result<(), AppError> {
     match r {
-        Read::Ack(ts) => ctx.ps.wait(ts).map_err(e)?,
+        Read::Ack(ts) => ctx.ps.wait(ts)?,
         Read::Block { block, ts } => {
-            let fresh = ctx.ps.wait_pull(ts).map_err(e)?;
+            let fresh = ctx.ps.wait_pull(ts)?;
             local.take(block, &fresh);
         }
         Read::Report { sweep, metrics, model } => {
-            let m = ctx.ps.wait_pull(metrics).map_err(e)?;
-            let wg = ctx.ps.wait_pull(model).map_err(e)?;
+            let m = ctx.ps.wait_pull(metrics)?;
+            let wg = ctx.ps.wait_pull(model)?;
             report(ctx, p, sweep, &m, &wg, started);
         }
     }

@@ -23,9 +23,14 @@ pub use client::{connect_client, enable_failover};
 /// The blocking PS client a worker runs (`push`, `pull`, `wait`, ...).
 pub type PsWorker = Worker<NodeTransport, StdClock>;
 
+/// Why a worker program failed: the app's own error type, boxed (the runtime
+/// names no app, so it knows none of their types); its message is what the
+/// manager and the log are told.
+pub type AppFailure = Box<dyn std::error::Error + Send + Sync>;
+
 /// A worker program: runs on the worker's handle and returns its last line
 /// (said to the manager, logged) or why it failed.
-pub type AppMain = fn(&mut WorkerCtx) -> Result<String, String>;
+pub type AppMain = fn(&mut WorkerCtx) -> Result<String, AppFailure>;
 
 /// What an application gets: its rank, the view, the PS client, and through
 /// the handle's methods the barriers and the manager's newest view.
@@ -124,7 +129,7 @@ pub fn run_worker(
     let mut ctx = WorkerCtx { rank, view, ps, link };
     let result = match apps(&app) {
         Some(main) => main(&mut ctx),
-        None => Err(NodeError::UnknownApp(app).to_string()),
+        None => Err(NodeError::UnknownApp(app).into()),
     };
     if let Some(line) = net::stats_line(ctx.ps.transport_mut()) {
         tracing::info!("worker {rank} {line}");
@@ -136,8 +141,8 @@ pub fn run_worker(
             Ok(msg)
         }
         Err(e) => {
-            let _ = link.done(false, &e);
-            Err(NodeError::Failed(e))
+            let _ = link.done(false, &e.to_string());
+            Err(NodeError::App(e))
         }
     }
 }
