@@ -49,7 +49,7 @@ use crate::keys::{Key, TableId};
 use crate::limits::{KEY_CACHE_BYTES_MAX, KEY_CACHE_LISTS_MAX};
 use crate::rng::{mix64, SplitMix64};
 use crate::transport::PeerId;
-use crate::wire::{self, DataHeader, Kind, WireError, DATA_HEADER_BYTES, FLAG_CODED};
+use crate::wire::{self, DataHeader, Kind, WireError, DATA_HEADER_BYTES};
 
 /// A table's filter, as the job spec names it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -423,8 +423,7 @@ impl Encoder {
         let len = (DATA_HEADER_BYTES + CODED_HEAD + body.len()).next_multiple_of(8);
         let mut f = vec![0u8; len];
         f[..DATA_HEADER_BYTES].copy_from_slice(&hdr.encode(len));
-        let flags = u16::from_le_bytes([f[6], f[7]]) | FLAG_CODED;
-        f[6..8].copy_from_slice(&flags.to_le_bytes());
+        wire::mark_coded(&mut f);
         f[DATA_HEADER_BYTES] = what;
         f[DATA_HEADER_BYTES + 1] = bits.unwrap_or(0);
         f[DATA_HEADER_BYTES + 4..DATA_HEADER_BYTES + 8].copy_from_slice(&(body_len as u32).to_le_bytes());
@@ -441,7 +440,7 @@ impl Encoder {
 
 /// Whether `frame` (at least a prefix) is coded.
 pub fn is_coded(frame: &[u8]) -> bool {
-    frame.len() >= 8 && u16::from_le_bytes([frame[6], frame[7]]) & FLAG_CODED != 0
+    wire::is_coded(frame)
 }
 
 /// The shard's side: turns coded frames back into plain ones, per connection.
@@ -466,17 +465,8 @@ impl Decoder {
         if frame.len() < DATA_HEADER_BYTES + CODED_HEAD {
             return Err(short(DATA_HEADER_BYTES + CODED_HEAD));
         }
-        let u64_at = |o: usize| u64::from_le_bytes(frame[o..o + 8].try_into().expect("8"));
-        let dense = p.flags & wire::FLAG_DENSE != 0;
-        let h = DataHeader {
-            kind: p.kind,
-            dense,
-            table: u32::from_le_bytes(frame[8..12].try_into().expect("4")),
-            sub: u32::from_le_bytes(frame[12..16].try_into().expect("4")),
-            ts: u64_at(16),
-            a: u64_at(24),
-            b: u64_at(32),
-        };
+        // the prefix parsed, the header present: the plain frame's header
+        let h = wire::peek_header(frame).ok_or(short(DATA_HEADER_BYTES))?;
         let c = &frame[DATA_HEADER_BYTES..];
         let (what, bits) = (c[0], c[1]);
         let body_len = u32::from_le_bytes(c[4..8].try_into().expect("4")) as usize;

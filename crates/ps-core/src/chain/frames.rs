@@ -41,7 +41,7 @@ pub(super) fn data_header(frame: &[u8]) -> Result<DataHeader, WireError> {
 /// A push-pull as the push it carries (what the next copies apply).
 pub(super) fn push_of(frame: &[u8]) -> Vec<u8> {
     let mut f = frame.to_vec();
-    f[5] = Kind::Push as u8;
+    wire::set_kind(&mut f, Kind::Push);
     f
 }
 

@@ -64,7 +64,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::ring::Owner;
 use crate::shard::{ShardCore, ShardError};
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{DataHeader, Kind};
+use crate::wire::{self, DataHeader, Kind};
 
 use frames::header_frame;
 use protocol::{Conn, Down};
@@ -376,9 +376,8 @@ impl ChainCore {
         if !self.replicated() {
             return self.core.handle(peer, frame, tx);
         }
-        // the kind byte of the prefix: every handler below decodes what it needs
-        let kind = frame.get(5).and_then(|&k| Kind::from_u8(k));
-        match kind {
+        // routed by the prefix's kind: every handler below decodes what it needs
+        match wire::peek_kind(frame) {
             Some(Kind::Bind) => self.on_bind(peer, frame, tx),
             Some(Kind::Forward) => self.on_forward(peer, frame, tx),
             Some(Kind::Ack) if Some(peer) == self.down.peer => self.on_down_ack(frame, tx),

@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(values(&mut sink), [1.5, -4.0]);
         // a push-pull cannot be answered before its own step: refused
         let mut pp = push(1.0, 1.0);
-        pp[5] = Kind::PushPull as u8;
+        wire::set_kind(&mut pp, Kind::PushPull);
         s.handle(A, &pp, &mut sink).unwrap();
         assert_eq!(kinds(&mut sink), vec![(A, Kind::Error)]);
     }

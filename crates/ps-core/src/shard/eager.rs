@@ -229,21 +229,23 @@ mod tests {
         s.handle(A, &clock(0, 1), &mut sink).unwrap();
         assert_eq!(kinds(&mut sink), vec![(A, Kind::Ack)]);
         s.handle(B, &clock(1, 1), &mut sink).unwrap();
-        let refresh = sink.frames.iter().find(|(p, f)| *p == A && f[5] == Kind::Refresh as u8).expect("a refresh");
+        let refresh =
+            sink.frames.iter().find(|(p, f)| *p == A && wire::peek_kind(f) == Some(Kind::Refresh)).expect("a refresh");
         let Frame::Data { h, keys, vals } = wire::decode(&refresh.1, 1 << 30).unwrap() else { panic!() };
         assert_eq!((wire::stamp_of(&h), h.a, h.sub), (1, 1, 1));
         assert_eq!(keys, 3u64.to_le_bytes());
         assert_eq!(vals, 0f32.to_le_bytes());
         // B read nothing and watched nothing: no refresh for it
-        assert!(!sink.frames.iter().any(|(p, f)| *p == B && f[5] == Kind::Refresh as u8));
+        assert!(!sink.frames.iter().any(|(p, f)| *p == B && wire::peek_kind(f) == Some(Kind::Refresh)));
         sink.frames.clear();
         // one refresh per watch: the next clock's waits for A's next watch, and
         // with nothing changed it is empty (the stamp alone moved on)
         s.handle(A, &clock(0, 2), &mut sink).unwrap();
         s.handle(B, &clock(1, 2), &mut sink).unwrap();
-        assert!(!sink.frames.iter().any(|(_, f)| f[5] == Kind::Refresh as u8));
+        assert!(!sink.frames.iter().any(|(_, f)| wire::peek_kind(f) == Some(Kind::Refresh)));
         s.handle(A, &watch, &mut sink).unwrap();
-        let empty = sink.frames.iter().find(|(_, f)| f[5] == Kind::Refresh as u8).expect("an empty refresh");
+        let empty =
+            sink.frames.iter().find(|(_, f)| wire::peek_kind(f) == Some(Kind::Refresh)).expect("an empty refresh");
         let Frame::Data { h, .. } = wire::decode(&empty.1, 1 << 30).unwrap() else { panic!() };
         assert_eq!((wire::stamp_of(&h), h.a, h.sub), (2, 0, 1));
         sink.frames.clear();

@@ -17,7 +17,7 @@ use crate::rules::{RuleRegistry, RuleSpec};
 use crate::shard::ShardCore;
 use crate::table::TableSpec;
 use crate::transport::PeerId;
-use crate::wire::Kind;
+use crate::wire::{self, Kind};
 use crate::worker::{Keys, WorkerCore};
 use crate::PsError;
 use std::collections::BTreeMap;
@@ -341,7 +341,7 @@ fn an_operation_issued_after_others_runs_only_once_they_finish() {
         }
         let Some((from, to, frame)) = net.step() else { break };
         if to < SERVERS * SHARDS {
-            if frame[5] == Kind::Pull as u8 {
+            if wire::peek_kind(&frame) == Some(Kind::Pull) {
                 pulls_seen += 1;
                 assert!(w.is_done(push).unwrap(), "the pull went out before the push finished");
             }

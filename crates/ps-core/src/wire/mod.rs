@@ -28,12 +28,14 @@ use crate::limits::HANDSHAKE_FRAME_BYTES_MAX;
 mod control;
 mod frame;
 mod header;
+mod peek;
 #[cfg(test)]
 mod tests;
 
 pub use control::{control_len, encode_challenge, encode_hello, encode_welcome, error_len, write_control, write_error};
 pub use frame::{copy_vals, decode, keys_of, vals_of, Frame};
 pub use header::{set_stamp, stamp_of, DataHeader};
+pub use peek::{is_coded, mark_coded, peek_flags, peek_header, peek_kind, set_kind};
 
 /// The version byte every frame carries; a node refuses frames of any other
 /// ([`WireError::Version`]).

@@ -91,3 +91,26 @@ proptest! {
         let _ = decode(&f, 1 << 20);
     }
 }
+
+#[test]
+fn peeks_read_what_write_and_decode_see() {
+    let h = DataHeader { kind: Kind::PushPull, dense: true, table: 3, sub: 9, ts: 99, a: 12, b: 2 };
+    let mut f = data(h, &[], &[1.0, 2.0]);
+    assert_eq!(peek_kind(&f), Some(Kind::PushPull));
+    assert_eq!(peek_header(&f), Some(h));
+    assert!(!is_coded(&f));
+    set_kind(&mut f, Kind::Push);
+    match decode(&f, 1 << 20).unwrap() {
+        Frame::Data { h: h2, .. } => assert_eq!(h2, DataHeader { kind: Kind::Push, ..h }),
+        other => panic!("{other:?}"),
+    }
+    mark_coded(&mut f);
+    assert!(is_coded(&f));
+    assert_eq!(peek_flags(&f), Some(FLAG_DENSE | FLAG_CODED));
+    assert_eq!(peek_header(&f), Some(DataHeader { kind: Kind::Push, ..h }), "a coded frame's header");
+    // too short, or an unknown kind: nothing
+    assert_eq!(peek_kind(&f[..5]), None);
+    assert_eq!(peek_header(&f[..39]), None);
+    f[5] = 99;
+    assert_eq!(peek_kind(&f), None);
+}

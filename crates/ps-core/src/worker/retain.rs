@@ -184,7 +184,7 @@ impl WorkerCore {
         };
         let stream = &mut f.streams[g];
         let seq = crate::chain::is_counted(kind).then_some(stream.next_seq);
-        let a = u64::from_le_bytes(wire[24..32].try_into().expect("a data frame"));
+        let a = crate::wire::peek_header(&wire).expect("a data frame").a;
         if stream.lost.is_none() {
             // TCP sends straight from the kept copy when nothing is queued ahead
             match tx.frame_gather(peer, &[&wire]) {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use ps_core::limits::WireLimits;
 use ps_core::store::DenseLayout;
 use ps_core::transport::{PeerEvent, PeerId, RxFrame, Transport, TransportError};
-use ps_core::wire::Kind;
+use ps_core::wire::{self, Kind};
 use ps_tcp_fallback::{TcpRx, TcpTransport};
 
 pub use crate::device::{gid_str, Device, DeviceChoice};
@@ -344,7 +344,7 @@ impl Transport for RdmaTransport {
         self.poll_tcp(wait)?;
         for f in std::mem::take(&mut self.tcp_rx) {
             let peer = f.peer();
-            if f.bytes().get(5) == Some(&(Kind::Control as u8)) {
+            if wire::peek_kind(f.bytes()) == Some(Kind::Control) {
                 if let Some(msg) = SetupMsg::parse(f.bytes()) {
                     self.tcp.release(f);
                     match msg {

@@ -109,7 +109,7 @@ pub(super) fn read_ops(plans: &[ReadPlan], tables: &HashMap<u32, RemoteTable>) -
 
 /// If `frame` is a dense range pull of a table the peer exported, where to READ it.
 pub(super) fn read_plan(frame: &[u8], tables: &HashMap<u32, RemoteTable>, limits: &WireLimits) -> Option<ReadPlan> {
-    if frame.len() < wire::DATA_HEADER_BYTES || frame[5] != Kind::Pull as u8 {
+    if frame.len() < wire::DATA_HEADER_BYTES || wire::peek_kind(frame) != Some(Kind::Pull) {
         return None;
     }
     let Ok(Frame::Data { h, .. }) = wire::decode(frame, limits.frame_bytes_max) else { return None };
@@ -230,7 +230,7 @@ mod tests {
         assert!(read_plan(&pull_frame(4, 1990, 20), &tables, &limits).is_none());
         assert!(read_plan(&pull_frame(5, 0, 10), &tables, &limits).is_none());
         let mut push = pull_frame(4, 0, 10);
-        push[5] = Kind::Push as u8;
+        wire::set_kind(&mut push, Kind::Push);
         assert!(read_plan(&push, &tables, &limits).is_none());
         // beyond the registered length: never READ outside the region
         tables.get_mut(&4).unwrap().len = 3 * BLOCK_BYTES as u64;

@@ -68,7 +68,7 @@ impl RdmaTransport {
             buf.clear();
             buf.resize(len / 8, 0);
             bytemuck::cast_slice_mut::<u64, u8>(&mut buf).copy_from_slice(&conn.rx_mr.bytes()[at..at + len]);
-            if conn.rx_mr.bytes()[at + 5] == Kind::Refresh as u8 {
+            if wire::peek_kind(&conn.rx_mr.bytes()[at..at + len]) == Some(Kind::Refresh) {
                 conn.watches = conn.watches.saturating_sub(1);
             }
             RdmaRx::Local { peer, buf, len }
@@ -169,7 +169,7 @@ impl RdmaTransport {
                 });
                 inflight.push((conn.seq, slot));
                 self.stats.bytes_out += len as u64;
-                if conn.tx_mr.bytes()[slot * conn.slot_bytes + 5] == Kind::Watch as u8 {
+                if wire::peek_kind(&conn.tx_mr.bytes()[slot * conn.slot_bytes..]) == Some(Kind::Watch) {
                     conn.watches += 1;
                 }
             }
