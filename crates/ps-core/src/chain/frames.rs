@@ -5,7 +5,7 @@
 //! a frame it reads comes from a peer, so a bad one is a `WireError`, never
 //! a panic.
 
-use crate::wire::{self, DataHeader, Frame, Kind, WireError};
+use crate::wire::{self, DataFrame, DataHeader, Frame, Kind, WireError};
 
 pub(super) fn header_frame(h: DataHeader) -> Vec<u8> {
     let mut f = vec![0u8; h.frame_len().expect("a header frame is small")];
@@ -38,6 +38,15 @@ pub(super) fn data_header(frame: &[u8]) -> Result<DataHeader, WireError> {
     }
 }
 
+/// A client's frame decoded once (every kind but a data frame is refused as
+/// `Control` is), with the bound the shard decodes with.
+pub(super) fn client_frame(frame: &[u8], body_max: usize) -> Result<DataFrame<'_>, WireError> {
+    wire::decode_data(frame, body_max).map_err(|e| match e {
+        WireError::Unexpected(_) => WireError::Unexpected(Kind::Control),
+        e => e,
+    })
+}
+
 /// A push-pull as the push it carries (what the next copies apply).
 pub(super) fn push_of(frame: &[u8]) -> Vec<u8> {
     let mut f = frame.to_vec();
@@ -45,12 +54,10 @@ pub(super) fn push_of(frame: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A push-pull as the pull it carries: the same header, the keys, no values.
-pub(super) fn pull_of(frame: &[u8]) -> Result<Vec<u8>, WireError> {
-    let Frame::Data { h, keys, .. } = wire::decode(frame, frame.len())? else {
-        return Err(WireError::Unexpected(Kind::PushPull));
-    };
-    let h = DataHeader { kind: Kind::Pull, ..h };
+/// A push-pull (decoded) as the pull it carries: the same header, the keys, no values.
+pub(super) fn pull_of(d: &DataFrame<'_>) -> Result<Vec<u8>, WireError> {
+    let keys = d.keys;
+    let h = DataHeader { kind: Kind::Pull, ..d.h };
     let mut f = vec![0u8; h.frame_len().ok_or(WireError::Overflow("pull"))?];
     h.write(&mut f);
     f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + keys.len()].copy_from_slice(keys);

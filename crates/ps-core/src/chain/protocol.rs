@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 use crate::limits::CHAIN_LOG_BYTES_MAX;
 use crate::shard::ShardError;
 use crate::transport::{FrameSink, PeerId, TxError};
-use crate::wire::{self, DataHeader, Frame, Kind, WireError};
+use crate::wire::{self, DataFrame, DataHeader, Frame, Kind, WireError};
 
-use super::frames::{data_header, forward_frame, header_frame, pull_of, push_of};
+use super::frames::{client_frame, data_header, forward_frame, header_frame, pull_of, push_of};
 use super::routing::virtual_peer;
 use super::{is_counted, ChainCore};
 
@@ -199,20 +199,21 @@ impl ChainCore {
         let Conn::Client { origin, next_seq } = conn else {
             return Err(WireError::Control("a copy upstream sent a client frame".into()).into());
         };
+        // what came off the wire (the shard counts it), then the plain frame,
+        // decoded once here and handed down to the shard
+        let wire_bytes = frame.len();
         let plain;
-        let frame = if crate::filter::is_coded(frame) {
+        let frame = if wire::is_coded(frame) {
             plain = self.core.decode_coded(virtual_peer(origin), frame)?;
             &plain[..]
         } else {
             frame
         };
-        let kind = match wire::decode(frame, frame.len())? {
-            Frame::Data { h, .. } => h.kind,
-            _ => return Err(WireError::Unexpected(Kind::Control).into()),
-        };
+        let d = client_frame(frame, self.core.body_max())?;
+        let kind = d.h.kind;
         let vpeer = virtual_peer(origin);
         if !is_counted(kind) {
-            return self.routed(tx, None, |core, sink| core.handle(vpeer, frame, sink));
+            return self.routed(tx, None, |core, sink| core.handle_decoded(vpeer, wire_bytes, d, sink));
         }
         if self.down.log_bytes + frame.len() > CHAIN_LOG_BYTES_MAX {
             // not counted: the client sends it again when it binds anew
@@ -228,9 +229,9 @@ impl ChainCore {
         if !self.admit(origin, seq)? {
             // sent again after a failover: answer it again, without applying it
             let r = match kind {
-                Kind::PushPull => Release::PullPart { origin, frame: pull_of(frame)? },
+                Kind::PushPull => Release::PullPart { origin, frame: pull_of(&d)? },
                 _ => {
-                    let h = data_header(frame)?;
+                    let h = d.h;
                     let ack = DataHeader {
                         kind: Kind::Ack,
                         dense: h.dense,
@@ -250,14 +251,18 @@ impl ChainCore {
         // what this copy applies and the next ones get: a push-pull's push
         // half when the pull must wait for them (`Release::PullPart`)
         let push_half = (kind == Kind::PushPull && has_down).then(|| push_of(frame));
-        let applied_frame: &[u8] = push_half.as_deref().unwrap_or(frame);
+        let applied = match push_half.as_deref() {
+            // the same header and payload, as a push
+            Some(bytes) => DataFrame { h: DataHeader { kind: Kind::Push, ..d.h }, bytes, ..d },
+            None => d,
+        };
         self.captured.clear();
-        self.routed(tx, Some(origin), |core, sink| core.handle(vpeer, applied_frame, sink))?;
+        self.routed(tx, Some(origin), |core, sink| core.handle_decoded(vpeer, wire_bytes, applied, sink))?;
         *self.applied.entry(origin).or_default() += 1;
         let release: Vec<Release> = if kind == Kind::PushPull && has_down {
             // the push half's ack is not the client's answer: the pull half is, once replicated
             self.captured.clear();
-            vec![Release::PullPart { origin, frame: pull_of(frame)? }]
+            vec![Release::PullPart { origin, frame: pull_of(&d)? }]
         } else {
             self.captured.drain(..).map(|f| Release::Send(peer, f)).collect()
         };
@@ -269,7 +274,7 @@ impl ChainCore {
             release
         };
         if has_down {
-            self.forward(origin, seq, applied_frame, release, tx);
+            self.forward(origin, seq, applied.bytes, release, tx);
         } else {
             self.release(release, tx);
             if self.shadow.is_some() {
@@ -297,16 +302,24 @@ impl ChainCore {
         let origin = u32::try_from(h.a).map_err(|_| WireError::Overflow("origin"))?;
         let seq = h.ts;
         let ack = header_frame(DataHeader { kind: Kind::Ack, dense: false, table: 0, sub: 0, ts: seq, a: h.a, b: 0 });
-        match wire::decode(inner, inner.len())? {
-            Frame::Data { h, .. } if matches!(h.kind, Kind::Push | Kind::Clock) => {}
+        // the inner frame, decoded once; a coded one (no copy forwards one)
+        // goes to the shard as bytes, which undoes the coding
+        let d = match wire::decode(inner, self.core.body_max())? {
+            Frame::Data { h, keys, vals } if matches!(h.kind, Kind::Push | Kind::Clock) => {
+                (!wire::is_coded(inner)).then_some(DataFrame { h, keys, vals, bytes: inner })
+            }
             _ => return Err(WireError::Control("a forwarded frame must be a push or a clock".into()).into()),
-        }
+        };
         if !self.admit(origin, seq)? {
             self.release_after(origin, seq, Release::Send(peer, ack), tx);
             return Ok(());
         }
         self.captured.clear();
-        self.routed(tx, Some(origin), |core, sink| core.handle(virtual_peer(origin), inner, sink))?;
+        let vpeer = virtual_peer(origin);
+        self.routed(tx, Some(origin), |core, sink| match d {
+            Some(d) => core.handle_decoded(vpeer, inner.len(), d, sink),
+            None => core.handle(vpeer, inner, sink),
+        })?;
         // the head answers the client; what this copy would have said goes nowhere
         self.captured.clear();
         *self.applied.entry(origin).or_default() += 1;

@@ -60,7 +60,7 @@ use crate::ring::{Owner, RingError};
 use crate::rules::{RuleError, RuleRegistry};
 use crate::store::{DenseStore, SparseStore};
 use crate::transport::{FrameSink, PeerId, TxError};
-use crate::wire::{self, DataHeader, Frame, Kind, WireError};
+use crate::wire::{self, DataFrame, DataHeader, Kind, WireError};
 
 use clocks::Held;
 use eager::Eager;
@@ -329,6 +329,28 @@ impl ShardCore {
         self.handle_uncounted(peer, frame, tx)
     }
 
+    /// Handles one request decoded already (by the chain, which decodes a
+    /// client's frame once per hop): `d` is plain (a table filter's coding
+    /// undone, [`Self::decode_coded`]), checked against [`Self::body_max`];
+    /// `wire_bytes` is what came off the wire for it (the coded frame's
+    /// length when it was coded), counted as [`Self::handle`] counts a frame.
+    pub fn handle_decoded(
+        &mut self,
+        peer: PeerId,
+        wire_bytes: usize,
+        d: DataFrame<'_>,
+        tx: &mut dyn FrameSink,
+    ) -> Result<(), ShardError> {
+        debug_assert!(!wire::is_coded(d.bytes), "a coded frame handed down undecoded");
+        self.stats.bytes_in += wire_bytes as u64;
+        self.serve(peer, d, tx)
+    }
+
+    /// The bound on a frame's body this shard decodes with (the job's `frame_bytes_max`).
+    pub fn body_max(&self) -> usize {
+        self.body_max
+    }
+
     /// [`Self::handle`] without counting the frame's bytes: a decoded frame's
     /// length is not what the peer sent.
     fn handle_uncounted(&mut self, peer: PeerId, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
@@ -337,22 +359,16 @@ impl ShardCore {
             let plain = self.decoder.decode(peer, frame, self.body_max)?;
             return self.handle_uncounted(peer, &plain, tx);
         }
-        let (h, keys_b, vals_b) = match wire::decode(frame, self.body_max)? {
-            Frame::Data { h, keys, vals }
-                if matches!(
-                    h.kind,
-                    Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock | Kind::Watch | Kind::Checkpoint
-                ) =>
-            {
-                (h, keys, vals)
-            }
-            Frame::Data { h, .. } => return Err(WireError::Unexpected(h.kind).into()),
-            Frame::Error { .. } => return Err(WireError::Unexpected(Kind::Error).into()),
-            Frame::Challenge { .. } => return Err(WireError::Unexpected(Kind::Challenge).into()),
-            Frame::Hello { .. } => return Err(WireError::Unexpected(Kind::Hello).into()),
-            Frame::Welcome { .. } => return Err(WireError::Unexpected(Kind::Welcome).into()),
-            Frame::Control(_) => return Err(WireError::Unexpected(Kind::Control).into()),
-        };
+        let d = wire::decode_data(frame, self.body_max)?;
+        self.serve(peer, d, tx)
+    }
+
+    /// Serves one plain request frame, decoded once.
+    fn serve(&mut self, peer: PeerId, d: DataFrame<'_>, tx: &mut dyn FrameSink) -> Result<(), ShardError> {
+        let DataFrame { h, keys: keys_b, vals: vals_b, bytes: frame } = d;
+        if !matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull | Kind::Clock | Kind::Watch | Kind::Checkpoint) {
+            return Err(WireError::Unexpected(h.kind).into());
+        }
         let r = if h.kind == Kind::Clock {
             self.on_clock(peer, &h, tx)
         } else if h.kind == Kind::Checkpoint {
@@ -407,6 +423,7 @@ mod tests {
     use super::*;
     use crate::clock::Consistency;
     use crate::sim::SimSink;
+    use crate::wire::Frame;
 
     /// Invariant 4: well-formed frames with any counts (a clock flagged dense
     /// with a huge clock count once panicked the ack's length) and truncated

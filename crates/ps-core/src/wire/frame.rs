@@ -56,6 +56,33 @@ pub enum Frame<'a> {
     Control(&'a [u8]),
 }
 
+/// A data frame decoded once, to hand down a hop (chain to shard) without
+/// decoding it again: [`Frame::Data`]'s parts and the bytes they came from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DataFrame<'a> {
+    /// the header; its counts are checked against the payload
+    pub h: DataHeader,
+    /// as in [`Frame::Data`]
+    pub keys: &'a [u8],
+    /// as in [`Frame::Data`]
+    pub vals: &'a [u8],
+    /// the whole frame, prefix included (for code that keeps a copy of it)
+    pub bytes: &'a [u8],
+}
+
+/// Decodes one whole frame that must be a data frame ([`decode`]'s checks);
+/// any other is [`WireError::Unexpected`] with its kind.
+pub fn decode_data(frame: &[u8], body_max: usize) -> Result<DataFrame<'_>, WireError> {
+    match decode(frame, body_max)? {
+        Frame::Data { h, keys, vals } => Ok(DataFrame { h, keys, vals, bytes: frame }),
+        Frame::Error { .. } => Err(WireError::Unexpected(Kind::Error)),
+        Frame::Challenge { .. } => Err(WireError::Unexpected(Kind::Challenge)),
+        Frame::Hello { .. } => Err(WireError::Unexpected(Kind::Hello)),
+        Frame::Welcome { .. } => Err(WireError::Unexpected(Kind::Welcome)),
+        Frame::Control(_) => Err(WireError::Unexpected(Kind::Control)),
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }

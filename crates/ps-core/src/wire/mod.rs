@@ -33,7 +33,7 @@ mod peek;
 mod tests;
 
 pub use control::{control_len, encode_challenge, encode_hello, encode_welcome, error_len, write_control, write_error};
-pub use frame::{copy_vals, decode, keys_of, vals_of, Frame};
+pub use frame::{copy_vals, decode, decode_data, keys_of, vals_of, DataFrame, Frame};
 pub use header::{set_stamp, stamp_of, DataHeader};
 pub use peek::{is_coded, mark_coded, peek_flags, peek_header, peek_kind, set_kind};
 
