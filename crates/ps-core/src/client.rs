@@ -263,7 +263,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         self.transport.rx_burst(&mut self.rx, timeout).map_err(|e| PsError::Transport(e.to_string()))?;
         for f in std::mem::take(&mut self.rx) {
             let peer = f.peer();
-            let r = self.core.on_frame(peer, f.bytes());
+            let r = self.core.on_received(peer, f.received());
             self.transport.release(f);
             if let Err(e) = r {
                 self.transport.close(peer, &e.to_string());

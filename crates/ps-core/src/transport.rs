@@ -10,10 +10,13 @@
 //! One-sided operations hide behind it: over RDMA a push is written with
 //! WRITE_WITH_IMM into a mailbox ring and surfaces on the shard as a received
 //! frame, and a dense range pull frame is not sent at all but served by READs of
-//! the shard's slab blocks, the transport handing back the response frame the
-//! shard would have sent. So neither the shard nor the worker code changes.
+//! the shard's slab blocks, the transport handing back the answer the shard
+//! would have sent, decoded ([`Received::Answer`]: no frame is built for it).
+//! So neither the shard nor the worker code changes.
 
 use std::time::Duration;
+
+use crate::wire::DataHeader;
 
 /// A connection, as the transport that owns it numbers it. Reused after close only
 /// with a new generation, so a stale id never reaches a new peer.
@@ -104,12 +107,34 @@ pub fn gather_into(buf: &mut [u8], parts: &[&[u8]]) {
 /// padding): enough for a chunk of `limits::CHUNK_BYTES` read from slab blocks.
 pub const GATHER_PARTS_MAX: usize = 128;
 
+/// What a received buffer holds ([`RxFrame::received`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Received<'a> {
+    /// A whole frame, prefix included, 8-byte aligned: decode it.
+    Frame(&'a [u8]),
+    /// The answer to a pull that a one-sided transport served itself (RDMA:
+    /// READs of a shard's dense slab), decoded already: the header of the
+    /// `PullResp` the shard would have sent, and its `h.b` values
+    /// (little-endian f32s).
+    Answer {
+        /// the `PullResp` header (kind, table, sub, ts, a and b as the shard's)
+        h: DataHeader,
+        /// `h.b` x 4 bytes of values
+        vals: &'a [u8],
+    },
+}
+
 /// A received frame in a buffer the transport lends out.
 pub trait RxFrame {
     /// The connection it came in on.
     fn peer(&self) -> PeerId;
-    /// The whole frame, prefix included, 8-byte aligned.
+    /// The whole frame, prefix included, 8-byte aligned; empty when the
+    /// buffer holds a [`Received::Answer`] (no frame was built for it).
     fn bytes(&self) -> &[u8];
+    /// What the buffer holds: by default the frame of [`RxFrame::bytes`].
+    fn received(&self) -> Received<'_> {
+        Received::Frame(self.bytes())
+    }
 }
 
 /// Why a transport call failed as a whole (not one connection: those end

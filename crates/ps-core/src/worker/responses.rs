@@ -12,7 +12,7 @@ use super::{OwnedKeys, WorkerCore};
 use crate::error::PsError;
 use crate::keys::TableId;
 use crate::ring::Owner;
-use crate::transport::PeerId;
+use crate::transport::{PeerId, Received};
 use crate::wire::{self, DataHeader, Frame, Kind};
 
 /// How a shard's frame broke the protocol: the worker drops the connection
@@ -200,6 +200,21 @@ impl WorkerCore {
         }
         Ok(())
     }
+
+    /// Handles what a transport received: a frame ([`WorkerCore::on_frame`]),
+    /// or a pull's answer the transport served and decoded itself, handled
+    /// as the `PullResp` frame it stands for would be, without a frame.
+    pub fn on_received(&mut self, peer: PeerId, r: Received<'_>) -> Result<(), PsError> {
+        let (h, vals) = match r {
+            Received::Frame(frame) => return self.on_frame(peer, frame),
+            Received::Answer { h, vals } => (h, vals),
+        };
+        let bad = |what: String| PsError::Transport(format!("protocol violation from {peer:?}: {what}"));
+        if h.kind != Kind::PullResp || h.payload_parts() != Some((0, vals.len())) {
+            return Err(bad(format!("a landed answer {h:?} with {} bytes of values", vals.len())));
+        }
+        self.on_answer(peer, &h, vals).map_err(|v| bad(v.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -341,5 +356,35 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A dense pull answered by a transport that landed the values itself
+    /// (`Received::Answer`, no frame) fills the same values as the frame
+    /// would; an answer whose counts disagree is refused.
+    #[test]
+    fn a_landed_answer_is_taken_as_its_frame_would_be() {
+        use crate::transport::Received;
+        use crate::wire::{self, Frame};
+        let mut w = testkit::worker();
+        let mut sink = SimSink::default();
+        let by_frame = w.issue(&mut sink, Kind::Pull, DENSE, Keys::Range { first: 10, count: 300 }, None, Some(vec![]));
+        let by_frame = (by_frame.unwrap(), drain(&mut sink));
+        let landed = w.issue(&mut sink, Kind::Pull, DENSE, Keys::Range { first: 10, count: 300 }, None, Some(vec![]));
+        let landed = (landed.unwrap(), drain(&mut sink));
+        for s in &by_frame.1 {
+            w.on_received(s.peer, Received::Frame(&answer(s, 2, 0))).unwrap();
+        }
+        for s in &landed.1 {
+            let f = answer(s, 2, 0);
+            let Ok(Frame::Data { h, vals, .. }) = wire::decode(&f, 1 << 20) else { panic!() };
+            let short = Received::Answer { h, vals: &vals[4..] };
+            assert!(w.on_received(s.peer, short).is_err(), "values short of h.b");
+            let ack = Received::Answer { h: DataHeader { kind: Kind::Ack, ..h }, vals };
+            assert!(w.on_received(s.peer, ack).is_err(), "an answer is a PullResp");
+            w.on_received(s.peer, Received::Answer { h, vals }).unwrap();
+        }
+        let want = w.finish(by_frame.0).unwrap().unwrap();
+        assert_eq!(want.len(), 300 * 3, "300 keys of dim 3");
+        assert_eq!(w.finish(landed.0).unwrap().unwrap(), want);
     }
 }

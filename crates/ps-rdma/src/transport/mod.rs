@@ -16,7 +16,7 @@
 //! - `progress.rs`: polling the completion queues and routing what they hold;
 //! - `ring.rs`: frames over WRITE_WITH_IMM into mailbox rings, and credits;
 //! - `read_plan.rs`: which dense pulls become READs, and which READs;
-//! - `read_land.rs`: posting those READs, the tear checks, the built `PullResp`;
+//! - `read_land.rs`: posting those READs, the tear checks, the landed answer;
 //! - `crate::datapath`: the verbs posts and polls all of them use.
 //!
 //! Must never post a work request or fill a ring slot itself (that is the
@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use ps_core::limits::WireLimits;
 use ps_core::store::DenseLayout;
-use ps_core::transport::{PeerEvent, PeerId, RxFrame, Transport, TransportError};
-use ps_core::wire::{self, Kind};
+use ps_core::transport::{PeerEvent, PeerId, Received, RxFrame, Transport, TransportError};
+use ps_core::wire::{self, DataHeader, Kind};
 use ps_tcp_fallback::{TcpRx, TcpTransport};
 
 pub use crate::device::{gid_str, Device, DeviceChoice};
@@ -74,19 +74,23 @@ pub struct RdmaStats {
 }
 
 /// A received frame: from TCP; in place in a server's RDMA ring; or copied out
-/// of a client's ring (or built from READs).
+/// of a client's ring. Or (`Answer`) a dense pull's answer landed by READs
+/// (`read_land.rs`): the `PullResp` header the shard would have sent and its
+/// `h.b` values at the start of `buf`, no frame (`bytes` is empty, `received`
+/// is the answer).
 #[derive(Debug)]
 pub enum RdmaRx {
     Tcp(TcpRx),
     Ring { peer: PeerId, mr: Arc<Mr>, at: usize, len: usize },
     Local { peer: PeerId, buf: Vec<u64>, len: usize },
+    Answer { peer: PeerId, h: DataHeader, buf: Vec<u64> },
 }
 
 impl RxFrame for RdmaRx {
     fn peer(&self) -> PeerId {
         match self {
             RdmaRx::Tcp(t) => t.peer(),
-            RdmaRx::Ring { peer, .. } | RdmaRx::Local { peer, .. } => *peer,
+            RdmaRx::Ring { peer, .. } | RdmaRx::Local { peer, .. } | RdmaRx::Answer { peer, .. } => *peer,
         }
     }
     fn bytes(&self) -> &[u8] {
@@ -94,6 +98,15 @@ impl RxFrame for RdmaRx {
             RdmaRx::Tcp(t) => t.bytes(),
             RdmaRx::Ring { mr, at, len, .. } => &mr.bytes()[*at..*at + *len],
             RdmaRx::Local { buf, len, .. } => &bytemuck::cast_slice(buf)[..*len],
+            RdmaRx::Answer { .. } => &[],
+        }
+    }
+    fn received(&self) -> Received<'_> {
+        match self {
+            RdmaRx::Answer { h, buf, .. } => {
+                Received::Answer { h: *h, vals: &bytemuck::cast_slice(buf)[..h.b as usize * 4] }
+            }
+            _ => Received::Frame(self.bytes()),
         }
     }
 }
@@ -365,7 +378,7 @@ impl Transport for RdmaTransport {
         match rx {
             RdmaRx::Tcp(t) => self.tcp.release(t),
             RdmaRx::Ring { .. } => {}
-            RdmaRx::Local { buf, .. } => {
+            RdmaRx::Local { buf, .. } | RdmaRx::Answer { buf, .. } => {
                 if self.pool.len() < 64 {
                     self.pool.push(buf);
                 }

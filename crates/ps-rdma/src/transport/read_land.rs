@@ -1,8 +1,10 @@
 //! READ posting and landing: chained READs of a pull's slab blocks into a
 //! landing slot, then, once the last one completes, the tear check of every
 //! block (head and tail versions, `ps_core::slab::check_block`), a re-read of
-//! each torn one, and the `PullResp` frame the shard would have sent, built
-//! from the landing slot. The shard's CPU is not involved.
+//! each torn one, and the answer the shard would have sent: its `PullResp`
+//! header and the values gathered out of the landing slot (`RdmaRx::Answer`;
+//! no frame is built, so the worker decodes nothing). The shard's CPU is not
+//! involved.
 //!
 //! Must never read a landing slot before its batch's last READ has completed,
 //! never hand out a block that failed the check, and never free a landing slot
@@ -13,7 +15,7 @@ use std::time::Instant;
 use ps_core::kernels::copy_bytes;
 use ps_core::limits::BLOCK_BYTES;
 use ps_core::slab::{check_block, BLOCK_FLOATS};
-use ps_core::wire::{self, DataHeader, Kind};
+use ps_core::wire::{DataHeader, Kind};
 
 use super::read_plan::{read_blocks_max, read_ops, ReadPlan};
 use super::{wr_id, RdmaRx, RdmaTransport, TAG_READ, TAG_REREAD, TORN_RETRIES_MAX, TX_STALL};
@@ -70,7 +72,7 @@ impl RdmaTransport {
     }
 
     /// Handles every READ batch that has landed: re-reads its torn blocks, queues
-    /// the `PullResp` frames the shard would have sent, frees its landing slots.
+    /// the answers the shard would have sent, frees its landing slots.
     pub(super) fn finish_reads(&mut self) {
         while let Some(i) = self.reads.iter().position(|b| b.done) {
             let b = self.reads.remove(i);
@@ -103,7 +105,7 @@ impl RdmaTransport {
     }
 
     /// Checks every block of a landed batch, re-reading each torn one until it is
-    /// whole, and builds the batch's `PullResp` frames from the landing slots.
+    /// whole, and queues the batch's answers, gathered from the landing slots.
     fn land(&mut self, b: &ReadBatch, stash: &mut Vec<Completion>) -> Result<(), RdmaError> {
         let conn = self.conns[b.conn].as_ref().filter(|c| c.gen == b.gen).ok_or(RdmaError::ConnGone)?;
         let mr = self.read_mr.as_ref().expect("made at connect");
@@ -140,35 +142,38 @@ impl RdmaTransport {
         }
         let peer = conn.peer;
         for p in &b.plans {
-            let resp = DataHeader { kind: Kind::PullResp, ..p.h };
-            let len = resp.frame_len().ok_or(RdmaError::PullTooLarge)?;
-            // every byte is written below (header, values, the padding to 8), so
-            // a pooled buffer is cut or grown to length, not cleared
-            let mut buf = self.pool.pop().unwrap_or_default();
-            buf.resize(len / 8, 0);
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
-            let vals_end = wire::DATA_HEADER_BYTES + p.h.b as usize * 4;
-            bytes[vals_end..].fill(0);
-            resp.write(bytes);
+            // the answer the shard would have sent: its header, and the values
+            // copied once out of the landing slot (the slot is free again after
+            // this); every value byte is written, so a pooled buffer is cut or
+            // grown to length, not cleared
+            let h = DataHeader { kind: Kind::PullResp, ..p.h };
             let n = p.h.b as usize;
-            let (mut done, mut pos, mut blk) = (0, p.first_pos, p.buf_block);
-            while done < n {
-                let take = (BLOCK_FLOATS - pos).min(n - done);
-                let src = &mr.bytes()[blk * BLOCK_BYTES + 8 + pos * 4..blk * BLOCK_BYTES + 8 + (pos + take) * 4];
-                copy_bytes(
-                    &mut bytes[wire::DATA_HEADER_BYTES + done * 4..wire::DATA_HEADER_BYTES + (done + take) * 4],
-                    src,
-                );
-                done += take;
-                pos = 0;
-                blk += 1;
-            }
+            let mut buf = self.pool.pop().unwrap_or_default();
+            buf.resize((n * 4).div_ceil(8), 0);
+            let slot = &mr.bytes()[p.buf_block * BLOCK_BYTES..(p.buf_block + p.blocks) * BLOCK_BYTES];
+            gather_values(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..n * 4], slot, p.first_pos);
             self.stats.read_pulls += 1;
-            self.ready.push_back(RdmaRx::Local { peer, buf, len });
+            self.ready.push_back(RdmaRx::Answer { peer, h, buf });
         }
         self.stats.read_bytes += torn * BLOCK_BYTES as u64;
         self.stats.torn_retries += torn;
         Ok(())
+    }
+}
+
+/// Copies the wanted floats out of landed slab blocks: `slot` holds whole
+/// blocks (head word, `BLOCK_FLOATS` floats, tail word), the first wanted
+/// float at `first_pos` of the first block; `dst` takes as many as it holds.
+fn gather_values(dst: &mut [u8], slot: &[u8], first_pos: usize) {
+    let n = dst.len() / 4;
+    let (mut done, mut pos, mut blk) = (0, first_pos, 0);
+    while done < n {
+        let take = (BLOCK_FLOATS - pos).min(n - done);
+        let at = blk * BLOCK_BYTES + 8 + pos * 4;
+        copy_bytes(&mut dst[done * 4..(done + take) * 4], &slot[at..at + take * 4]);
+        done += take;
+        pos = 0;
+        blk += 1;
     }
 }
 
@@ -196,5 +201,34 @@ fn wait_wr(cq: &Cq, id: u64, stash: &mut Vec<Completion>) -> Result<(), RdmaErro
             return Err(RdmaError::ReadStalled(TX_STALL));
         }
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values of a pull come out of the landed blocks in order, over
+    /// block boundaries, without a head or tail word among them.
+    #[test]
+    fn gathered_values_skip_the_block_words_in_order() {
+        let blocks = 3;
+        let mut slot = vec![0u8; blocks * BLOCK_BYTES];
+        for k in 0..blocks {
+            let at = k * BLOCK_BYTES;
+            slot[at..at + 8].fill(0xEE);
+            slot[at + BLOCK_BYTES - 8..at + BLOCK_BYTES].fill(0xEE);
+            for j in 0..BLOCK_FLOATS {
+                let v = (k * BLOCK_FLOATS + j) as f32;
+                slot[at + 8 + j * 4..at + 12 + j * 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        for (first_pos, n) in [(0, 1), (5, 10), (BLOCK_FLOATS - 1, 2), (3, BLOCK_FLOATS), (7, 2 * BLOCK_FLOATS - 7)] {
+            let mut dst = vec![0u8; n * 4];
+            gather_values(&mut dst, &slot, first_pos);
+            let got: Vec<f32> = dst.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let want: Vec<f32> = (first_pos..first_pos + n).map(|f| f as f32).collect();
+            assert_eq!(got, want, "from {first_pos}, {n} floats");
+        }
     }
 }
