@@ -45,8 +45,9 @@ pub struct Kill {
 impl std::str::FromStr for Kill {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, when) =
-            s.split_once('@').ok_or_else(|| format!("--kill {s:?}: write NAME@MS or NAME@whole+MS, e.g. server1@1500"))?;
+        let (name, when) = s
+            .split_once('@')
+            .ok_or_else(|| format!("--kill {s:?}: write NAME@MS or NAME@whole+MS, e.g. server1@1500"))?;
         let (after_whole, ms) = match when.strip_prefix("whole+") {
             Some(ms) => (true, ms),
             None => (false, when),

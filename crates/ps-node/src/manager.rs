@@ -192,9 +192,9 @@ impl Manager {
                 let hello = hellos.get(&peer).copied().unwrap_or(PeerHello { role: 0, node: 0 });
                 let r = if hello.role == Role::Manager as u8 {
                     match decode_control(f.bytes()) {
-                        Ok(Control::Raft { bytes }) => {
-                            unhex(&bytes).map_err(|e| e.to_string()).and_then(|b| raft.step(&b).map_err(|e| e.to_string()))
-                        }
+                        Ok(Control::Raft { bytes }) => unhex(&bytes)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| raft.step(&b).map_err(|e| e.to_string())),
                         Ok(other) => Err(format!("a manager replica sent {other:?}")),
                         Err(e) => Err(e.to_string()),
                     }

@@ -213,7 +213,8 @@ impl RdmaTransport {
                 // as TCP does with a peer that takes nothing: the connection
                 // is dropped, so a replicated job fails over to another copy
                 // and any other job fails with a reason, not a full queue
-                let (queued, writes) = self.conns[idx].as_ref().map_or((0, 0), |c| (c.tx_queue.len(), c.tx_inflight.len()));
+                let (queued, writes) =
+                    self.conns[idx].as_ref().map_or((0, 0), |c| (c.tx_queue.len(), c.tx_inflight.len()));
                 let why = format!(
                     "peer took nothing for {TX_STALL:?} ({queued} frames queued, {writes} WRITEs and {} READs in flight)",
                     self.reads.len()
