@@ -57,7 +57,10 @@ fn the_check_catches_an_update_left_out_of_the_books() {
 #[test]
 fn ssp_reads_keep_their_bound_with_a_slow_worker() {
     for (model, s) in [("bounded:2", 2usize), ("essp:2", 2), ("sequential", 0)] {
-        let params = format!(r#"{{"clocks": 12, "keys": 3000, "model": "{model}", "slow_ms": 25}}"#);
+        // the straggler's sleep must dwarf a fast worker's clock even on a
+        // loaded machine: at 25 ms, with every core busy compiling, the fast
+        // workers were as slow as the straggler and no read reached lag 2
+        let params = format!(r#"{{"clocks": 12, "keys": 3000, "model": "{model}", "slow_ms": 80}}"#);
         let (ok, out) = local_job("ssp", 2, 2, 3, &params);
         assert!(ok, "job failed:\n{out}");
         assert_eq!(
