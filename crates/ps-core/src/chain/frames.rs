@@ -5,7 +5,7 @@
 //! a frame it reads comes from a peer, so a bad one is a `WireError`, never
 //! a panic.
 
-use crate::wire::{self, DataFrame, DataHeader, Frame, Kind, WireError};
+use crate::wire::{self, DataFrame, DataHeader, ForwardHeader, Frame, Kind, WireError};
 
 pub(super) fn header_frame(h: DataHeader) -> Vec<u8> {
     let mut f = vec![0u8; h.frame_len().expect("a header frame is small")];
@@ -14,15 +14,7 @@ pub(super) fn header_frame(h: DataHeader) -> Vec<u8> {
 }
 
 pub(super) fn forward_frame(origin: u32, seq: u64, inner: &[u8]) -> Vec<u8> {
-    let h = DataHeader {
-        kind: Kind::Forward,
-        dense: false,
-        table: 0,
-        sub: 0,
-        ts: seq,
-        a: origin as u64,
-        b: (inner.len() / 4) as u64,
-    };
+    let h = ForwardHeader { origin: origin as u64, number: seq, inner_words: (inner.len() / 4) as u64 }.header();
     let mut f = vec![0u8; h.frame_len().expect("a forwarded request fits a frame")];
     h.write(&mut f);
     f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + inner.len()].copy_from_slice(inner);

@@ -64,7 +64,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::ring::Owner;
 use crate::shard::{ShardCore, ShardError};
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{self, DataHeader, Kind};
+use crate::wire::{self, BindHeader, Kind};
 
 use frames::header_frame;
 use protocol::{Conn, Down};
@@ -108,7 +108,7 @@ pub use crate::ring::chain_of;
 
 /// A `Bind` frame (see the module doc).
 pub fn bind_frame(origin: u32, first_seq: u64) -> Vec<u8> {
-    header_frame(DataHeader { kind: Kind::Bind, dense: false, table: 0, sub: 0, ts: 0, a: origin as u64, b: first_seq })
+    header_frame(BindHeader { origin: origin as u64, next_counted: first_seq }.header())
 }
 
 /// Counters a copy reports.

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use crate::limits::CHAIN_LOG_BYTES_MAX;
 use crate::shard::ShardError;
 use crate::transport::{FrameSink, PeerId, TxError};
-use crate::wire::{self, DataFrame, DataHeader, Frame, Kind, WireError};
+use crate::wire::{self, BindHeader, DataFrame, DataHeader, ForwardAck, ForwardHeader, Frame, Kind, WireError};
 
 use super::frames::{client_frame, data_header, forward_frame, header_frame, pull_of, push_of};
 use super::routing::virtual_peer;
@@ -97,7 +97,8 @@ impl ChainCore {
             ))
             .into());
         }
-        let origin = u32::try_from(h.a).map_err(|_| WireError::Overflow("origin"))?;
+        let bind = BindHeader::try_from(h)?;
+        let origin = u32::try_from(bind.origin).map_err(|_| WireError::Overflow("origin"))?;
         if origin >= FRESH_ORIGIN_BASE {
             return Err(WireError::Control(format!("origin {origin} is reserved")).into());
         }
@@ -108,8 +109,8 @@ impl ChainCore {
                 self.core.forget_connection(virtual_peer(origin));
             }
         }
-        self.conns.insert(peer, Conn::Client { origin, next_seq: h.b });
-        let ack = DataHeader { kind: Kind::Ack, dense: false, table: 0, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+        self.conns.insert(peer, Conn::Client { origin, next_seq: bind.next_counted });
+        let ack = bind.ack();
         tx.frame(peer, ack.frame_len().expect("small"))?.copy_from_slice(&header_frame(ack));
         Ok(())
     }
@@ -299,9 +300,10 @@ impl ChainCore {
             Frame::Data { h, vals, .. } if h.kind == Kind::Forward => (h, vals),
             _ => return Err(WireError::Unexpected(Kind::Forward).into()),
         };
-        let origin = u32::try_from(h.a).map_err(|_| WireError::Overflow("origin"))?;
-        let seq = h.ts;
-        let ack = header_frame(DataHeader { kind: Kind::Ack, dense: false, table: 0, sub: 0, ts: seq, a: h.a, b: 0 });
+        let fwd = ForwardHeader::try_from(h)?;
+        let origin = u32::try_from(fwd.origin).map_err(|_| WireError::Overflow("origin"))?;
+        let seq = fwd.number;
+        let ack = header_frame(fwd.ack().header());
         // the inner frame, decoded once; a coded one (no copy forwards one)
         // goes to the shard as bytes, which undoes the coding
         let d = match wire::decode(inner, self.core.body_max())? {
@@ -334,14 +336,14 @@ impl ChainCore {
 
     /// The downstream applied the oldest frame of the log.
     pub(super) fn on_down_ack(&mut self, frame: &[u8], tx: &mut dyn FrameSink) -> Result<(), ShardError> {
-        let h = data_header(frame)?;
+        let ack = ForwardAck::try_from(data_header(frame)?)?;
         let Some(e) = self.down.log.front() else {
             return Err(WireError::Control("an acknowledgement for nothing forwarded".into()).into());
         };
-        if (e.origin as u64, e.seq) != (h.a, h.ts) {
+        if (e.origin as u64, e.seq) != (ack.origin, ack.number) {
             return Err(WireError::Control(format!(
                 "the next copy acknowledged frame {} of origin {}, expected {} of {}",
-                h.ts, h.a, e.seq, e.origin
+                ack.number, ack.origin, e.seq, e.origin
             ))
             .into());
         }

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use crate::limits::CHAIN_LOG_BYTES_MAX;
 use crate::shard::ShardError;
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{self, DataHeader, Frame, Kind, WireError};
+use crate::wire::{self, ForwardAck, Frame, Kind, SnapshotHeader, WireError};
 
 use super::frames::{data_header, forward_frame};
 use super::protocol::{Conn, Entry};
@@ -79,15 +79,9 @@ impl ChainCore {
         let mut out = VecDeque::new();
         for (i, part) in bytes.chunks(chunk).enumerate() {
             let last = (i + 1) * chunk >= bytes.len();
-            let h = DataHeader {
-                kind: Kind::Snapshot,
-                dense: false,
-                table: 0,
-                sub: last as u32,
-                ts: (i * chunk) as u64,
-                a: total,
-                b: part.len().div_ceil(4) as u64,
-            };
+            let h =
+                SnapshotHeader { offset: (i * chunk) as u64, total, chunk_words: part.len().div_ceil(4) as u64, last }
+                    .header();
             let mut f = vec![0u8; h.frame_len().expect("a chunk fits a frame")];
             h.write(&mut f);
             f[wire::DATA_HEADER_BYTES..wire::DATA_HEADER_BYTES + part.len()].copy_from_slice(part);
@@ -147,14 +141,14 @@ impl ChainCore {
     }
 
     pub(super) fn on_shadow_ack(&mut self, frame: &[u8]) -> Result<(), ShardError> {
-        let h = data_header(frame)?;
+        let ack = ForwardAck::try_from(data_header(frame)?)?;
         let sh = self.shadow.as_mut().expect("called for the shadow's peer");
         let Some(e) = sh.unacked.front() else {
             return Err(
                 WireError::Control("an acknowledgement for nothing sent to the copy being rebuilt".into()).into()
             );
         };
-        if (e.origin as u64, e.seq) != (h.a, h.ts) {
+        if (e.origin as u64, e.seq) != (ack.origin, ack.number) {
             return Err(WireError::Control("the copy being rebuilt acknowledged out of order".into()).into());
         }
         let e = sh.unacked.pop_front().expect("looked at");
@@ -165,26 +159,26 @@ impl ChainCore {
     /// A chunk of the tail's snapshot (this copy is being rebuilt).
     pub(super) fn on_snapshot(&mut self, peer: PeerId, frame: &[u8]) -> Result<(), ShardError> {
         let (h, payload) = match wire::decode(frame, frame.len())? {
-            Frame::Data { h, vals, .. } if h.kind == Kind::Snapshot => (h, vals),
+            Frame::Data { h, vals, .. } if h.kind == Kind::Snapshot => (SnapshotHeader::try_from(h)?, vals),
             _ => return Err(WireError::Unexpected(Kind::Snapshot).into()),
         };
         let Some(buf) = self.rebuild.as_mut() else {
             return Err(WireError::Control(format!("{} is not being rebuilt", self.describe())).into());
         };
-        if h.ts == 0 {
+        if h.offset == 0 {
             // a new tail starts over
             buf.clear();
         }
-        if h.ts != buf.len() as u64 || h.a > SNAPSHOT_BYTES_MAX || h.ts > h.a {
+        if h.offset != buf.len() as u64 || h.total > SNAPSHOT_BYTES_MAX || h.offset > h.total {
             return Err(WireError::Control("a snapshot chunk out of order or too large".into()).into());
         }
         self.conns.insert(peer, Conn::Upstream);
-        let take = ((h.a - h.ts) as usize).min(payload.len());
+        let take = ((h.total - h.offset) as usize).min(payload.len());
         buf.extend_from_slice(&payload[..take]);
-        if h.sub != 1 {
+        if !h.last {
             return Ok(());
         }
-        if buf.len() as u64 != h.a {
+        if buf.len() as u64 != h.total {
             return Err(WireError::Control("a snapshot's last chunk before its end".into()).into());
         }
         let bytes = self.rebuild.take().expect("looked at");

@@ -11,7 +11,7 @@
 use crate::clock::Consistency;
 use crate::keys::TableId;
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{self, DataHeader, Frame, Kind};
+use crate::wire::{self, ClockHeader, DataHeader, Frame, Kind};
 
 use super::{Refusal, ShardCore, TableStore};
 
@@ -150,11 +150,11 @@ impl ShardCore {
         }
     }
 
-    /// A worker finished `h.a` clocks: record it, acknowledge, and serve every
-    /// parked pull whose bound now holds.
-    pub(super) fn on_clock(&mut self, peer: PeerId, h: &DataHeader, tx: &mut dyn FrameSink) -> Result<(), Refusal> {
-        let rank = usize::try_from(h.b).ok().filter(|&r| r < self.clocks.len()).ok_or_else(|| {
-            Refusal(format!("a clock from worker rank {}, but the job has {} workers", h.b, self.clocks.len()))
+    /// A worker finished `c.clocks_done` clocks: record it, acknowledge, and
+    /// serve every parked pull whose bound now holds.
+    pub(super) fn on_clock(&mut self, peer: PeerId, c: ClockHeader, tx: &mut dyn FrameSink) -> Result<(), Refusal> {
+        let rank = usize::try_from(c.rank).ok().filter(|&r| r < self.clocks.len()).ok_or_else(|| {
+            Refusal(format!("a clock from worker rank {}, but the job has {} workers", c.rank, self.clocks.len()))
         })?;
         match self.peer_rank.get(&peer) {
             Some(&r) if r != rank => {
@@ -164,10 +164,10 @@ impl ShardCore {
                 self.peer_rank.insert(peer, rank);
             }
         }
-        if h.a > self.clocks[rank] {
-            self.finish_clock(rank, h.a);
+        if c.clocks_done > self.clocks[rank] {
+            self.finish_clock(rank, c.clocks_done);
         }
-        let ack = DataHeader { kind: Kind::Ack, dense: false, table: h.table, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+        let ack = c.ack();
         let len = ack.frame_len().expect("ack is small");
         ack.write(tx.frame(peer, len).map_err(|e| Refusal(e.to_string()))?);
         self.stats.bytes_out += len as u64;

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::keys::{Key, TableId};
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{self, DataHeader, Kind};
+use crate::wire::{self, DataHeader, RefreshHeader};
 
 use super::{ShardCore, ShardError, TableStore};
 
@@ -142,15 +142,7 @@ impl ShardCore {
             }
             (&[][..], 0, false)
         };
-        let h = DataHeader {
-            kind: Kind::Refresh,
-            dense: false,
-            table: table.0,
-            sub: last as u32,
-            ts: stamp,
-            a: keys.len() as u64,
-            b: n as u64,
-        };
+        let h = RefreshHeader { table: table.0, keys: keys.len() as u64, values: n as u64, stamp, last }.header();
         let len = h.frame_len().expect("a refresh is at most a chunk");
         let buf = tx.frame(peer, len)?;
         h.write(buf);

@@ -60,7 +60,7 @@ use crate::ring::{Owner, RingError};
 use crate::rules::{RuleError, RuleRegistry};
 use crate::store::{DenseStore, SparseStore};
 use crate::transport::{FrameSink, PeerId, TxError};
-use crate::wire::{self, DataFrame, DataHeader, Kind, WireError};
+use crate::wire::{self, CheckpointHeader, ClockHeader, DataFrame, DataHeader, Kind, WatchHeader, WireError};
 
 use clocks::Held;
 use eager::Eager;
@@ -178,7 +178,7 @@ pub struct ShardCore {
     /// undoes the table filters' coding, per connection
     decoder: crate::filter::Decoder,
     /// a checkpoint asked for and not yet written: who asked, and its frame
-    checkpoint: Option<(PeerId, DataHeader)>,
+    checkpoint: Option<(PeerId, CheckpointHeader)>,
 }
 
 impl ShardCore {
@@ -370,20 +370,21 @@ impl ShardCore {
             return Err(WireError::Unexpected(h.kind).into());
         }
         let r = if h.kind == Kind::Clock {
-            self.on_clock(peer, &h, tx)
+            self.on_clock(peer, ClockHeader::try_from(h)?, tx)
         } else if h.kind == Kind::Checkpoint {
             if self.checkpoint.is_some() {
                 Err(Refusal("a checkpoint is being written on this shard already".into()))
             } else {
-                self.checkpoint = Some((peer, h));
+                self.checkpoint = Some((peer, CheckpointHeader::try_from(h)?));
                 Ok(())
             }
         } else if h.kind == Kind::Watch {
-            if !self.eager.contains_key(&TableId(h.table)) {
+            let table = TableId(WatchHeader::try_from(h)?.table);
+            if !self.eager.contains_key(&table) {
                 return Err(WireError::Unexpected(Kind::Watch).into());
             }
-            self.watching.insert((peer, TableId(h.table)));
-            self.serve_watch(peer, TableId(h.table), tx).map_err(|e| Refusal(e.to_string()))
+            self.watching.insert((peer, table));
+            self.serve_watch(peer, table, tx).map_err(|e| Refusal(e.to_string()))
         } else if let Some(wait) = self.must_wait(peer, &h) {
             self.park(peer, &h, wait, frame)
         } else if let Some(clock) = self.must_hold(peer, &h) {

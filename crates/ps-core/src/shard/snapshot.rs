@@ -9,7 +9,6 @@
 
 use crate::checkpoint::{CheckpointError, WriteError};
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{DataHeader, Kind};
 
 use super::clocks::Held;
 use super::{Refusal, ShardCore, TableStore};
@@ -27,7 +26,7 @@ impl ShardCore {
     /// The label of a checkpoint a worker asked for: the server writes
     /// [`ShardCore::snapshot`] to disk, then calls [`ShardCore::checkpoint_written`].
     pub fn checkpoint_due(&self) -> Option<u64> {
-        self.checkpoint.map(|(_, h)| h.a)
+        self.checkpoint.map(|(_, c)| c.label)
     }
 
     /// Every table's part on this shard, as a checkpoint's bytes
@@ -101,17 +100,17 @@ impl ShardCore {
 
     /// Answers the checkpoint request: an `Ack` once written, or an `Error` with why not.
     pub fn checkpoint_written(&mut self, tx: &mut dyn FrameSink, r: Result<(), WriteError>) {
-        let Some((peer, h)) = self.checkpoint.take() else { return };
+        let Some((peer, c)) = self.checkpoint.take() else { return };
         match r {
             Ok(()) => {
-                let ack = DataHeader { kind: Kind::Ack, dense: false, table: 0, sub: h.sub, ts: h.ts, a: h.a, b: 0 };
+                let ack = c.ack();
                 let len = ack.frame_len().expect("ack is small");
                 if tx.frame(peer, len).map(|buf| ack.write(buf)).is_ok() {
                     self.stats.bytes_out += len as u64;
                 }
             }
             // a peer that cannot take the error is going anyway
-            Err(e) => drop(self.answer(Err(Refusal(format!("checkpoint {}: {e}", h.a))), peer, &h, tx)),
+            Err(e) => drop(self.answer(Err(Refusal(format!("checkpoint {}: {e}", c.label))), peer, &c.header(), tx)),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::rules::{RuleRegistry, RuleSpec};
 use crate::sim::SimSink;
 use crate::table::TableSpec;
 use crate::transport::PeerId;
-use crate::wire::{self, DataHeader, Frame, Kind};
+use crate::wire::{self, ClockHeader, DataHeader, Frame, Kind};
 
 use super::ShardCore;
 
@@ -51,7 +51,7 @@ pub(super) fn frame(h: DataHeader, keys: &[u64]) -> Vec<u8> {
 }
 
 pub(super) fn clock(rank: u64, clocks: u64) -> Vec<u8> {
-    frame(DataHeader { kind: Kind::Clock, dense: false, table: 0, sub: 0, ts: 1, a: clocks, b: rank }, &[])
+    frame(ClockHeader { ts: 1, sub: 0, clocks_done: clocks, rank }.header(), &[])
 }
 
 pub(super) fn dense_pull(ts: u64) -> Vec<u8> {

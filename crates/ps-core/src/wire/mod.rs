@@ -19,6 +19,9 @@
 //! so keys (at offset 40) are 8-aligned and values 4-aligned: the decoder hands
 //! out slices of the receive buffer, with no copy.
 //!
+//! What `a`, `b`, `ts` and `sub` hold depends on the kind ([`DataHeader`]);
+//! the per-kind views (`BindHeader`, `ClockHeader`, ...; `views.rs`) name them.
+//!
 //! [`decode`] checks the version, the kind, every count against the bytes present
 //! (with overflow-checked arithmetic), and never panics on any input (a property
 //! test feeds it random bytes).
@@ -31,11 +34,16 @@ mod header;
 mod peek;
 #[cfg(test)]
 mod tests;
+mod views;
 
 pub use control::{control_len, encode_challenge, encode_hello, encode_welcome, error_len, write_control, write_error};
 pub use frame::{copy_vals, decode, decode_data, keys_of, vals_of, DataFrame, Frame};
 pub use header::{set_stamp, stamp_of, DataHeader};
 pub use peek::{is_coded, mark_coded, peek_flags, peek_header, peek_kind, set_kind};
+pub use views::{
+    BindHeader, CheckpointHeader, ClockHeader, ForwardAck, ForwardHeader, RefreshHeader, RequestHeader, SnapshotHeader,
+    Span, WatchHeader,
+};
 
 /// The version byte every frame carries; a node refuses frames of any other
 /// ([`WireError::Version`]).

@@ -16,7 +16,7 @@ use crate::ring::{position, Ring};
 use crate::rules::RuleSpec;
 use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerId};
-use crate::wire::{self, DataHeader, Kind};
+use crate::wire::{self, Kind, RefreshHeader, WatchHeader};
 
 /// A read of a cached table in flight: fills the cache when it completes.
 #[derive(Debug)]
@@ -146,7 +146,7 @@ impl WorkerCore {
             if self.watch_out.contains(&(peer, table)) {
                 continue;
             }
-            let h = DataHeader { kind: Kind::Watch, dense: false, table: table.0, sub: 0, ts: 0, a: 0, b: 0 };
+            let h = WatchHeader { table: table.0 }.header();
             let len = h.frame_len().expect("a watch is small");
             match tx.frame(peer, len) {
                 Ok(buf) => {
@@ -163,7 +163,7 @@ impl WorkerCore {
     pub(super) fn on_refresh(
         &mut self,
         peer: PeerId,
-        h: &DataHeader,
+        h: RefreshHeader,
         keys_b: &[u8],
         vals_b: &[u8],
     ) -> Result<(), Violation> {
@@ -179,20 +179,20 @@ impl WorkerCore {
             return Err(Violation::RefreshUnknownTable(h.table));
         };
         let Some(c) = self.caches.get_mut(&TableId(h.table)) else { return Ok(()) };
-        if h.b != h.a.saturating_mul(t.dim as u64) {
-            return Err(Violation::RefreshValues { keys: h.a, values: h.b, dim: t.dim });
+        if h.values != h.keys.saturating_mul(t.dim as u64) {
+            return Err(Violation::RefreshValues { keys: h.keys, values: h.values, dim: t.dim });
         }
         let keys: Vec<Key> = keys_b.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8"))).collect();
         let range = t.keys();
         if keys.iter().any(|&k| !range.contains(k)) {
             return Err(Violation::RefreshOutside(h.table));
         }
-        let mut vals = vec![0.0f32; h.b as usize];
+        let mut vals = vec![0.0f32; h.values as usize];
         wire::copy_vals(&mut vals, vals_b);
-        let stamp = wire::stamp_of(h);
+        let stamp = h.stamp;
         let (ring, base) = (&self.ring, &self.owner_base);
         c.fill(keys.iter().copied(), &vals, stamp, |k| Self::owner_index(ring, base, range, k));
-        if h.sub == 1 {
+        if h.last {
             // the last frame of a refresh: every row read from this shard is this fresh
             if let Some(o) = self.peer_owner.get(&peer) {
                 c.owner_advanced((base[o.server as usize] + o.shard) as usize, stamp);

@@ -18,7 +18,7 @@ use crate::filter::{has_codecs, PushFilter};
 use crate::keys::{Key, TableId};
 use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerId, TxError};
-use crate::wire::{DataHeader, Kind};
+use crate::wire::{DataHeader, Kind, RequestHeader, Span};
 
 /// One operation on its way out, as each of its chunks' frames needs it.
 #[derive(Debug)]
@@ -236,7 +236,8 @@ impl WorkerCore {
         sub: u32,
         c: &Chunk,
     ) -> Result<usize, Stop> {
-        let h = DataHeader { kind: op.kind, dense: op.dense(), table: op.table.id.0, sub, ts: op.ts, a: c.a, b: c.b };
+        let span = if op.dense() { Span::Dense { first_float: c.a } } else { Span::Sparse { keys: c.a } };
+        let h = RequestHeader { kind: op.kind, table: op.table.id.0, sub, ts: op.ts, span, values: c.b }.header();
         let peer = self.peers[c.owner.server as usize][c.owner.shard as usize];
         let frame = ChunkFrame::new(&h, op.payload(c, &self.chunk_ranges));
         if !op.coded && self.failover.is_none() {

@@ -37,7 +37,7 @@ use crate::keys::{Key, KeyRange, TableId};
 use crate::ring::{Owner, Ring};
 use crate::table::TableSpec;
 use crate::transport::{FrameSink, PeerId, TxError};
-use crate::wire::{DataHeader, Kind};
+use crate::wire::{CheckpointHeader, ClockHeader, DataHeader};
 
 mod cached;
 mod deps;
@@ -242,15 +242,7 @@ impl WorkerCore {
         }
         self.clocks += 1;
         let (clocks, rank) = (self.clocks, rank as u64);
-        self.send_to_every_shard(tx, "clock", |ts, sub| DataHeader {
-            kind: Kind::Clock,
-            dense: false,
-            table: 0,
-            sub,
-            ts,
-            a: clocks,
-            b: rank,
-        })
+        self.send_to_every_shard(tx, "clock", |ts, sub| ClockHeader { ts, sub, clocks_done: clocks, rank }.header())
     }
 
     /// Sends one small frame (`header(ts, n)` for the n-th) to every shard
@@ -287,15 +279,7 @@ impl WorkerCore {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        self.send_to_every_shard(tx, "checkpoint", |ts, sub| DataHeader {
-            kind: Kind::Checkpoint,
-            dense: false,
-            table: 0,
-            sub,
-            ts,
-            a: label,
-            b: 0,
-        })
+        self.send_to_every_shard(tx, "checkpoint", |ts, sub| CheckpointHeader { ts, sub, label }.header())
     }
 
     pub(crate) fn in_flight(&self) -> usize {

@@ -13,7 +13,7 @@ use crate::error::PsError;
 use crate::keys::TableId;
 use crate::ring::Owner;
 use crate::transport::{PeerId, Received};
-use crate::wire::{self, DataHeader, Frame, Kind};
+use crate::wire::{self, DataHeader, Frame, Kind, RefreshHeader};
 
 /// How a shard's frame broke the protocol: the worker drops the connection
 /// it came on (the text follows "protocol violation from PEER: ").
@@ -143,7 +143,8 @@ impl WorkerCore {
         let bad = |what: String| PsError::Transport(format!("protocol violation from {peer:?}: {what}"));
         match wire::decode(frame, self.body_max).map_err(|e| bad(e.to_string()))? {
             Frame::Data { h, keys, vals } if h.kind == Kind::Refresh => {
-                self.on_refresh(peer, &h, keys, vals).map_err(|e| bad(e.to_string()))
+                let h = RefreshHeader::try_from(h).map_err(|e| bad(e.to_string()))?;
+                self.on_refresh(peer, h, keys, vals).map_err(|e| bad(e.to_string()))
             }
             // a Bind's answer (failover)
             Frame::Data { h, .. } if h.kind == Kind::Ack && h.ts == 0 && self.failover.is_some() => Ok(()),
