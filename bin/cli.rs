@@ -93,9 +93,9 @@ pub(crate) enum Cmd {
         copies: u32,
         /// Fault injection: SIGKILL a process NAME (manager, serverN, workerN;
         /// with replicas managerN, or `leader` for the leading one) MS
-        /// milliseconds after the job starts running, or with `NAME@whole+MS`
-        /// MS milliseconds after every lost copy has been rebuilt and joined
-        /// its chain; repeatable.
+        /// milliseconds after the job starts running; `NAME@connected+MS`:
+        /// after every worker connected to its shards; `NAME@whole+MS`: after
+        /// every lost copy has been rebuilt and joined its chain; repeatable.
         #[arg(long, value_name = "NAME@MS")]
         kill: Vec<local::Kill>,
         /// Manager replicas (a Raft group; the job survives the loss of a minority).

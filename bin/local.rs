@@ -30,27 +30,42 @@ pub struct ClusterSpec {
 
 /// `--kill NAME@MS`: SIGKILL the process `NAME` (`server1`, `worker2`,
 /// `manager`, `manager1` of replicas, or `leader`: the replica leading then)
-/// `MS` milliseconds after the job started running. `--kill NAME@whole+MS`:
-/// `MS` milliseconds after every copy the manager placed to replace a lost one
-/// has joined its chain (so a test of a second death does not race the
-/// rebuild of the first, however slow the machine).
+/// `MS` milliseconds after the job started running. `NAME@connected+MS`:
+/// after every worker connected to every shard (so a kill lands mid-job, not
+/// while workers set up, however slow the machine). `NAME@whole+MS`: after
+/// every copy the manager placed to replace a lost one joined its chain (so
+/// a second death does not race the rebuild of the first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kill {
     pub name: String,
     pub after_ms: u64,
-    /// counted from the moment the chains were whole again, not from the start
-    pub after_whole: bool,
+    /// the moment `after_ms` counts from
+    pub from: KillFrom,
+}
+
+/// What a kill's delay counts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillFrom {
+    /// the job running (the manager's word)
+    Start,
+    /// every worker connected to its shards
+    Connected,
+    /// every lost copy rebuilt and in its chain again
+    Whole,
 }
 
 impl std::str::FromStr for Kill {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, when) = s
-            .split_once('@')
-            .ok_or_else(|| format!("--kill {s:?}: write NAME@MS or NAME@whole+MS, e.g. server1@1500"))?;
-        let (after_whole, ms) = match when.strip_prefix("whole+") {
-            Some(ms) => (true, ms),
-            None => (false, when),
+        let (name, when) = s.split_once('@').ok_or_else(|| {
+            format!("--kill {s:?}: write NAME@MS, NAME@connected+MS or NAME@whole+MS, e.g. server1@1500")
+        })?;
+        let (from, ms) = if let Some(ms) = when.strip_prefix("whole+") {
+            (KillFrom::Whole, ms)
+        } else if let Some(ms) = when.strip_prefix("connected+") {
+            (KillFrom::Connected, ms)
+        } else {
+            (KillFrom::Start, when)
         };
         let after_ms = ms.parse().map_err(|_| format!("--kill {s:?}: {ms:?} is not a number of milliseconds"))?;
         let ok = name == "manager"
@@ -61,21 +76,36 @@ impl std::str::FromStr for Kill {
         if !ok {
             return Err(format!("--kill {s:?}: name a process as manager, managerN, leader, serverN or workerN"));
         }
-        Ok(Kill { name: name.to_string(), after_ms, after_whole })
+        Ok(Kill { name: name.to_string(), after_ms, from })
     }
 }
 
-/// Whether the chains are whole again, from the manager's lines: every copy
-/// it placed to replace a lost one has joined its chain.
+/// When the moments kills count from came, read off the processes' lines:
+/// every worker connected (each says `client N: transport: ...`), and the
+/// chains whole again (every copy the manager placed to replace a lost one
+/// has joined its chain).
 #[derive(Default)]
-struct Rebuilds {
+struct Milestones {
+    workers: u32,
+    connected: std::collections::BTreeSet<String>,
+    connected_since: Option<Instant>,
     placed: usize,
     joined: usize,
     whole_since: Option<Instant>,
 }
 
-impl Rebuilds {
+impl Milestones {
+    fn new(workers: u32) -> Self {
+        Milestones { workers, ..Default::default() }
+    }
+
     fn see(&mut self, role: &str, line: &str) {
+        if role.starts_with("worker") && line.contains("client ") && line.contains(": transport: ") {
+            self.connected.insert(role.to_string());
+            if self.connected_since.is_none() && self.connected.len() >= self.workers as usize {
+                self.connected_since = Some(Instant::now());
+            }
+        }
         if !role.starts_with("manager") {
             return;
         }
@@ -87,6 +117,15 @@ impl Rebuilds {
             if self.joined >= self.placed {
                 self.whole_since = Some(Instant::now());
             }
+        }
+    }
+
+    /// The moment `from` names, if it has come (`start`: the job running).
+    fn since(&self, from: KillFrom, start: Instant) -> Option<Instant> {
+        match from {
+            KillFrom::Start => Some(start),
+            KillFrom::Connected => self.connected_since,
+            KillFrom::Whole => self.whole_since,
         }
     }
 }
@@ -286,7 +325,7 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
     let mut manager_done: Option<Instant> = None;
     let mut leader: Option<String> = None;
     let mut manager_killed_at: Option<Instant> = None;
-    let mut rebuilds = Rebuilds::default();
+    let mut milestones = Milestones::new(spec.workers);
     loop {
         // lines until there are none for a moment, or 50 ms passed (kills are due on time)
         let until = Instant::now() + Duration::from_millis(50);
@@ -304,7 +343,7 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
                     });
                 }
             }
-            rebuilds.see(&role, &line);
+            milestones.see(&role, &line);
             on_event(parse(role, line));
             if Instant::now() > until {
                 break;
@@ -317,8 +356,7 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
         }
         if let Some(t0) = running_since {
             let due_at = |k: &Kill| {
-                let from = if k.after_whole { rebuilds.whole_since } else { Some(t0) };
-                from.is_some_and(|t| t.elapsed() >= Duration::from_millis(k.after_ms))
+                milestones.since(k.from, t0).is_some_and(|t| t.elapsed() >= Duration::from_millis(k.after_ms))
             };
             let due: Vec<Kill> = kills.iter().filter(|k| due_at(k)).cloned().collect();
             kills.retain(|k| !due.contains(k));
@@ -379,22 +417,39 @@ pub fn run(spec: &ClusterSpec, on_event: &mut dyn FnMut(Event)) -> Result<(), St
 
 #[cfg(test)]
 mod tests {
-    use super::{Kill, Rebuilds};
+    use super::{Kill, KillFrom, Milestones};
+    use std::time::Instant;
 
     #[test]
-    fn a_kill_is_timed_from_the_start_or_from_whole_chains() {
+    fn a_kill_is_timed_from_the_start_from_connected_workers_or_whole_chains() {
         let k: Kill = "server2@7000".parse().unwrap();
-        assert_eq!((k.name.as_str(), k.after_ms, k.after_whole), ("server2", 7000, false));
+        assert_eq!((k.name.as_str(), k.after_ms, k.from), ("server2", 7000, KillFrom::Start));
         let k: Kill = "server2@whole+500".parse().unwrap();
-        assert_eq!((k.name.as_str(), k.after_ms, k.after_whole), ("server2", 500, true));
+        assert_eq!((k.name.as_str(), k.after_ms, k.from), ("server2", 500, KillFrom::Whole));
+        let k: Kill = "server1@connected+300".parse().unwrap();
+        assert_eq!((k.name.as_str(), k.after_ms, k.from), ("server1", 300, KillFrom::Connected));
         assert!("server2@whole".parse::<Kill>().is_err());
         assert!("server2@whole+x".parse::<Kill>().is_err());
         assert!("disk0@whole+5".parse::<Kill>().is_err());
     }
 
     #[test]
+    fn workers_are_connected_once_each_said_so() {
+        let mut m = Milestones::new(2);
+        let t0 = Instant::now();
+        assert_eq!(m.since(KillFrom::Start, t0), Some(t0));
+        m.see("worker0", " INFO client 0: transport: 2 shards over rdma");
+        m.see("worker0", " INFO client 9999: transport: 2 shards over rdma");
+        assert!(m.since(KillFrom::Connected, t0).is_none(), "one worker's two clients are one worker");
+        m.see("server1", " INFO client 1: transport: 2 shards over rdma");
+        assert!(m.since(KillFrom::Connected, t0).is_none(), "only workers count");
+        m.see("worker1", " INFO client 1: transport: 2 shards over tcp");
+        assert!(m.since(KillFrom::Connected, t0).is_some());
+    }
+
+    #[test]
     fn chains_are_whole_once_every_placed_copy_joined() {
-        let mut r = Rebuilds::default();
+        let mut r = Milestones::new(3);
         assert!(r.whole_since.is_none(), "nothing rebuilt yet is not whole again");
         r.see("manager", "shard (0, 0): a new copy is rebuilt on server 2");
         r.see("manager", "shard (1, 0): a new copy is rebuilt on server 0");
