@@ -193,49 +193,53 @@ def fmt(x, digits=3):
     return f"{x:.{mag}f}"
 
 
+def table(head, rows):
+    """A markdown table: the header cells, then one list of cells per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
 def render_tcp(res):
     b = res["bench"]
     lines = ["![throughput and latency](bench/tcp-1s1w.png)", "",
              f"{b['servers']} server x {b['shards']} shard, {b['workers']} worker; medians of {b.get('repeat', 1)} runs, "
              "each ratio taken within its run.", "",
-             "| layout | op | bytes | keys | ops/s | GB/s | p50 µs | p99 µs | raw GB/s | GB/s / raw | p50 / raw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in b["rows"]:
-        lines.append(f"| {r['layout']} | {r['op']} | {size_label(r['size'])} | {r['keys']} | {fmt(r['ops_per_s'], 4)} | "
-                     f"{fmt(r['gb_per_s'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {fmt(r.get('baseline_gb_per_s'))} | "
-                     f"{fmt(r.get('ratio_gb_per_s'), 2)} | {fmt(r.get('ratio_p50'), 2)} |")
+             ]
+    lines += table(["layout", "op", "bytes", "keys", "ops/s", "GB/s", "p50 µs", "p99 µs", "raw GB/s", "GB/s / raw", "p50 / raw"],
+                   [[r["layout"], r["op"], size_label(r["size"]), r["keys"], fmt(r["ops_per_s"], 4), fmt(r["gb_per_s"]),
+                     fmt(r["p50_us"]), fmt(r["p99_us"]), fmt(r.get("baseline_gb_per_s")), fmt(r.get("ratio_gb_per_s"), 2),
+                     fmt(r.get("ratio_p50"), 2)] for r in b["rows"]])
     return lines
 
 
 def render_replication(res):
     one = {(r["layout"], r["op"], r["size"]): r for r in res["1"]["rows"]}
     two = {(r["layout"], r["op"], r["size"]): r for r in res["2"]["rows"]}
-    lines = ["GB/s of the workers together.", "", "| layout | op | bytes | 1 copy | 2 copies | 2 / 1 |", "|---|---|---|---|---|---|"]
+    rows = []
     for k, r1 in one.items():
         r2 = two.get(k)
         g2 = r2["gb_per_s"] if r2 else None
         ratio = g2 / r1["gb_per_s"] if g2 and r1["gb_per_s"] else None
-        lines.append(f"| {k[0]} | {k[1]} | {size_label(k[2])} | {fmt(r1['gb_per_s'])} | {fmt(g2)} | {fmt(ratio, 2)} |")
+        rows.append([k[0], k[1], size_label(k[2]), fmt(r1["gb_per_s"]), fmt(g2), fmt(ratio, 2)])
+    lines = ["GB/s of the workers together.", ""] + table(["layout", "op", "bytes", "1 copy", "2 copies", "2 / 1"], rows)
     return lines
 
 
 def render_failover(res):
-    lines = ["| killed | connections moved | longest, lost connection to first answer | mean | kill to last answer |",
-             "|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['killed']} | {r['connections']} | {r['longest_ms']} ms | {r['mean_ms']} ms | {r['since_kill_ms']} ms |")
+    lines = table(["killed", "connections moved", "longest, lost connection to first answer", "mean", "kill to last answer"],
+                  [[r["killed"], r["connections"], f"{r['longest_ms']} ms", f"{r['mean_ms']} ms", f"{r['since_kill_ms']} ms"]
+                   for r in res["rows"]])
     return lines
 
 
 def render_ssp(res):
-    lines = ["| model | lags seen (count at lag 0, 1, ...), workers 1 and 2 | their wait in reads | the straggler's wait |",
-             "|---|---|---|---|"]
+    rows = []
     for r in res["rows"]:
         w = r["workers"]
         fast = [w[k] for k in ("1", "2") if k in w]
-        lags = "; ".join(str(f["lags"]) for f in fast)
-        waits = " and ".join(f"{f['wait_ms']} ms" for f in fast)
-        lines.append(f"| {r['model']} | {lags} | {waits} | {w['0']['wait_ms']} ms |")
+        rows.append([r["model"], "; ".join(str(f["lags"]) for f in fast), " and ".join(f"{f['wait_ms']} ms" for f in fast),
+                     f"{w['0']['wait_ms']} ms"])
+    lines = table(["model", "lags seen (count at lag 0, 1, ...), workers 1 and 2", "their wait in reads",
+                   "the straggler's wait"], rows)
     return lines
 
 
