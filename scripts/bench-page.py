@@ -64,7 +64,7 @@ def read_json(path):
 
 def run_tcp():
     build_pslab()
-    cmd = "target/release/pslab bench --repeat 3 --json /tmp/bench-page-tcp.json --plot docs/bench/tcp-1s1w.png"
+    cmd = "target/release/pslab bench --repeat 3 --seconds 1 --json /tmp/bench-page-tcp.json --plot docs/bench/tcp-1s1w.png"
     sh(cmd)
     return [cmd], {"bench": read_json("/tmp/bench-page-tcp.json")}
 
@@ -149,7 +149,7 @@ def run_criterion(bench, groups):
         # results of earlier runs would pass for this one's
         for g in groups:
             sh(f"rm -rf target/criterion/{g}", log=False)
-        cmd = f"cargo bench --locked --bench {bench}"
+        cmd = f"cargo bench --locked --bench {bench} -- --warm-up-time 0.5 --measurement-time 2"
         sh(cmd)
         return [cmd], {"results": criterion_results(groups)}
     return run
