@@ -247,9 +247,9 @@ def rate(r):
     t = r.get("throughput") or {}
     secs = r["median_ns"] * 1e-9
     if "Bytes" in t:
-        return f"{t['Bytes'] / secs / (1 << 30):.3g} GiB/s"
+        return f"{fmt(t['Bytes'] / secs / (1 << 30))} GiB/s"
     if "Elements" in t:
-        return f"{t['Elements'] / secs / 1e6:.3g} M/s"
+        return f"{fmt(t['Elements'] / secs / 1e6)} M/s"
     return ""
 
 
